@@ -1,0 +1,93 @@
+"""Packed token streams: many sequences concatenated with no padding.
+
+A packed batch of B sequences is one [T] token stream (T = sum of lengths) plus
+`cu_seqlens` [B+1] int32, the cumulative lengths (0, l0, l0+l1, ..., T), the layout
+flash-attention's varlen kernels take.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    input_ids: torch.Tensor   # [T] int64
+    cu_seqlens: torch.Tensor  # [B+1] int32
+    max_seqlen: int
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    def to(self, device: torch.device) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device, non_blocking=True),
+                           self.cu_seqlens.to(device, non_blocking=True), self.max_seqlen)
+
+
+def pack(token_ids: Sequence[np.ndarray]) -> PackedBatch:
+    """Concatenates per-sequence token id arrays into one packed batch (on CPU)."""
+    lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+    cu = np.zeros(len(token_ids) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    flat = np.concatenate(token_ids).astype(np.int64, copy=False) if len(token_ids) else np.zeros(0, np.int64)
+    return PackedBatch(torch.from_numpy(flat), torch.from_numpy(cu), int(lengths.max(initial=0)))
+
+
+def positions_in_sequence(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[T] int64: each token's position inside its own sequence (0 at every start)."""
+    starts = cu_seqlens[:-1].long()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_of_token = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
+                                           output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) - starts[seq_of_token]
+
+
+def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[T] int64: which sequence of the batch each token belongs to."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
+                                   output_size=total)
+
+
+def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, ...] packed -> ([B, max_seqlen, ...] zero-padded, [B, max_seqlen] bool mask of real tokens)."""
+    total = x.shape[0]
+    batch = cu_seqlens.numel() - 1
+    seq = sequence_index(cu_seqlens, total)
+    pos = positions_in_sequence(cu_seqlens, total)
+    padded = x.new_zeros((batch, max_seqlen) + tuple(x.shape[1:]))
+    padded[seq, pos] = x
+    mask = torch.zeros(batch, max_seqlen, dtype=torch.bool, device=x.device)
+    mask[seq, pos] = True
+    return padded, mask
+
+
+def unpad(padded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L, ...] with [B, L] mask -> [T, ...] packed, sequences in batch order."""
+    return padded[mask]
+
+
+def mean_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, skip_first: int = 0,
+                     skip_last: int = 0) -> torch.Tensor:
+    """Mean over each sequence's tokens, optionally excluding `skip_first`/`skip_last` tokens.
+
+    hidden [T, H] -> [B, H] in float32. ESM-2 skips BOS and EOS (1, 1); DNABERT-S keeps [CLS]/[SEP] (0, 0).
+    """
+    total = hidden.shape[0]
+    batch = cu_seqlens.numel() - 1
+    seq = sequence_index(cu_seqlens, total)
+    pos = positions_in_sequence(cu_seqlens, total)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    keep = (pos >= skip_first) & (pos < lengths[seq] - skip_last)
+    sums = torch.zeros(batch, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    sums.index_add_(0, seq[keep], hidden[keep].float())
+    counts = (lengths - skip_first - skip_last).clamp(min=1).to(torch.float32)
+    return sums / counts[:, None]
