@@ -1,11 +1,15 @@
 """Variable-length (packed) self-attention for both encoders.
 
 q, k, v are packed [T, heads, head_dim]; `cu_seqlens` [B+1] int32 marks the sequences.
-Tokens attend only within their own sequence. Paths, fastest first:
-  * CUDA without bias: `torch.nn.attention.varlen.varlen_attn` (flash varlen, no padding);
-  * everything else (CPU, ALiBi): pad per batch to the longest sequence, SDPA with a
-    key-padding mask plus the optional ALiBi bias, unpad. The GEMMs around attention stay
-    packed; only this step sees padding, and length-sorted batches keep it small.
+Tokens attend only within their own sequence. Everything that depends only on the batch
+layout (indices, masks, the ALiBi bias) is built once per forward in a `PackedAttention`
+and reused by every layer. Paths, fastest first:
+  * "flash": CUDA, fp16/bf16, no bias: `torch.nn.attention.varlen.varlen_attn` on the
+    packed stream, no padding at all;
+  * "padded": everything else (CPU, fp32, ALiBi): scatter the packed tokens into
+    [B, L] slots, SDPA with a key-padding mask plus the optional ALiBi bias, gather back.
+    The GEMMs around attention stay packed; only this step sees padding, and
+    length-sorted packs keep it small.
 """
 from __future__ import annotations
 
@@ -15,11 +19,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .packing import pad_packed
+from .packing import positions_in_sequence, sequence_index
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # older torch: the padded path below serves everywhere
+except ImportError:  # older torch: the padded path serves everywhere
     _varlen_attn = None
 
 
@@ -30,29 +34,63 @@ def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.T
     return (-slopes.to(torch.float32)[:, None, None] * distance).to(dtype)
 
 
+def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return (_varlen_attn is not None and torch.device(device).type == "cuda"
+            and dtype in (torch.float16, torch.bfloat16))
+
+
+class PackedAttention:
+    """Attention for one packed batch; build once per forward, call once per layer."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int, dtype: torch.dtype,
+                 alibi_slopes: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                 head_dim: Optional[int] = None, backend: str = "auto"):
+        if backend not in ("auto", "flash", "padded"):
+            raise ValueError(f"unknown attention backend {backend!r}")
+        device = cu_seqlens.device
+        if backend == "auto":
+            backend = "flash" if alibi_slopes is None and flash_varlen_available(device, dtype) else "padded"
+        if backend == "flash" and (alibi_slopes is not None or not flash_varlen_available(device, dtype)):
+            raise ValueError("the flash varlen path needs CUDA, fp16/bf16 and no bias")
+        self.backend = backend
+        self.cu_seqlens = cu_seqlens
+        self.max_seqlen = max_seqlen
+        self.scale = scale if scale is not None or head_dim is None else 1.0 / math.sqrt(head_dim)
+        if backend == "padded":
+            # Slots of L tokens per sequence; on CUDA L is rounded up to 8 so the bias rows
+            # are 16-byte aligned (the memory-efficient SDPA kernel wants that).
+            length = max_seqlen if device.type != "cuda" else -(-max_seqlen // 8) * 8
+            batch = cu_seqlens.numel() - 1
+            seq = sequence_index(cu_seqlens, total)
+            pos = positions_in_sequence(cu_seqlens, total)
+            self.batch, self.length = batch, length
+            self.slot = seq * length + pos                                        # [T]
+            real = torch.zeros(batch * length, dtype=torch.bool, device=device)
+            real[self.slot] = True
+            key_mask = real.view(batch, 1, 1, length)                            # [B, 1, 1, L]
+            if alibi_slopes is None:
+                self.mask = key_mask
+            else:
+                bias = alibi_bias(alibi_slopes, length, dtype)                    # [heads, L, L]
+                self.mask = bias[None].masked_fill(~key_mask, float("-inf"))      # [B, heads, L, L]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v [T, heads, head_dim] -> [T, heads, head_dim]."""
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        if self.backend == "flash":
+            return _varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
+                                scale=scale)
+        total, heads, head_dim = q.shape
+        slots = q.new_zeros(self.batch * self.length, 3, heads, head_dim)
+        slots[self.slot] = torch.stack((q, k, v), dim=1)                            # [B*L, 3, heads, d]
+        qp, kp, vp = slots.view(self.batch, self.length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.mask, scale=scale)  # [B, heads, L, d]
+        return out.transpose(1, 2).reshape(self.batch * self.length, heads, head_dim)[self.slot]
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, alibi_slopes: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:
-    """Softmax(q k^T * scale + bias) v within each packed sequence -> [T, heads, head_dim]."""
-    head_dim = q.shape[-1]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if (alibi_slopes is None and q.is_cuda and _varlen_attn is not None
-            and q.dtype in (torch.float16, torch.bfloat16)):
-        return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
-    return padded_sdpa(q, k, v, cu_seqlens, max_seqlen, alibi_slopes, scale)
-
-
-def padded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                alibi_slopes: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """The reference/fallback path: pad, SDPA with a boolean or additive mask, unpad."""
-    qkv = torch.stack((q, k, v), dim=1)                         # [T, 3, H, D]
-    padded, mask = pad_packed(qkv, cu_seqlens, max_seqlen)      # [B, L, 3, H, D], [B, L]
-    qp, kp, vp = padded.permute(2, 0, 3, 1, 4).unbind(0)        # each [B, H, L, D]
-    key_mask = mask[:, None, None, :]                           # [B, 1, 1, L]
-    if alibi_slopes is None:
-        attn_mask = key_mask
-    else:
-        bias = alibi_bias(alibi_slopes, max_seqlen, q.dtype)    # [H, L, L]
-        attn_mask = bias[None].masked_fill(~key_mask, float("-inf"))  # [B, H, L, L]
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=attn_mask, scale=scale)  # [B, H, L, D]
-    return out.transpose(1, 2)[mask]                            # [T, H, D]
+    """One-shot form of `PackedAttention` (builds the layout for this call only)."""
+    plan = PackedAttention(cu_seqlens, max_seqlen, q.shape[0], q.dtype, alibi_slopes, scale, q.shape[-1])
+    return plan(q, k, v)

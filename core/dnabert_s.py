@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import alibi_bias, varlen_attention
+from .attention import PackedAttention, alibi_bias
+from .compiling import compile_function
 from .errors import CheckpointError, InvalidSequenceError
 
 PathLike = Union[str, Path]
@@ -217,6 +218,18 @@ class DnabertPooler(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
 
+def layer_tail(context: torch.Tensor, x: torch.Tensor, dense_w, dense_b, ln1_w, ln1_b, glu_w, wo_w, wo_b,
+               ln2_w, ln2_b, eps: float) -> torch.Tensor:
+    """Everything of a layer after attention, as one pure function (so one compiled graph serves
+    all layers): output projection + residual + post-LN, then GLU MLP + residual + post-LN.
+    The same math as DnabertSelfOutput and DnabertGluMlp."""
+    hidden, inter = x.shape[-1], wo_w.shape[1]
+    h = F.layer_norm(F.linear(context, dense_w, dense_b) + x, (hidden,), ln1_w, ln1_b, eps)   # [T, H]
+    g = F.linear(h, glu_w)                                                                     # [T, 2I]
+    a = F.gelu(g[..., :inter]) * g[..., inter:]                                                # [T, I]
+    return F.layer_norm(F.linear(a, wo_w, wo_b) + h, (hidden,), ln2_w, ln2_b, eps)            # [T, H]
+
+
 class DnabertS(nn.Module):
     """The DNABERT-S encoder: packed (production) and padded (reference, export) forwards."""
 
@@ -233,6 +246,7 @@ class DnabertS(nn.Module):
         # A plain list, not a buffer: `.to(bfloat16)` must not round the slopes (2^-0.5 ...).
         self._slopes = alibi_slopes(config.num_attention_heads)
         self._slopes_on: dict[torch.device, torch.Tensor] = {}
+        self._layer_tail = layer_tail  # eager; enable_compile() swaps in the compiled one
 
     def alibi_slopes_tensor(self, device: torch.device) -> torch.Tensor:
         """[heads] float32 slopes on `device` (cached per device)."""
@@ -244,17 +258,25 @@ class DnabertS(nn.Module):
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         return self.forward_packed(input_ids, cu_seqlens, max_seqlen)
 
+    def enable_compile(self) -> None:
+        """Run each layer's element-wise tail through torch.compile (CUDA fast path)."""
+        self._layer_tail = compile_function(layer_tail)
+
     def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """input_ids [T] packed, cu_seqlens [B+1] int32 -> last hidden state [T, hidden]."""
         heads, head_dim = self.config.num_attention_heads, self.config.head_dim
-        slopes = self.alibi_slopes_tensor(input_ids.device)
         x = self.embeddings(input_ids)                                       # [T, H]
+        # Layout, masks and the ALiBi bias are built once and shared by all layers.
+        attend = PackedAttention(cu_seqlens, max_seqlen, input_ids.numel(), x.dtype,
+                                 alibi_slopes=self.alibi_slopes_tensor(input_ids.device), head_dim=head_dim)
+        eps = self.config.layer_norm_eps
         for layer in self.encoder.layer:
             qkv = layer.attention.self.Wqkv(x).view(-1, 3, heads, head_dim)  # [T, 3, heads, d]
-            q, k, v = qkv.unbind(1)                                          # each [T, heads, d]
-            context = varlen_attention(q, k, v, cu_seqlens, max_seqlen, alibi_slopes=slopes)
-            h = layer.attention.output(context.reshape(x.shape), x)          # [T, H]
-            x = layer.mlp(h)
+            context = attend(*qkv.unbind(1)).reshape(x.shape)                # [T, H]
+            out, mlp = layer.attention.output, layer.mlp
+            x = self._layer_tail(context, x, out.dense.weight, out.dense.bias, out.LayerNorm.weight,
+                                 out.LayerNorm.bias, mlp.gated_layers.weight, mlp.wo.weight, mlp.wo.bias,
+                                 mlp.layernorm.weight, mlp.layernorm.bias, eps)
         return x
 
     def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
