@@ -1,0 +1,67 @@
+"""The client's one exception hierarchy; the CLI maps it once to exit codes."""
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Tuple
+
+
+class ClientError(Exception):
+    """Base class of every error embed-client raises on purpose."""
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """One problem in an input file: the file, the record id, the 1-based line, what is wrong."""
+
+    file: str
+    record: Optional[str]
+    line: Optional[int]
+    problem: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        who = "" if self.record is None else f" record {self.record!r}:"
+        return f"{where}:{who} {self.problem}"
+
+
+class InputError(ClientError):
+    """An input file that cannot be used as it is.
+
+    Built for one problem as `InputError(file, record, line, problem)`, or for many with
+    `InputError.from_problems`, which lists the first few and counts the rest. The fields
+    `file`, `record`, `line`, `problem` describe the first problem; `problems` holds the
+    listed ones and `total` how many were found.
+    """
+
+    def __init__(self, file: str, record: Optional[str], line: Optional[int], problem: str):
+        self._init((InputProblem(str(file), record, line, problem),), 1)
+
+    @classmethod
+    def from_problems(cls, problems: Iterable[InputProblem], total: Optional[int] = None) -> "InputError":
+        """One error for several problems (all in `problems`, or the first of `total`)."""
+        problems = tuple(problems)
+        if not problems:
+            raise ValueError("InputError needs at least one problem")
+        error = cls.__new__(cls)
+        error._init(problems, len(problems) if total is None else max(total, len(problems)))
+        return error
+
+    def _init(self, problems: Tuple[InputProblem, ...], total: int) -> None:
+        first = problems[0]
+        self.file, self.record, self.line, self.problem = first.file, first.record, first.line, first.problem
+        self.problems = problems
+        self.total = total
+        if total == 1:
+            message = str(first)
+        else:
+            lines = [f"{total} problems in {first.file}:"] + [f"  {p}" for p in problems]
+            if total > len(problems):
+                lines.append(f"  ... and {total - len(problems)} more")
+            message = "\n".join(lines)
+        Exception.__init__(self, message)
+
+    def __reduce__(self):
+        return (_rebuild_input_error, (type(self), self.problems, self.total))
+
+
+def _rebuild_input_error(cls, problems, total):
+    return cls.from_problems(problems, total)
