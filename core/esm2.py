@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import varlen_attention
+from .attention import PackedAttention
+from .compiling import compile_function
 from .errors import CheckpointError, InvalidSequenceError
 from .packing import positions_in_sequence, sequence_index
 
@@ -201,18 +202,40 @@ class Esm2Layer(nn.Module):
         self.LayerNorm = nn.LayerNorm(h, eps=eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """x [*, hidden] (packed [T, H] or padded [B, L, H]); `attend` maps q, k, v [*, heads, head_dim]."""
-        heads = (self.num_heads, self.head_dim)
-        proj = self.attention.self
-        h = self.attention.LayerNorm(x)
-        q = proj.query(h).unflatten(-1, heads)                  # [*, heads, head_dim]
-        k = proj.key(h).unflatten(-1, heads)
-        v = proj.value(h).unflatten(-1, heads)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        x = x + self.attention.output.dense(attend(q, k, v).flatten(-2))  # [*, hidden]
-        h = self.LayerNorm(x)
-        return x + self.output.dense(F.gelu(self.intermediate.dense(h)))  # exact (erf) GELU
+                attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                head: Optional[Callable] = None, tail: Optional[Callable] = None) -> torch.Tensor:
+        """x [*, hidden] (packed [T, H] or padded [B, L, H]); `attend` maps q, k, v [*, heads, head_dim].
+
+        `head` and `tail` default to `layer_head`/`layer_tail`; the fast path passes compiled versions.
+        """
+        proj, norm = self.attention.self, self.attention.LayerNorm
+        q, k, v = (head or layer_head)(x, norm.weight, norm.bias, proj.query.weight, proj.query.bias,
+                                       proj.key.weight, proj.key.bias, proj.value.weight, proj.value.bias,
+                                       cos, sin, norm.eps, self.num_heads)
+        return (tail or layer_tail)(x, attend(q, k, v), self.attention.output.dense.weight,
+                                    self.attention.output.dense.bias, self.LayerNorm.weight, self.LayerNorm.bias,
+                                    self.intermediate.dense.weight, self.intermediate.dense.bias,
+                                    self.output.dense.weight, self.output.dense.bias, self.LayerNorm.eps)
+
+
+# The layer as two pure functions around attention, weights as arguments, so that one
+# compiled graph of each serves all layers (CUDA fast path: Inductor fuses the LayerNorms,
+# rotary, bias, residual and GELU element-wise work that eager runs as separate passes).
+
+def layer_head(x, ln_w, ln_b, q_w, q_b, k_w, k_b, v_w, v_b, cos, sin, eps: float, heads: int):
+    """Pre-LN, q/k/v projections, rotary on q and k -> q, k, v [*, heads, head_dim]."""
+    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+    q = F.linear(h, q_w, q_b).unflatten(-1, (heads, -1))        # [*, heads, head_dim]
+    k = F.linear(h, k_w, k_b).unflatten(-1, (heads, -1))
+    v = F.linear(h, v_w, v_b).unflatten(-1, (heads, -1))
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def layer_tail(x, context, out_w, out_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps: float):
+    """Attention output + residual, pre-LN, fc1, exact (erf) GELU, fc2, residual -> [*, hidden]."""
+    x = x + F.linear(context.flatten(-2), out_w, out_b)         # [*, hidden]
+    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+    return x + F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
 class ESM2(nn.Module):
@@ -231,6 +254,7 @@ class ESM2(nn.Module):
         self.encoder = _Container(
             layer=nn.ModuleList(Esm2Layer(config) for _ in range(config.num_hidden_layers)),
             emb_layer_norm_after=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps))
+        self._layer_head, self._layer_tail = layer_head, layer_tail  # enable_compile() swaps these
 
     def _embed(self, input_ids: torch.Tensor, mask_ratio: torch.Tensor) -> torch.Tensor:
         """Token embeddings with ESM's token-dropout rescale; mask_ratio is per token ([*] float32).
@@ -257,14 +281,19 @@ class ESM2(nn.Module):
         cos, sin = self.rotary_embeddings(positions)  # [T, 1, head_dim/2] float32 each
         scale = self.config.head_dim ** -0.5                    # ESM scales q (before rotary; same thing)
 
-        def attend(q, k, v):                                    # [T, heads, head_dim] each
-            return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=scale)
+        # Layout built once, used by every layer (flash varlen on CUDA bf16, padded SDPA elsewhere).
+        attend = PackedAttention(cu_seqlens, max_seqlen, total, x.dtype, scale=scale)
 
         for layer in self.encoder.layer:
-            x = layer(x, cos, sin, attend)
+            x = layer(x, cos, sin, attend, self._layer_head, self._layer_tail)
         return self.encoder.emb_layer_norm_after(x)             # [T, hidden]
 
     forward = forward_packed
+
+    def enable_compile(self) -> None:
+        """Run each layer's element-wise work through torch.compile (CUDA fast path)."""
+        self._layer_head = compile_function(layer_head)
+        self._layer_tail = compile_function(layer_tail)
 
     def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reference path: input_ids [B, L], attention_mask [B, L] bool (True = token) -> [B, L, hidden]."""
