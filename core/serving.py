@@ -1,0 +1,192 @@
+"""Triton-free serving helpers shared by the two model.py files.
+
+model.py only converts between Triton objects and plain Python/numpy; everything else
+(config parameters, device placement, input decoding, one core call for all requests,
+errors per request, metric increments) lives here, where tests can import it without
+Triton.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import EmbedCoreError, InvalidSequenceError, SequenceTooLargeError
+
+# Custom metrics (Prometheus COUNTERs) and the EmbedStats field each one follows.
+METRICS = {
+    "embed_sequences_total": ("sequences", "Sequences embedded"),
+    "embed_tokens_total": ("tokens", "Tokens (specials included) run through the encoder"),
+    "embed_forward_passes_total": ("forward_passes", "Encoder forward passes"),
+    "embed_failures_total": ("failures", "Sequences rejected (bad input) or too large for the device"),
+}
+METRIC_LABELS = ("model", "gpu", "instance")
+
+
+class RequestError(EmbedCoreError):
+    """One request is malformed as a whole (missing input, undecodable bytes)."""
+
+
+def numpy_problem() -> Optional[str]:
+    """Why this numpy cannot serve under the tritonserver 2.51 Python backend, or None."""
+    if int(np.__version__.split(".")[0]) >= 2:
+        return (
+            f"numpy {np.__version__} is installed for the Python backend stub; tritonserver 2.51's "
+            "Python backend needs numpy<2 (under numpy 2 its outputs arrive empty and string "
+            "inputs crash the stub). Install 'numpy<2' into the environment whose python3 is "
+            "first on tritonserver's PATH."
+        )
+    return None
+
+
+def config_parameters(model_config: dict) -> dict:
+    """The `parameters` of a model config (as Triton's JSON) as {key: string_value}."""
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+def _optional_int(params: dict, key: str) -> Optional[int]:
+    value = params.get(key, "auto").strip()
+    if value in ("", "auto"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"parameter {key} must be 'auto' or an integer, got {value!r}") from None
+
+
+def runtime_options(params: dict, device: str):
+    """RuntimeConfig from the config parameters dtype, token_budget, max_length, too_long."""
+    from .runtime import RuntimeConfig
+
+    return RuntimeConfig(
+        device=device,
+        dtype=params.get("dtype", "auto").strip() or "auto",
+        token_budget=_optional_int(params, "token_budget"),
+        max_length=_optional_int(params, "max_length"),
+        too_long=params.get("too_long", "error").strip() or "error",
+    )
+
+
+def checkpoint_path(params: dict, model_dir: Union[str, Path]) -> Path:
+    """The `checkpoint` parameter; a relative path resolves against the model folder."""
+    path = Path(os.path.expandvars(params.get("checkpoint", "").strip() or "checkpoint"))
+    path = path if path.is_absolute() else Path(model_dir) / path
+    if not path.exists():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist (config parameter 'checkpoint'; "
+            "build the repository with embed-export, or point the parameter at a checkpoint)"
+        )
+    return path
+
+
+def place_instance(kind: str, device_id: str, model_config: dict) -> tuple:
+    """(torch device name, metric label) for a Triton instance, pinned before any CUDA work.
+
+    The Python backend does not set CUDA_VISIBLE_DEVICES: a GPU instance must select
+    `cuda:<device id>` itself before anything creates a CUDA context (else every stub
+    puts one on GPU 0). CPU instances share the cores evenly.
+    """
+    import torch
+
+    if kind == "GPU":
+        device = f"cuda:{int(device_id)}"
+        torch.cuda.set_device(torch.device(device))
+        return device, str(int(device_id))
+    cpu_instances = sum(
+        int(g.get("count", 1)) for g in model_config.get("instance_group", []) if g.get("kind") == "KIND_CPU"
+    )
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cpu_instances)))
+    return "cpu", "cpu"
+
+
+def embedding_dims_problem(model_config: dict, output_name: str, hidden: int) -> Optional[str]:
+    """A mismatch between the output's configured dims and the checkpoint, or None.
+
+    `dims: [ -1 ]` accepts any hidden size; a fixed value must equal the checkpoint's.
+    """
+    for output in model_config.get("output", []):
+        if output.get("name") == output_name:
+            dims = [int(d) for d in output.get("dims", [])]
+            if dims != [-1] and dims != [hidden]:
+                return f"output {output_name} has dims {dims} but the checkpoint's hidden size is {hidden}"
+    return None
+
+
+def decode_sequences(array: Optional[np.ndarray]) -> Union[list, RequestError]:
+    """One request's SEQUENCE tensor ([n, 1] or [n] BYTES) -> n strings, or the request's error."""
+    if array is None:
+        return RequestError("the request has no input tensor named SEQUENCE")
+    flat = array.reshape(-1)
+    if array.ndim == 0 or (array.ndim > 1 and array.shape[1:] != (1,) * (array.ndim - 1)):
+        return RequestError(f"input SEQUENCE must have shape [n, 1], got {list(array.shape)}")
+    sequences = []
+    for i, item in enumerate(flat):
+        if isinstance(item, (bytes, np.bytes_)):
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return RequestError(f"sequence {i}: not UTF-8 text ({err.reason} at byte {err.start})")
+        elif not isinstance(item, str):
+            return RequestError(f"sequence {i}: expected a string, got {type(item).__name__}")
+        sequences.append(item)
+    return sequences
+
+
+def embed_requests(embedder, requests: Sequence[Union[list, Exception]]) -> list:
+    """Each request's [n, hidden] float32 rows, or its error; one core call for all of them.
+
+    A request whose input is already an error, or that holds any invalid sequence, gets
+    that error and the others still succeed. A sequence too large for the device even
+    alone fails only its own request.
+    """
+    results: list = list(requests)
+    tokens, owners = [], []  # owners: (request index, first row, row count)
+    for k, sequences in enumerate(requests):
+        if isinstance(sequences, Exception):
+            continue
+        try:
+            ids = embedder.tokenize(sequences)
+        except InvalidSequenceError as err:
+            results[k] = err
+            continue
+        owners.append((k, len(tokens), len(ids)))
+        tokens.extend(ids)
+    failures: dict = {}
+    rows = embedder.embed_tokens(tokens, failures=failures)
+    for k, start, n in owners:
+        bad = sorted(i for i in failures if start <= i < start + n)
+        if bad:
+            i = bad[0]
+            results[k] = SequenceTooLargeError(
+                f"sequence {i - start}: {len(tokens[i])} tokens do not fit on the device even alone; "
+                "shorten it or lower max_length"
+            )
+        else:
+            results[k] = rows[start:start + n]
+    return results
+
+
+def is_client_error(err: BaseException) -> bool:
+    """True when the request, not the server, is at fault (Triton INVALID_ARG)."""
+    return isinstance(err, (InvalidSequenceError, SequenceTooLargeError, RequestError))
+
+
+@dataclasses.dataclass
+class MetricDeltas:
+    """Turns the Embedder's cumulative stats into increments for Prometheus counters."""
+
+    last: dict = dataclasses.field(default_factory=dict)
+
+    def take(self, stats) -> dict:
+        """{metric name: increment since the previous call} (only positive increments)."""
+        now = stats.as_dict()
+        out = {}
+        for name, (field, _) in METRICS.items():
+            delta = now.get(field, 0) - self.last.get(field, 0)
+            if delta > 0:
+                out[name] = delta
+        self.last = now
+        return out

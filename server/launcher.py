@@ -1,0 +1,464 @@
+"""Run a real tritonserver on our model repository without Docker.
+
+The binary comes from `--tritonserver`, `$TRITONSERVER`, PATH, or the `nvidia-pytriton`
+wheel. The Python backend needs three things the wheel leaves to us: a backend directory
+holding the backend library together with the stub built for the running Python, the
+wheel's bundled libraries on LD_LIBRARY_PATH, and this environment's `bin` first on PATH
+(the stub finds its packages through the `python3` on PATH, not PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Iterator, Optional
+
+
+class LaunchError(Exception):
+    """The server could not be started, or a model in the repository did not load."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    """How to run tritonserver; `cpu=None` means: CPU configs when no GPU is visible."""
+
+    model_repository: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    cpu: Optional[bool] = None
+    tritonserver: Optional[Path] = None
+    log_verbose: int = 0
+    log_file: Optional[Path] = None
+    shm_byte_size: int = 16 * 1024 * 1024
+    startup_timeout_s: float = 600.0
+    address: str = "127.0.0.1"  # where tritonserver listens; 0.0.0.0 for every interface
+
+    def __post_init__(self):
+        object.__setattr__(self, "model_repository", Path(self.model_repository).resolve())
+        if not self.model_repository.is_dir():
+            raise LaunchError(f"model repository {self.model_repository} is not a directory")
+        ports = (self.http_port, self.grpc_port, self.metrics_port)
+        if len(set(ports)) != 3:
+            raise LaunchError(f"HTTP, gRPC and metrics ports must differ, got {ports}")
+
+    @property
+    def host(self) -> str:
+        """Where a client on this machine reaches the server."""
+        return "127.0.0.1" if self.address in ("0.0.0.0", "::", "") else self.address
+
+
+# ---------------------------------------------------------------- finding the parts
+
+
+def pytriton_dist() -> Optional[Path]:
+    """`pytriton/tritonserver` of the installed nvidia-pytriton wheel, or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    dist = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    return dist if (dist / "bin" / "tritonserver").exists() else None
+
+
+def find_tritonserver(explicit: Optional[Path] = None) -> Path:
+    """The tritonserver binary: the argument, $TRITONSERVER, PATH, then nvidia-pytriton."""
+    tried = []
+    for label, candidate in (
+        ("--tritonserver", explicit),
+        ("$TRITONSERVER", os.environ.get("TRITONSERVER")),
+    ):
+        if candidate:
+            path = Path(candidate)
+            if path.is_file() and os.access(path, os.X_OK):
+                return path.resolve()
+            raise LaunchError(f"{label} {path} is not an executable file")
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return Path(on_path).resolve()
+    tried.append("PATH")
+    dist = pytriton_dist()
+    if dist is not None:
+        return dist / "bin" / "tritonserver"
+    tried.append("the nvidia-pytriton package")
+    raise LaunchError(
+        "tritonserver not found (looked at --tritonserver, $TRITONSERVER, "
+        + ", ".join(tried)
+        + "); install it with `pip install 'virnuc-embed[server]'` (nvidia-pytriton==0.7.0)"
+    )
+
+
+def stub_python_version() -> str:
+    return f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def assemble_backends(binary: Path, out_dir: Path) -> Path:
+    """A backend directory whose `python/` holds the backend and a stub for this Python.
+
+    A tritonserver install (e.g. /opt/tritonserver in the NGC image) already has
+    `backends/python/triton_python_backend_stub`: use it as it is. The nvidia-pytriton
+    wheel keeps one stub per Python under `python_backend_stubs/<X.Y>/`: copy the backend
+    files and the matching stub into `out_dir/python`.
+    """
+    root = binary.parent.parent
+    backend = root / "backends" / "python"
+    if not (backend / "libtriton_python.so").exists():
+        raise LaunchError(f"no Python backend at {backend} (beside {binary})")
+    if (backend / "triton_python_backend_stub").exists():
+        return backend.parent
+    version = stub_python_version()
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        have = sorted(p.name for p in (root / "python_backend_stubs").glob("*"))
+        raise LaunchError(
+            f"no Python backend stub for Python {version} under {root / 'python_backend_stubs'} "
+            f"(have: {', '.join(have) or 'none'}); run embed-server with one of those Pythons"
+        )
+    target = out_dir / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in backend.iterdir():
+        if item.is_file():
+            shutil.copy2(item, target / item.name)
+    shutil.copy2(stub, target / stub.name)
+    os.chmod(target / stub.name, 0o755)  # wheels extracted by zipfile lose the run bit
+    return out_dir
+
+
+def server_env(binary: Path) -> dict:
+    """The child's environment: bundled libraries and this environment's bin first on PATH."""
+    env = dict(os.environ)
+    libs = [binary.parent.parent.parent.parent / "nvidia_pytriton.libs"]  # beside pytriton/
+    libs = [str(p) for p in libs if p.is_dir()]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    if libs:
+        env["LD_LIBRARY_PATH"] = ":".join(libs)
+    # Not resolved: a venv's bin/python is a symlink to the base interpreter, and the
+    # stub must find the venv's python3 (and with it the venv's site-packages).
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    return env
+
+
+def gpu_visible() -> bool:
+    """True when a CUDA GPU is visible, judged without importing torch."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None and cvd.strip() in ("", "-1", "none", "NoDevFiles"):
+        return False
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+            return out.returncode == 0 and "GPU " in out.stdout
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def check_stub_python(env: dict) -> None:
+    """The stub's `python3` must match the stub's version and have numpy < 2.
+
+    The 2.51 Python backend returns EMPTY output tensors and crashes on TYPE_STRING inputs
+    under numpy 2, so we refuse to start rather than serve wrong answers.
+    """
+    python3 = shutil.which("python3", path=env["PATH"])
+    if python3 is None:
+        raise LaunchError("no python3 on PATH for the Python backend stub")
+    code = (
+        "import sys, importlib.metadata as m\n"
+        "try: v = m.version('numpy')\n"
+        "except m.PackageNotFoundError: v = ''\n"
+        "print(f'{sys.version_info[0]}.{sys.version_info[1]} {v}')"
+    )
+    out = subprocess.run([python3, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise LaunchError(f"{python3} failed: {out.stderr.strip()}")
+    version, _, numpy_version = out.stdout.strip().partition(" ")
+    if not numpy_version:
+        raise LaunchError(f"numpy is not installed for {python3}, which the backend stub uses")
+    if int(numpy_version.split(".")[0]) >= 2:
+        raise LaunchError(
+            f"numpy {numpy_version} is installed for {python3}; the Python backend of "
+            "tritonserver 2.51 needs numpy<2 (under numpy 2 it returns empty outputs and "
+            "crashes on string inputs). Run: pip install 'numpy<2'"
+        )
+    if version != stub_python_version():
+        raise LaunchError(
+            f"{python3} is Python {version} but the backend stub is for Python "
+            f"{stub_python_version()}; run embed-server with the environment's own Python"
+        )
+
+
+# ---------------------------------------------------------------- talking to the server
+
+
+def _http(url: str, data: Optional[bytes] = None, timeout: float = 5.0):
+    """(status, parsed JSON or None); status 0 when nothing answers."""
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+            status = response.status
+    except urllib.error.HTTPError as err:
+        body, status = err.read(), err.code
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return 0, None
+    try:
+        return status, json.loads(body) if body else None
+    except ValueError:
+        return status, None
+
+
+_LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.*)")
+
+
+def failures_from_log(text: str) -> dict:
+    """{model: reason} from tritonserver's log lines `failed to load 'm' version 1: ...`."""
+    found = {}
+    for line in text.splitlines():
+        match = _LOAD_FAILURE.search(line)
+        if match:
+            found.setdefault(match.group(1), match.group(2).strip())
+    return found
+
+
+def short_reason(reason: str) -> str:
+    """A load failure's reason without the Python traceback and Triton's wrapper words."""
+    reason = reason.replace("\\n", "\n")  # the log escapes newlines
+    reason = reason.split("\n\nAt:")[0].strip()
+    for prefix in ("Internal: ", "TritonModelException: "):
+        if reason.startswith(prefix):
+            reason = reason[len(prefix):]
+    return reason.rstrip('"').strip() or "no reason given"
+
+
+def format_failures(failures: dict) -> str:
+    lines = [f"{len(failures)} model(s) failed to load:"]
+    for name, reason in sorted(failures.items()):
+        lines.append(f"  {name}: {short_reason(reason)}")
+    return "\n".join(lines)
+
+
+try:  # resolved here, not in the forked child, where an import could deadlock
+    import ctypes
+
+    _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the launching thread dies (Linux), so a
+    killed launcher or test run leaves no tritonserver behind."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class TritonServer:
+    """One tritonserver child process: start, wait until every model is ready, stop."""
+
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.process: Optional[subprocess.Popen] = None
+        self.use_cpu_configs = False
+        self._workdir: Optional[Path] = None
+        self._log_handle = None
+        self.log_path: Optional[Path] = None
+        self.models: list = []  # names of the models served, once ready
+        # Our own prefix for the Python backend's /dev/shm regions, so that stop() can
+        # remove any that a killed server or stub leaves behind, and only ours.
+        self.shm_prefix = f"embed_server_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.options.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
+
+    def command(self, binary: Path, backend_dir: Path) -> list:
+        o = self.options
+        cmd = [
+            str(binary),
+            f"--model-repository={o.model_repository}",
+            f"--backend-directory={backend_dir}",
+            f"--http-address={o.address}",
+            f"--grpc-address={o.address}",
+            f"--metrics-address={o.address}",
+            f"--http-port={o.http_port}",
+            f"--grpc-port={o.grpc_port}",
+            f"--metrics-port={o.metrics_port}",
+            f"--backend-config=python,shm-default-byte-size={o.shm_byte_size}",
+            f"--backend-config=python,shm-growth-byte-size={o.shm_byte_size}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            "--strict-readiness=true",
+            # Keep serving after a load failure so the launcher can read each model's
+            # reason from the repository index; the launcher then stops it and fails.
+            "--exit-on-error=false",
+            "--exit-timeout-secs=10",
+        ]
+        if self.use_cpu_configs:
+            cmd.append("--model-config-name=cpu")
+        if o.log_verbose:
+            cmd.append(f"--log-verbose={o.log_verbose}")
+        return cmd
+
+    def start(self) -> "TritonServer":
+        """Start tritonserver and return once every model is ready; LaunchError otherwise."""
+        o = self.options
+        binary = find_tritonserver(o.tritonserver)
+        env = server_env(binary)
+        check_stub_python(env)
+        self.use_cpu_configs = o.cpu if o.cpu is not None else not gpu_visible()
+        self._workdir = Path(tempfile.mkdtemp(prefix="embed-server-"))
+        backend_dir = assemble_backends(binary, self._workdir / "backends")
+        self.log_path = Path(o.log_file) if o.log_file else self._workdir / "tritonserver.log"
+        self._log_handle = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            self.command(binary, backend_dir),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            # Own process group: a terminal's Ctrl-C reaches us, and we forward it.
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_text(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def repository_index(self) -> list:
+        status, index = _http(f"{self.http_url}/v2/repository/index", data=b"{}")
+        return index if status == 200 and isinstance(index, list) else []
+
+    def wait_ready(self) -> None:
+        """Poll until all models are READY; raise naming each model that failed.
+
+        In the default model-control mode tritonserver loads every model before it opens
+        its endpoints, so once HTTP answers, each model's load has finished one way or
+        the other and the repository index carries its state and reason.
+        """
+        deadline = time.monotonic() + self.options.startup_timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                failures = failures_from_log(self.log_text())
+                if failures:
+                    raise LaunchError(format_failures(failures))
+                tail = "\n".join(self.log_text().splitlines()[-20:])
+                raise LaunchError(f"tritonserver exited with code {code} before it was ready:\n{tail}")
+            status, _ = _http(f"{self.http_url}/v2/health/live", timeout=2)
+            if status == 200:
+                index = self.repository_index()
+                if not index:
+                    raise LaunchError(f"no models found in {self.options.model_repository}")
+                failed = {m["name"]: m.get("reason", "") for m in index if m.get("state") == "UNAVAILABLE"}
+                if failed:
+                    from_log = failures_from_log(self.log_text())
+                    raise LaunchError(
+                        format_failures({n: r or from_log.get(n, "") for n, r in failed.items()})
+                    )
+                ready, _ = _http(f"{self.http_url}/v2/health/ready", timeout=2)
+                if ready == 200 and all(m.get("state") == "READY" for m in index):
+                    self.models = [m["name"] for m in index]
+                    return
+            time.sleep(0.25)
+        raise LaunchError(f"tritonserver was not ready after {self.options.startup_timeout_s:.0f} s (log: {self.log_path})")
+
+    def send_signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def wait(self) -> int:
+        return self.process.wait()
+
+    def stop(self, timeout_s: float = 30.0) -> Optional[int]:
+        """SIGTERM (graceful: in-flight requests finish), then SIGKILL the whole group."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # stubs left behind, if any
+            code = self.process.wait()
+        for region in Path("/dev/shm").glob(self.shm_prefix + "*"):
+            with contextlib.suppress(OSError):
+                region.unlink()
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)  # with the log, unless log_file
+            self._workdir = None
+        return code
+
+    def endpoints(self) -> str:
+        return (
+            f"HTTP     {self.http_url}\n"
+            f"gRPC     {self.grpc_url}\n"
+            f"metrics  {self.metrics_url}"
+        )
+
+
+@contextlib.contextmanager
+def start_server(model_repository, **options) -> Iterator[TritonServer]:
+    """`with start_server(repo, http_port=..., cpu=True) as server:` a ready server, stopped after.
+
+    The server also stops if the thread that started it dies (PR_SET_PDEATHSIG): start it
+    from a thread that outlives its use, e.g. the main thread.
+    """
+    server = TritonServer(ServerOptions(model_repository=Path(model_repository), **options))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def free_ports(n: int = 3) -> list:
+    """`n` distinct TCP ports that were free a moment ago (for tests and demos)."""
+    import socket
+
+    sockets, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    return ports

@@ -1,0 +1,114 @@
+"""Assemble a servable model repository: our model folders plus a checkpoint for each.
+
+Used by the tests and by embed-export. Each model folder of `src` is copied with its
+`config.pbtxt`, `configs/` and `1/model.py`; the checkpoint goes beside them as
+`<model>/checkpoint` (a HF directory) or `<model>/checkpoint<suffix>` (a file such as a
+fair-esm `.pt`, with the config parameter `checkpoint` pointed at it).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+PathLike = Union[str, Path]
+CONFIG_FILES = ("config.pbtxt", "configs/cpu.pbtxt")
+
+
+def source_repository() -> Path:
+    """Our model_repository/: beside the packages (a source checkout), else ./model_repository.
+
+    A wheel does not carry model_repository/ (it is not a package), so an installed copy
+    falls back to the current directory.
+    """
+    candidates = (Path(__file__).resolve().parent.parent / "model_repository", Path.cwd() / "model_repository")
+    for candidate in candidates:
+        if (candidate / "esm2" / "config.pbtxt").exists():
+            return candidate
+    raise FileNotFoundError(
+        "model_repository/ (with esm2/, dnabert_s/) not found beside the embed_server package or in "
+        "the current directory; run from the source checkout or pass its path"
+    )
+
+
+def set_parameter(pbtxt: str, key: str, value: str) -> str:
+    """`pbtxt` with the string_value of parameter `key` replaced (the key must be there)."""
+    pattern = re.compile(r'(key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*)"[^"]*"')
+    text, n = pattern.subn(lambda m: m.group(1) + '"' + value.replace('"', '\\"') + '"', pbtxt)
+    if n != 1:
+        raise ValueError(f"parameter {key!r} found {n} times in the model config")
+    return text
+
+
+def set_output_dims(pbtxt: str, output: str, dims: int) -> str:
+    """`pbtxt` with output `output`'s `dims: [ -1 ]` (or a fixed value) set to [dims]."""
+    pattern = re.compile(r'(name:\s*"' + re.escape(output) + r'"[^}]*?dims:\s*\[)[^\]]*(\])', re.S)
+    text, n = pattern.subn(lambda m: f"{m.group(1)} {int(dims)} {m.group(2)}", pbtxt)
+    if n != 1:
+        raise ValueError(f"output {output!r} with dims found {n} times in the model config")
+    return text
+
+
+def set_instance_count(pbtxt: str, count: int) -> str:
+    """`pbtxt` with its (single) instance_group's count set to `count`."""
+    text, n = re.subn(r"(instance_group\s*\[\s*\{[^}]*?count:\s*)\d+", lambda m: f"{m.group(1)}{int(count)}", pbtxt)
+    if n != 1:
+        raise ValueError(f"one instance_group with a count expected in the model config, found {n}")
+    return text
+
+
+def _place(src: Path, dst: Path, symlink: bool) -> None:
+    if symlink:
+        os.symlink(src.resolve(), dst, target_is_directory=src.is_dir())
+    elif src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def assemble_repository(
+    out: PathLike,
+    checkpoints: Mapping[str, PathLike],
+    src: Optional[PathLike] = None,
+    embedding_dims: Optional[Mapping[str, int]] = None,
+    symlink: bool = False,
+    overwrite: bool = False,
+    cpu_instances: Optional[int] = None,
+) -> Path:
+    """Write `out/<model>/` for each model in `checkpoints` ({model: checkpoint path}).
+
+    embedding_dims ({model: hidden size}) writes the exact EMBEDDING dims into the configs
+    instead of -1; symlink links the checkpoints instead of copying them (for large ones;
+    a link does not survive a container mount of `out` alone); cpu_instances sets the
+    instance count of configs/cpu.pbtxt (GPU configs keep one instance per GPU).
+    """
+    src = Path(src) if src is not None else source_repository()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for model, checkpoint in checkpoints.items():
+        checkpoint = Path(checkpoint)
+        if not (src / model / "config.pbtxt").exists():
+            raise FileNotFoundError(f"no model {model!r} in {src}")
+        if not checkpoint.exists():
+            raise FileNotFoundError(f"checkpoint for {model}: {checkpoint} does not exist")
+        target = out / model
+        if target.exists():
+            if not overwrite:
+                raise FileExistsError(f"{target} exists (pass overwrite=True to replace it)")
+            shutil.rmtree(target)
+        shutil.copytree(src / model, target, ignore=shutil.ignore_patterns("__pycache__", "checkpoint*"))
+        name = "checkpoint" if checkpoint.is_dir() else "checkpoint" + "".join(checkpoint.suffixes)
+        _place(checkpoint, target / name, symlink)
+        for config in CONFIG_FILES:
+            path = target / config
+            if not path.exists():
+                continue
+            text = set_parameter(path.read_text(), "checkpoint", name)
+            if embedding_dims and model in embedding_dims:
+                text = set_output_dims(text, "EMBEDDING", embedding_dims[model])
+            if cpu_instances is not None and config == "configs/cpu.pbtxt":
+                text = set_instance_count(text, cpu_instances)
+            path.write_text(text)
+    return out

@@ -1,0 +1,95 @@
+"""Session fixtures shared by every test folder: demo checkpoints and ONE real tritonserver.
+
+The server starts lazily, the first time a test asks for `embed_server`, and serves both
+models (esm2, dnabert_s) from small random checkpoints in the published layouts, on
+CPU instances (configs/cpu.pbtxt: two instances per model), on free ports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+MODELS = ("esm2", "dnabert_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningServer:
+    """Where the session's tritonserver listens, and what it serves."""
+
+    http_url: str          # "http://127.0.0.1:<port>" (KServe v2 REST)
+    grpc_url: str          # "127.0.0.1:<port>" (tritonclient.grpc's url form)
+    metrics_url: str       # "http://127.0.0.1:<port>/metrics"
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    repository: Path       # the assembled model repository
+    checkpoints: Path      # the demo checkpoints (dnabert_s/, esm2/, esm2_fair.pt)
+    hidden_sizes: dict     # {model: embedding width}
+    log_path: Path         # tritonserver's log (read it when a test fails)
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoints(tmp_path_factory) -> Path:
+    """Small random checkpoints in the exact published layouts (embed_core.demo)."""
+    from embed_core.demo import write_demo_checkpoints
+
+    out = tmp_path_factory.mktemp("demo_checkpoints")
+    write_demo_checkpoints(out)
+    return out
+
+
+def hidden_size(checkpoint: Path) -> int:
+    """The embedding width of a HF checkpoint directory, from its config.json."""
+    return int(json.loads((checkpoint / "config.json").read_text())["hidden_size"])
+
+
+@pytest.fixture(scope="session")
+def demo_repository(tmp_path_factory, demo_checkpoints) -> Path:
+    """A model repository with both models and the demo checkpoints (HF directories)."""
+    from embed_server.repository import assemble_repository
+
+    checkpoints = {m: demo_checkpoints / m for m in MODELS}
+    return assemble_repository(
+        tmp_path_factory.mktemp("model_repository"),
+        checkpoints,
+        embedding_dims={m: hidden_size(p) for m, p in checkpoints.items()},
+    )
+
+
+@pytest.fixture(scope="session")
+def embed_server(tmp_path_factory, demo_checkpoints, demo_repository) -> RunningServer:
+    """One real tritonserver for the whole session (CPU configs), stopped at the end."""
+    from embed_server.launcher import LaunchError, free_ports, start_server
+
+    log_path = tmp_path_factory.mktemp("tritonserver") / "tritonserver.log"
+    for attempt in (1, 2):  # a port taken between free_ports() and the bind: try new ones once
+        http, grpc, metrics = free_ports(3)
+        context = start_server(
+            demo_repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+            cpu=True, log_file=log_path, startup_timeout_s=300,
+        )
+        try:
+            server = context.__enter__()
+            break
+        except LaunchError as err:
+            if attempt == 1 and "already in use" in str(err):
+                continue
+            pytest.fail(f"the session's tritonserver did not start: {err}\n(log: {log_path})", pytrace=False)
+    try:
+        yield RunningServer(
+            http_url=server.http_url,
+            grpc_url=server.grpc_url,
+            metrics_url=server.metrics_url,
+            http_port=http,
+            grpc_port=grpc,
+            metrics_port=metrics,
+            repository=demo_repository,
+            checkpoints=demo_checkpoints,
+            hidden_sizes={m: hidden_size(demo_checkpoints / m) for m in MODELS},
+            log_path=log_path,
+        )
+    finally:
+        context.__exit__(None, None, None)

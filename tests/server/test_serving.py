@@ -1,0 +1,215 @@
+"""The Triton-free parts of serving: model.py's helpers, repository assembly, launcher pieces."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from embed_core import serving
+from embed_core.errors import InvalidSequenceError, SequenceTooLargeError
+from embed_server import launcher
+from embed_server.repository import (
+    assemble_repository, set_instance_count, set_output_dims, set_parameter, source_repository,
+)
+
+MODEL_CONFIG = {
+    "parameters": {
+        "checkpoint": {"string_value": "checkpoint"},
+        "dtype": {"string_value": "float32"},
+        "token_budget": {"string_value": "auto"},
+        "max_length": {"string_value": "50"},
+    },
+    "output": [{"name": "EMBEDDING", "data_type": "TYPE_FP32", "dims": ["-1"]}],
+    "instance_group": [{"count": 2, "kind": "KIND_CPU"}],
+}
+
+
+# ------------------------------------------------------------------ model.py helpers
+
+
+def test_parameters_become_a_runtime_config():
+    params = serving.config_parameters(MODEL_CONFIG)
+    config = serving.runtime_options(params, "cpu")
+    assert (config.device, config.dtype, config.token_budget, config.max_length, config.too_long) == (
+        "cpu", "float32", None, 50, "error")
+    with pytest.raises(ValueError, match="token_budget"):
+        serving.runtime_options({"token_budget": "lots"}, "cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        serving.runtime_options({"dtype": "float8"}, "cpu")
+
+
+def test_checkpoint_path_resolves_against_the_model_folder(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    assert serving.checkpoint_path({}, tmp_path) == tmp_path / "checkpoint"
+    assert serving.checkpoint_path({"checkpoint": str(tmp_path)}, "/elsewhere") == tmp_path
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        serving.checkpoint_path({"checkpoint": "nope"}, tmp_path)
+
+
+def test_embedding_dims_must_match_the_checkpoint_unless_variable():
+    assert serving.embedding_dims_problem(MODEL_CONFIG, "EMBEDDING", 64) is None
+    fixed = {"output": [{"name": "EMBEDDING", "dims": ["2560"]}]}
+    assert serving.embedding_dims_problem(fixed, "EMBEDDING", 2560) is None
+    assert "2560" in serving.embedding_dims_problem(fixed, "EMBEDDING", 64)
+
+
+def test_decode_sequences():
+    ok = np.array([[b"ACGT"], [b"acg"]], dtype=object)
+    assert serving.decode_sequences(ok) == ["ACGT", "acg"]
+    assert serving.decode_sequences(np.array([b"A", b"C"], dtype=object)) == ["A", "C"]
+    assert "no input tensor" in str(serving.decode_sequences(None))
+    assert "UTF-8" in str(serving.decode_sequences(np.array([[b"\xff"]], dtype=object)))
+    assert "shape" in str(serving.decode_sequences(np.array([[b"A", b"C"]], dtype=object)))
+
+
+def test_numpy_problem_names_the_fix(monkeypatch):
+    assert serving.numpy_problem() is None  # this environment has numpy<2
+    monkeypatch.setattr(np, "__version__", "2.1.0")
+    assert "numpy<2" in serving.numpy_problem()
+
+
+@pytest.fixture(scope="module")
+def embedder(demo_checkpoints):
+    from embed_core.models import load_embedder
+    from embed_core.runtime import RuntimeConfig
+
+    return load_embedder("esm2", demo_checkpoints / "esm2", RuntimeConfig(device="cpu", dtype="float32"))
+
+
+def test_embed_requests_fails_only_the_bad_requests(embedder):
+    requests = [["MKTAY", "MKL"], ["MK1"], serving.RequestError("broken"), ["ACDEFG"]]
+    results = serving.embed_requests(embedder, requests)
+    np.testing.assert_allclose(results[0], embedder.embed(["MKTAY", "MKL"]), atol=1e-5, rtol=0)
+    assert isinstance(results[1], InvalidSequenceError) and "sequence 0" in str(results[1])
+    assert results[2] is requests[2]
+    np.testing.assert_allclose(results[3], embedder.embed(["ACDEFG"]), atol=1e-5, rtol=0)
+    assert all(serving.is_client_error(r) for r in results[1:3])
+
+
+def test_a_sequence_too_large_for_the_device_fails_only_its_request(embedder):
+    import torch
+
+    def fail_long(batch):  # as if a pack holding the 30-residue sequence ran out of memory
+        if int(batch.max_seqlen) > 30:
+            raise torch.cuda.OutOfMemoryError("injected")
+
+    embedder.before_forward = fail_long
+    try:
+        results = serving.embed_requests(embedder, [["MKTAY"], ["MKTAY", "A" * 30], ["MKL"]])
+    finally:
+        embedder.before_forward = None
+    assert isinstance(results[1], SequenceTooLargeError) and str(results[1]).startswith("sequence 1:")
+    np.testing.assert_allclose(results[2], embedder.embed(["MKL"]), atol=1e-5, rtol=0)
+    assert serving.is_client_error(results[1])
+
+
+def test_metric_deltas_follow_the_stats(embedder):
+    deltas = serving.MetricDeltas()
+    deltas.take(embedder.stats)
+    embedder.embed(["MKTAY", "MKL"])
+    got = deltas.take(embedder.stats)
+    assert got["embed_sequences_total"] == 2 and got["embed_tokens_total"] == 5 + 3 + 4
+    assert "embed_failures_total" not in got
+    assert deltas.take(embedder.stats) == {}
+
+
+# ------------------------------------------------------------------ the repository
+
+
+def test_config_edits():
+    text = (source_repository() / "esm2" / "configs" / "cpu.pbtxt").read_text()
+    edited = set_instance_count(set_output_dims(set_parameter(text, "checkpoint", "x.pt"), "EMBEDDING", 64), 1)
+    assert 'string_value: "x.pt"' in edited and "dims: [ 64 ]" in edited and "count: 1" in edited
+    assert "dims: [ 1 ]" in edited  # the input is untouched
+    with pytest.raises(ValueError):
+        set_parameter(text, "no_such_key", "x")
+
+
+def test_repository_configs_agree():
+    for model in ("esm2", "dnabert_s"):
+        gpu = (source_repository() / model / "config.pbtxt").read_text()
+        cpu = (source_repository() / model / "configs" / "cpu.pbtxt").read_text()
+        assert "KIND_GPU" in gpu and "gpus:" not in gpu and "KIND_CPU" in cpu
+        strip = lambda t: [line for line in t.splitlines() if not line.startswith("#")]  # noqa: E731
+        assert strip(gpu.replace("count: 1", "count: 2").replace("KIND_GPU", "KIND_CPU")) == strip(cpu)
+
+
+def test_assemble_repository_with_a_fair_esm_file(tmp_path, demo_checkpoints):
+    repo = assemble_repository(tmp_path / "repo", {"esm2": demo_checkpoints / "esm2_fair.pt"})
+    assert (repo / "esm2" / "checkpoint.pt").is_file() and (repo / "esm2" / "1" / "model.py").is_file()
+    for config in ("config.pbtxt", "configs/cpu.pbtxt"):
+        assert 'string_value: "checkpoint.pt"' in (repo / "esm2" / config).read_text()
+    with pytest.raises(FileExistsError):
+        assemble_repository(tmp_path / "repo", {"esm2": demo_checkpoints / "esm2_fair.pt"})
+    linked = assemble_repository(tmp_path / "repo", {"esm2": demo_checkpoints / "esm2"}, symlink=True, overwrite=True)
+    assert (linked / "esm2" / "checkpoint").is_symlink()
+
+
+# ------------------------------------------------------------------ the launcher
+
+
+def test_failures_from_the_log_read_as_one_line_per_model():
+    log = (
+        'E1128 15:33:15.181631 5873 model_lifecycle.cc:642] "failed to load \'esm2\' version 1: Internal: '
+        'TritonModelException: CheckpointError: /r/esm2/checkpoint lacks encoder.layer.0.weight'
+        '\\n\\nAt:\\n  /r/esm2/1/model.py(4): initialize\\n"\n'
+    )
+    failures = launcher.failures_from_log(log)
+    assert list(failures) == ["esm2"]
+    assert launcher.format_failures(failures).splitlines()[1] == (
+        "  esm2: CheckpointError: /r/esm2/checkpoint lacks encoder.layer.0.weight")
+
+
+def test_binary_and_backend_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITONSERVER", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    binary = launcher.find_tritonserver()
+    assert binary.name == "tritonserver"
+    backends = launcher.assemble_backends(binary, tmp_path / "backends")
+    stub = backends / "python" / "triton_python_backend_stub"
+    assert stub.is_file() and os.access(stub, os.X_OK)
+    assert (backends / "python" / "libtriton_python.so").is_file()
+    monkeypatch.setenv("TRITONSERVER", str(tmp_path / "missing"))
+    with pytest.raises(launcher.LaunchError, match="TRITONSERVER"):
+        launcher.find_tritonserver()
+
+
+def test_stub_environment_is_this_python(monkeypatch):
+    env = launcher.server_env(launcher.find_tritonserver())
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+    assert "nvidia_pytriton.libs" in env["LD_LIBRARY_PATH"]
+    launcher.check_stub_python(env)  # numpy<2 and the right Python here
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert launcher.gpu_visible() is False
+
+
+def test_options_are_checked(tmp_path):
+    with pytest.raises(launcher.LaunchError, match="not a directory"):
+        launcher.ServerOptions(model_repository=tmp_path / "nope")
+    with pytest.raises(launcher.LaunchError, match="must differ"):
+        launcher.ServerOptions(model_repository=tmp_path, http_port=1, grpc_port=1, metrics_port=2)
+
+
+def test_cli_help_shows_defaults():
+    from embed_server.cli import build_parser
+
+    text = build_parser().format_help()
+    for flag in ("--model-repository", "--cpu", "--tritonserver", "--http-port", "(default: 8000)"):
+        assert flag in text
+    args = build_parser().parse_args(["--model-repository", "r"])
+    assert args.cpu is None and args.grpc_port == 8001 and args.metrics_port == 8002
+    assert json.dumps(vars(args), default=str)
+
+
+def test_launcher_refuses_numpy_2_for_the_stub(tmp_path):
+    fake = tmp_path / "python3"  # stands for an environment whose python3 has numpy 2
+    fake.write_text(f"#!/bin/sh\necho '{launcher.stub_python_version()} 2.1.0'\n")
+    fake.chmod(0o755)
+    with pytest.raises(launcher.LaunchError, match=r"numpy 2\.1\.0 .*numpy<2"):
+        launcher.check_stub_python({"PATH": str(tmp_path)})
+    fake.write_text("#!/bin/sh\necho '3.7 1.26.4'\n")
+    with pytest.raises(launcher.LaunchError, match="Python 3.7"):
+        launcher.check_stub_python({"PATH": str(tmp_path)})
