@@ -13,6 +13,7 @@ and reused by every layer. Paths, fastest first:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -21,10 +22,16 @@ import torch.nn.functional as F
 
 from .packing import positions_in_sequence, sequence_index
 
-try:  # torch >= 2.10
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # older torch: the padded path serves everywhere
-    _varlen_attn = None
+
+@functools.lru_cache(maxsize=None)
+def _varlen_attn():
+    """torch's flash varlen kernel (torch >= 2.10), or None. Imported on first use: the
+    import pulls in torch._dynamo, seconds of start-up that CPU processes never need."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
 
 
 def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -35,8 +42,8 @@ def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.T
 
 
 def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
-    return (_varlen_attn is not None and torch.device(device).type == "cuda"
-            and dtype in (torch.float16, torch.bfloat16))
+    return (torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and _varlen_attn() is not None)
 
 
 class PackedAttention:
@@ -78,7 +85,7 @@ class PackedAttention:
         """q, k, v [T, heads, head_dim] -> [T, heads, head_dim]."""
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
         if self.backend == "flash":
-            return _varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
+            return _varlen_attn()(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
                                 scale=scale)
         total, heads, head_dim = q.shape
         slots = q.new_zeros(self.batch * self.length, 3, heads, head_dim)
