@@ -272,7 +272,7 @@ class DnabertS(nn.Module):
         eps = self.config.layer_norm_eps
         for layer in self.encoder.layer:
             qkv = layer.attention.self.Wqkv(x).view(-1, 3, heads, head_dim)  # [T, 3, heads, d]
-            context = attend(*qkv.unbind(1)).reshape(x.shape)                # [T, H]
+            context = attend.attend_qkv(qkv).reshape(x.shape)                # [T, H]
             out, mlp = layer.attention.output, layer.mlp
             x = self._layer_tail(context, x, out.dense.weight, out.dense.bias, out.LayerNorm.weight,
                                  out.LayerNorm.bias, mlp.gated_layers.weight, mlp.wo.weight, mlp.wo.bias,

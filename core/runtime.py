@@ -1,0 +1,352 @@
+"""The per-device runtime: dtype and token budget policy, input checks, packed embedding.
+
+`Embedder(encoder, tokenizer, config)` turns a list of sequences into an [N, hidden] float32
+array in input order. It validates every sequence at the edge (`tokenize`), sorts by length,
+cuts the sorted stream into packs of at most `token_budget` tokens, runs each pack through the
+encoder's `forward_packed` with no padding, mean-pools, and scatters the rows back to input
+order. On CUDA out-of-memory a pack is split in halves and retried, down to one sequence; only
+a single sequence that cannot fit alone fails (`SequenceTooLargeError`).
+
+Token budget (tokens per forward) when `RuntimeConfig.token_budget` is None, see
+`token_budget_for`:
+
+    bytes_per_token = b * (4*H + 4*I + heads*A) + 4*H
+    budget = clamp(floor(SAFETY * (free_bytes - RESERVE) / bytes_per_token), MIN, MAX)
+
+with b the bytes of the compute dtype, H the hidden size, I the intermediate (FFN) size,
+`heads` the attention heads and A = `ATTENTION_REF_LEN` tokens. In inference mode a layer's
+activations are freed when the next layer starts, so the peak does not grow with depth: it is
+the MLP of one layer (residual + its norm + the up projection, 2*I for a GLU, + the activation
+and gate products + the output: <= 4*H + 4*I values per token for both encoders), plus the
+padded attention scratch where a kernel materialises scores or an additive bias
+([B, heads, L, L] = heads*L values per token when the pack is length-sorted, so B*L ~ T),
+plus the float32 copy of the last hidden state that pooling makes (4*H bytes per token).
+The free memory is read once, at load, after the weights are on the device.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InvalidSequenceError, SequenceTooLargeError
+from .packing import PackedBatch, mean_pool_packed, pack
+
+log = logging.getLogger(__name__)
+
+DEVICES_HELP = "auto | cpu | cuda | cuda:N"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOO_LONG_POLICIES = ("error", "truncate")
+
+CPU_TOKEN_BUDGET = 8192      # fixed on CPU: large packs only add cache misses there
+MIN_TOKEN_BUDGET = 1024
+MAX_TOKEN_BUDGET = 131072    # H200: beats 32,768 (perf/README.md); more only holds more memory
+BUDGET_SAFETY = 0.6          # fraction of the free memory the activations may use
+BUDGET_RESERVE = 1 << 30     # bytes kept free for the allocator's fragmentation and cuBLAS workspaces
+ATTENTION_REF_LEN = 512      # tokens: the sequence length the attention-scratch term is sized for
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How to run an encoder: where, in which dtype, how many tokens per forward, which inputs.
+
+    device: "auto" (first CUDA device, else CPU), "cpu", "cuda" or "cuda:N".
+    dtype: "auto" (bfloat16 on CUDA compute capability >= 8.0, float32 otherwise) or a name.
+    token_budget: tokens per forward; None = from the device's free memory at load.
+    max_length: longest accepted sequence in letters; None = the model's default.
+    too_long: "error" rejects longer sequences; "truncate" keeps their first max_length letters
+        and reports each one in `Embedder.last_truncated`.
+    compile: torch.compile the encoder's hot per-layer functions (its `enable_compile()`, where it
+        has one); None = on CUDA only. The first forwards then take longer (compilation).
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    token_budget: Optional[int] = None
+    max_length: Optional[int] = None
+    too_long: str = "error"
+    compile: Optional[bool] = None
+
+    def __post_init__(self):
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ValueError(f"device must be {DEVICES_HELP}, got {dev!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.token_budget is not None and (not isinstance(self.token_budget, int) or self.token_budget < 1):
+            raise ValueError(f"token_budget must be a positive int or None, got {self.token_budget!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ValueError(f"max_length must be a positive int or None, got {self.max_length!r}")
+        if self.too_long not in TOO_LONG_POLICIES:
+            raise ValueError(f"too_long must be one of {TOO_LONG_POLICIES}, got {self.too_long!r}")
+        if self.compile not in (None, True, False):
+            raise ValueError(f"compile must be True, False or None (auto), got {self.compile!r}")
+
+
+@dataclass
+class EmbedStats:
+    """Counters since load, as plain ints (model.py exports them as Triton metrics)."""
+
+    sequences: int = 0        # sequences embedded
+    tokens: int = 0           # real tokens (specials included) run through the encoder
+    forward_passes: int = 0   # forwards that completed
+    failures: int = 0         # sequences rejected (bad input) or too large for the device
+    oom_retries: int = 0      # packs that ran out of memory and were split
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda:0 when CUDA is available, else cpu; other names as torch reads them."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def choose_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA compute capability >= 8.0 (Ampere and later), float32 elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def encoder_dims(encoder: torch.nn.Module) -> tuple[int, int, int]:
+    """(hidden, intermediate, heads) of an encoder, from its HF-named `config` where present."""
+    cfg = getattr(encoder, "config", None)
+    hidden = int(getattr(encoder, "hidden_size", None) or getattr(cfg, "hidden_size"))
+    intermediate = int(getattr(cfg, "intermediate_size", 0) or 4 * hidden)
+    heads = int(getattr(cfg, "num_attention_heads", 0) or max(1, hidden // 64))
+    return hidden, intermediate, heads
+
+
+def budget_from_memory(free_bytes: int, hidden: int, intermediate: int, heads: int, dtype_bytes: int,
+                       safety: float = BUDGET_SAFETY, reserve: int = BUDGET_RESERVE,
+                       lo: int = MIN_TOKEN_BUDGET, hi: int = MAX_TOKEN_BUDGET) -> int:
+    """The module docstring's formula: tokens per forward that fit in `free_bytes`, clamped to [lo, hi]."""
+    per_token = dtype_bytes * (4 * hidden + 4 * intermediate + heads * ATTENTION_REF_LEN) + 4 * hidden
+    usable = max(0.0, safety * (free_bytes - reserve))
+    tokens = int(usable // per_token) // 64 * 64
+    return int(min(hi, max(lo, tokens)))
+
+
+def token_budget_for(device: torch.device, encoder: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Tokens per forward for `encoder` on `device`: a fixed modest budget on CPU, else from free memory."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_TOKEN_BUDGET
+    free, _total = torch.cuda.mem_get_info(device)
+    hidden, intermediate, heads = encoder_dims(encoder)
+    return budget_from_memory(free, hidden, intermediate, heads, torch.finfo(dtype).bits // 8)
+
+
+@dataclass
+class _Pack:
+    """Sorted positions [lo, hi) of one forward, with its host batch (built ahead of time)."""
+
+    lo: int
+    hi: int
+    batch: Optional[PackedBatch] = field(default=None)
+
+
+class Embedder:
+    """Sequences -> [N, hidden] float32 embeddings, packed by token budget, in input order."""
+
+    def __init__(self, encoder: torch.nn.Module, tokenizer, config: RuntimeConfig = RuntimeConfig()):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = resolve_device(config.device)
+        self.dtype = choose_dtype(self.device) if config.dtype == "auto" else DTYPES[config.dtype]
+        self.encoder = encoder.to(device=self.device, dtype=self.dtype).eval()
+        want_compile = self.device.type == "cuda" if config.compile is None else config.compile
+        self.compiled = bool(want_compile and hasattr(encoder, "enable_compile"))
+        if self.compiled:
+            encoder.enable_compile()
+        self.hidden_size = int(encoder.hidden_size)
+        self.skip_first = int(encoder.pool_skip_first)
+        self.skip_last = int(encoder.pool_skip_last)
+        self.max_length = config.max_length or getattr(tokenizer, "default_max_length", None)
+        if config.token_budget is not None:
+            self.token_budget, how = config.token_budget, "configured"
+        else:
+            self.token_budget, how = token_budget_for(self.device, self.encoder, self.dtype), "auto"
+        self.stats = EmbedStats()
+        self.last_truncated: dict[int, tuple[int, int]] = {}
+        # Test hook: called with each packed batch just before its forward (an injected
+        # allocation failure raises torch.cuda.OutOfMemoryError from here).
+        self.before_forward: Optional[Callable[[PackedBatch], None]] = None
+        self._pin = self.device.type == "cuda"
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="embed-pack") if self._pin else None
+        log.info("%s on %s, dtype %s, token budget %d (%s), max_length %s (%s), compiled %s",
+                 type(encoder).__name__, self.device, str(self.dtype).replace("torch.", ""), self.token_budget,
+                 how, self.max_length, config.too_long, self.compiled)
+
+    # ---- prep (CPU) -------------------------------------------------------------------------
+    def tokenize(self, sequences: Sequence[str]) -> list[np.ndarray]:
+        """Checks and encodes every sequence; raises InvalidSequenceError naming the first bad index.
+
+        Sequences longer than max_length letters are rejected, or cut under too_long="truncate";
+        `last_truncated` then maps each cut sequence's index to (original, kept) letters.
+        """
+        limit, truncate = self.max_length, self.config.too_long == "truncate"
+        self.last_truncated = truncated = {}
+        prepared, too_long = list(sequences), None
+        if limit is not None:
+            for i, seq in enumerate(prepared):
+                if len(seq) > limit:
+                    if not truncate:
+                        too_long = InvalidSequenceError(f"length {len(seq)} exceeds max_length {limit} letters", i)
+                        prepared = prepared[:i]   # an earlier bad letter is reported first
+                        break
+                    truncated[i] = (len(seq), limit)
+                    prepared[i] = seq[:limit]
+        try:
+            out = self._encode(prepared)
+        except InvalidSequenceError:
+            self.stats.failures += 1
+            raise
+        if too_long is not None:
+            self.stats.failures += 1
+            raise too_long
+        if truncated:
+            log.warning("truncated %d of %d sequences to %d letters", len(truncated), len(prepared), limit)
+        return out
+
+    def _encode(self, sequences: list) -> list[np.ndarray]:
+        """The tokenizer over a list; its batch form (parallel, in Rust for DNABERT-S) where it has one."""
+        encode_batch = getattr(self.tokenizer, "encode_batch", None)
+        if encode_batch is not None:
+            return encode_batch(sequences)  # raises with the index in `sequences`
+        out = []
+        for i, seq in enumerate(sequences):
+            try:
+                out.append(self.tokenizer.encode(seq))
+            except InvalidSequenceError as e:
+                raise e.at(i) from None
+        return out
+
+    # ---- core (device) ----------------------------------------------------------------------
+    def embed(self, sequences: Sequence[str]) -> np.ndarray:
+        """tokenize + embed_tokens: [N, hidden] float32 in input order."""
+        return self.embed_tokens(self.tokenize(sequences))
+
+    def embed_tokens(self, token_arrays: Sequence[np.ndarray],
+                     failures: Optional[dict] = None) -> np.ndarray:
+        """Token id arrays (specials included) -> [N, hidden] float32, rows in input order.
+
+        A sequence that does not fit on the device even alone raises SequenceTooLargeError; when
+        a `failures` dict is given it is recorded there instead (index -> error), its row is NaN,
+        and every other sequence is still embedded.
+        """
+        n = len(token_arrays)
+        out = torch.empty(n, self.hidden_size, dtype=torch.float32, device=self.device)
+        if n == 0:
+            return out.cpu().numpy()
+        lengths = np.fromiter((len(t) for t in token_arrays), dtype=np.int64, count=n)
+        order = np.argsort(lengths, kind="stable")      # sorted position -> input index
+        sorted_arrays = [token_arrays[i] for i in order]
+        order_dev = torch.from_numpy(order).to(self.device)
+        packs = self._cut(lengths[order])
+        with torch.inference_mode():
+            pending = self._submit(sorted_arrays, packs[0])
+            for k, p in enumerate(packs):
+                p.batch = pending.result() if self._prefetch else pending
+                if k + 1 < len(packs):                 # build the next pack while this one runs
+                    pending = self._submit(sorted_arrays, packs[k + 1])
+                self._run(p, sorted_arrays, order, order_dev, out, failures)
+        return out.cpu().numpy()
+
+    def _cut(self, sorted_lengths: np.ndarray) -> list[_Pack]:
+        """Greedy cut of the sorted stream into packs of <= token_budget tokens (>= 1 sequence each)."""
+        ends = np.cumsum(sorted_lengths)                # ends[i]: tokens up to and including sequence i
+        packs, lo, n = [], 0, len(sorted_lengths)
+        while lo < n:
+            base = int(ends[lo - 1]) if lo else 0
+            hi = max(lo + 1, int(np.searchsorted(ends, base + self.token_budget, side="right")))
+            packs.append(_Pack(lo, hi))
+            lo = hi
+        return packs
+
+    def _host_batch(self, arrays: Sequence[np.ndarray]) -> PackedBatch:
+        batch = pack(arrays)
+        if self._pin:
+            batch = PackedBatch(batch.input_ids.pin_memory(), batch.cu_seqlens.pin_memory(), batch.max_seqlen)
+        return batch
+
+    def _submit(self, sorted_arrays, p: _Pack):
+        arrays = sorted_arrays[p.lo:p.hi]
+        if self._prefetch is None:
+            return self._host_batch(arrays)
+        return self._prefetch.submit(self._host_batch, arrays)
+
+    def _run(self, p: _Pack, sorted_arrays, order: np.ndarray, order_dev: torch.Tensor,
+             out: torch.Tensor, failures: Optional[dict]) -> None:
+        """One forward of a pack into `out`; on OOM, halves retried recursively."""
+        batch = p.batch if p.batch is not None else self._host_batch(sorted_arrays[p.lo:p.hi])
+        p.batch = None
+        try:
+            pooled = self._forward(batch)
+            oom = False
+        except torch.cuda.OutOfMemoryError:
+            oom = True   # handled below, outside the except block, so the failed frame's tensors are freed
+        if not oom:
+            out.index_copy_(0, order_dev[p.lo:p.hi], pooled)
+            self.stats.forward_passes += 1
+            self.stats.sequences += p.hi - p.lo
+            self.stats.tokens += int(batch.cu_seqlens[-1])
+            return
+        del batch
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if p.hi - p.lo == 1:
+            index, length = int(order[p.lo]), len(sorted_arrays[p.lo])
+            err = SequenceTooLargeError(
+                f"sequence {index}: {length} tokens do not fit on {self.device} even alone "
+                f"(dtype {str(self.dtype).replace('torch.', '')}); shorten it or lower max_length")
+            err.index, err.length = index, length
+            self.stats.failures += 1
+            log.error("%s", err)
+            if failures is None:
+                raise err
+            failures[index] = err
+            out[order[p.lo]] = float("nan")
+            return
+        self.stats.oom_retries += 1
+        mid = (p.lo + p.hi) // 2
+        log.warning("out of memory on a pack of %d sequences; retrying as %d + %d",
+                    p.hi - p.lo, mid - p.lo, p.hi - mid)
+        for half in (_Pack(p.lo, mid), _Pack(mid, p.hi)):
+            self._run(half, sorted_arrays, order, order_dev, out, failures)
+
+    def _forward(self, batch: PackedBatch) -> torch.Tensor:
+        """[B, hidden] float32 mean-pooled embeddings of one packed batch, in pack order."""
+        if self.before_forward is not None:
+            self.before_forward(batch)
+        dev = batch.to(self.device)
+        hidden = self.encoder.forward_packed(dev.input_ids, dev.cu_seqlens, dev.max_seqlen)  # [T, H]
+        return mean_pool_packed(hidden, dev.cu_seqlens, self.skip_first, self.skip_last)     # [B, H] fp32
+
+    def warmup(self, lengths: Sequence[int] = (16, 48, 100, 200)) -> None:
+        """Runs two small synthetic packs so compilation and kernel selection happen at load, not on the
+        first request; the counters stay at zero. Token id 0 is valid in every vocabulary."""
+        arrays = [np.zeros(n, dtype=np.int64) for n in lengths]
+        self.embed_tokens(arrays)
+        self.embed_tokens(arrays[::2])
+        self.stats = EmbedStats()
+
+    def close(self) -> None:
+        """Stops the packing thread (the object stays usable, without prefetch)."""
+        if self._prefetch is not None:
+            self._prefetch.shutdown(wait=True)
+            self._prefetch = None

@@ -1,0 +1,455 @@
+"""Tokens/s of ESM-2 3B and DNABERT-S (real sizes, random weights) on one GPU, three ways, one run.
+
+    python perf/bench_models.py --out perf/results/bench_models.json        # H200: ~3-5 minutes
+    python perf/bench_models.py --small                                     # CPU smoke check: seconds
+
+For each model, on the same synthetic workload (ESM-2: protein frames of 40-170 residues, mean
+~100; DNABERT-S: 300-bp chunks = 55-135 BPE tokens, random token ids):
+  (a) vanilla:   ESM-2: transformers EsmModel fp32 eager, padded, unsorted fixed-size batches;
+                 DNABERT-S (transformers has no DNABERT-2 code): our forward_padded, fp32, unsorted;
+  (b) plain fast path: ESM-2: transformers EsmModel bf16 SDPA, length-sorted batches;
+                 DNABERT-S: our forward_padded bf16 (SDPA with the ALiBi bias), length-sorted;
+  (c) ours:      embed_core Embedder bf16: packed, no padding, token budget from free memory.
+Every path mean-pools (ESM-2 without BOS/EOS, DNABERT-S over all tokens) and copies the
+embeddings to the host, as a server would. tokens/s counts real tokens (specials included,
+padding not). ESM-2's transformers model gets our weights, so the run also reports the cosine
+between (c) and (a)/(b): the fast path computes the same thing. Targets (issue #2): ESM-2 3B
+(c)/(b) >= 1.5; DNABERT-S (c) >= 2M tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ESM2_3B = dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=40, intermediate_size=10240)
+ESM2_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+DNABERT_S_FULL = dict(vocab_size=4096, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072)
+DNABERT_S_SMALL = dict(vocab_size=512, hidden_size=96, num_hidden_layers=2, num_attention_heads=12,
+                       intermediate_size=192)
+TARGETS = {"esm2_c_over_b": 1.5, "dnabert_s_c_tokens_per_s": 2.0e6}
+
+
+def import_core():
+    """embed_core, installed or straight from this checkout's core/ (so the command needs no install)."""
+    try:
+        import embed_core
+        return embed_core
+    except ImportError:
+        core = Path(__file__).resolve().parents[1] / "core"
+        spec = importlib.util.spec_from_file_location("embed_core", core / "__init__.py",
+                                                      submodule_search_locations=[str(core)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["embed_core"] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+# ---------------------------------------------------------------------------------- workloads
+
+
+def protein_workload(n: int, seed: int) -> list:
+    """Token ids of n protein frames: <cls> + 40-170 residues (normal around 100) + <eos>."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.rint(rng.normal(100, 30, n)), 40, 170).astype(int)
+    return [np.concatenate(([0], rng.integers(4, 24, size=L), [2])).astype(np.int64) for L in lengths]
+
+
+def dna_workload(n: int, seed: int, vocab: int) -> list:
+    """Token ids of n 300-bp chunks: [CLS] + BPE ids + [SEP], 55-135 tokens in all."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(55, 136, size=n)
+    return [np.concatenate(([1], rng.integers(5, vocab, size=L - 2), [2])).astype(np.int64) for L in lengths]
+
+
+def unsorted_batches(n: int, batch_size: int) -> list:
+    """Index batches in input order, a fixed number of sequences each."""
+    return [np.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+
+
+def sorted_batches(lengths: np.ndarray, padded_tokens: int) -> list:
+    """Length-sorted index batches of at most `padded_tokens` = batch x longest."""
+    order = np.argsort(lengths, kind="stable")
+    batches, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or (i - start + 1) * lengths[order[i]] > padded_tokens:
+            batches.append(order[start:i])
+            start = i
+    return batches
+
+
+def pad(token_arrays: list, pad_id: int) -> tuple:
+    lengths = np.array([len(t) for t in token_arrays])
+    ids = np.full((len(token_arrays), lengths.max()), pad_id, dtype=np.int64)
+    for i, t in enumerate(token_arrays):
+        ids[i, :len(t)] = t
+    return torch.from_numpy(ids), torch.from_numpy(np.arange(lengths.max())[None] < lengths[:, None])
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor, skip_first: int, skip_last: int) -> torch.Tensor:
+    """[B, L, H] -> [B, H] float32, mean over real tokens minus skip_first/skip_last of each."""
+    lengths = mask.sum(1, keepdim=True)
+    pos = torch.arange(mask.shape[1], device=mask.device)[None]
+    keep = (pos >= skip_first) & (pos < lengths - skip_last)
+    return (hidden.float() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------- running
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, fn, work: list, warm: list, device: torch.device) -> tuple:
+    """(figures, output): runs fn(warm), then times fn(work); fn returns [N, H] float32 on the host."""
+    fn(warm)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    out = fn(work)
+    sync(device)
+    seconds = time.perf_counter() - start
+    tokens = int(sum(len(t) for t in work))
+    result = {"path": name, "sequences": len(work), "tokens": tokens, "seconds": round(seconds, 4),
+              "tokens_per_s": tokens / seconds, "finite": bool(np.isfinite(out).all())}
+    if device.type == "cuda":
+        result["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        result["peak_above_weights_gib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**30, 2)
+    return result, out
+
+
+def padded_runner(forward, pad_id: int, skip: tuple, batches_of, device: torch.device):
+    """fn(token_arrays) -> pooled [N, H]: padded batches (index lists from batches_of), input order."""
+    def run(token_arrays):
+        out = None
+        with torch.inference_mode():
+            for idx in batches_of(token_arrays):
+                ids, mask = pad([token_arrays[i] for i in idx], pad_id)
+                ids, mask = ids.to(device), mask.to(device)
+                pooled = masked_mean(forward(ids, mask), mask, *skip).cpu().numpy()
+                if out is None:
+                    out = np.empty((len(token_arrays), pooled.shape[1]), np.float32)
+                out[idx] = pooled
+        return out
+    return run
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest per-row cosine similarity of a and b."""
+    num = (a.astype(np.float64) * b).sum(1)
+    return float((num / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def random_init_(model: torch.nn.Module, seed: int, std) -> None:
+    """Random weights in place, on the model's device (fast at 3B); LayerNorms near identity."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype)
+            if "layernorm" in name.lower() or "layer_norm" in name.lower():
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
+            else:
+                p.copy_(std(name, p) * noise)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+def bench_esm2(core, args, device: torch.device, dtype: torch.dtype) -> dict:
+    from embed_core.esm2 import ESM2, Esm2Config, Esm2Tokenizer
+    from transformers import EsmConfig, EsmModel
+
+    dims = ESM2_SMALL if args.small else ESM2_3B
+    config = Esm2Config(**dims)
+    t0 = time.perf_counter()
+    with torch.device(device):
+        ours = ESM2(config)
+    random_init_(ours, seed=0, std=lambda name, p: 0.02)
+    ours.eval()
+
+    hf_config = EsmConfig(vocab_size=33, mask_token_id=32, pad_token_id=1, position_embedding_type="rotary",
+                          token_dropout=True, emb_layer_norm_before=False, layer_norm_eps=config.layer_norm_eps,
+                          max_position_embeddings=1026, hidden_act="gelu", hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0, **dims)
+    set_attention(None, hf_config, "eager")
+    with torch.device(device):
+        hf = EsmModel(hf_config, add_pooling_layer=False)
+    copy_weights(ours, hf)
+    hf.eval()
+    ours.to(dtype)
+    free_memory(device)
+    build_s = time.perf_counter() - t0
+
+    work = protein_workload(args.esm_seqs, seed=1)
+    vanilla_work = work[:args.esm_vanilla_seqs]
+    warm = work[:max(8, len(work) // 16)]
+    hf_forward = lambda ids, mask: hf(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
+    runs = {}
+
+    a = padded_runner(hf_forward, 1, (1, 1), lambda w: unsorted_batches(len(w), args.esm_vanilla_batch), device)
+    runs["a"], out_a = measure("transformers EsmModel fp32 eager, padded, unsorted", a, vanilla_work,
+                               vanilla_work[:args.esm_vanilla_batch], device)
+    hf.to(dtype)
+    attn = set_attention(hf, hf_config, "sdpa")
+    b = padded_runner(hf_forward, 1, (1, 1),
+                      lambda w: sorted_batches(np.array([len(t) for t in w]), args.esm_sorted_tokens), device)
+    runs["b"], out_b = measure(f"transformers EsmModel {name_of(dtype)} {attn}, length-sorted", b, work, warm,
+                               device)
+    del hf, a, b, hf_forward
+    free_memory(device)
+
+    embedder, out_c = run_ours(core, ours, Esm2Tokenizer(), args, device, dtype, work, warm, runs)
+    result = summarize("esm2", dims, build_s, work, vanilla_work, runs, out_a, out_b, out_c, embedder)
+    del embedder, ours
+    free_memory(device)
+    return result
+
+
+def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs) -> tuple:
+    """(c): the Embedder under the runtime's policy; on CUDA with a compilable encoder also eager, first."""
+    def embedder_for(compile_):
+        return core.Embedder(model, tokenizer, core.RuntimeConfig(
+            device=str(device), dtype=name_of(dtype), token_budget=args.token_budget, compile=compile_))
+
+    policy = {"auto": None, "on": True, "off": False}[args.compile]
+    if device.type == "cuda" and hasattr(model, "enable_compile") and policy is not False:
+        eager = embedder_for(False)   # before compiling: enable_compile() changes the model for good
+        runs["c_eager"], _ = measure(f"ours: Embedder {name_of(dtype)} packed, eager (budget {eager.token_budget})",
+                                     eager.embed_tokens, work, warm, device)
+        eager.close()
+    embedder = embedder_for(policy)
+    how = "compiled" if embedder.compiled else "eager"
+    runs["c"], out_c = measure(f"ours: Embedder {name_of(dtype)} packed, {how} (budget {embedder.token_budget})",
+                               embedder.embed_tokens, work, warm, device)
+    if args.profile and device.type == "cuda":
+        profile(embedder, work, device)
+    embedder.close()
+    return embedder, out_c
+
+
+def profile(embedder, work: list, device: torch.device) -> None:
+    """The top CUDA kernels of (c) over a slice of the workload (torch.profiler), printed."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    part = work[:max(1, len(work) // 4)]
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        embedder.embed_tokens(part)
+        sync(device)
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=18, max_name_column_width=60))
+
+
+def summarize(model, dims, build_s, work, vanilla_work, runs, out_a, out_b, out_c, embedder) -> dict:
+    lengths = np.array([len(t) for t in work])
+    return {
+        "model": model, "config": dims, "build_seconds": round(build_s, 1),
+        "workload": {"sequences": len(work), "vanilla_sequences": len(vanilla_work),
+                     "mean_tokens": float(lengths.mean()), "min_tokens": int(lengths.min()),
+                     "max_tokens": int(lengths.max())},
+        "runs": runs, "token_budget": embedder.token_budget, "compiled": embedder.compiled,
+        "forward_passes": embedder.stats.forward_passes,
+        "ratios": {"c_over_b": runs["c"]["tokens_per_s"] / runs["b"]["tokens_per_s"],
+                   "c_over_a": runs["c"]["tokens_per_s"] / runs["a"]["tokens_per_s"]},
+        "min_cosine": {"c_vs_a": cosine_rows(out_c[:len(vanilla_work)], out_a),
+                       "c_vs_b": cosine_rows(out_c, out_b)},
+    }
+
+
+def set_attention(model, config, implementation: str) -> str:
+    """Selects transformers' attention implementation; returns the one in effect."""
+    if model is not None and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    else:
+        config._attn_implementation = implementation
+    return (model.config if model is not None else config)._attn_implementation
+
+
+def copy_weights(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
+    """Our ESM2 weights into transformers' EsmModel (same names; fails on anything that does not map)."""
+    state = {k: v for k, v in ours.state_dict().items() if not k.endswith("inv_freq")}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k.endswith("inv_freq") or k.startswith("contact_head.")
+                                          or "position" in k)]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not map onto transformers' EsmModel: missing {missing}, "
+                           f"unexpected {unexpected}")
+
+
+def bench_dnabert_s(core, args, device: torch.device, dtype: torch.dtype) -> dict:
+    from embed_core.dnabert_s import DnabertS, DnabertSConfig
+
+    dims = DNABERT_S_SMALL if args.small else DNABERT_S_FULL
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = DnabertS(DnabertSConfig(**dims))
+
+    def std(name, p):  # as random_dnabert_s: N(0, 1/fan_in) weights, unit embeddings, small biases
+        if "embeddings" in name:
+            return 1.0
+        return 0.1 if p.dim() == 1 else p.shape[1] ** -0.5
+
+    random_init_(model, seed=0, std=std)
+    model.eval()
+    build_s = time.perf_counter() - t0
+
+    work = dna_workload(args.dna_seqs, seed=2, vocab=dims["vocab_size"])
+    vanilla_work = work[:args.dna_vanilla_seqs]
+    warm = work[:max(16, len(work) // 16)]
+    runs = {}
+    a = padded_runner(model.forward_padded, 3, (0, 0), lambda w: unsorted_batches(len(w), args.dna_vanilla_batch),
+                      device)
+    runs["a"], out_a = measure("ours forward_padded fp32, padded, unsorted", a, vanilla_work,
+                               vanilla_work[:args.dna_vanilla_batch], device)
+    model.to(dtype)
+    b = padded_runner(model.forward_padded, 3, (0, 0),
+                      lambda w: sorted_batches(np.array([len(t) for t in w]), args.dna_sorted_tokens), device)
+    runs["b"], out_b = measure(f"ours forward_padded {name_of(dtype)} SDPA+ALiBi bias, length-sorted", b, work,
+                               warm, device)
+    embedder, out_c = run_ours(core, model, None, args, device, dtype, work, warm, runs)
+    result = summarize("dnabert_s", dims, build_s, work, vanilla_work, runs, out_a, out_b, out_c, embedder)
+    del embedder, model
+    free_memory(device)
+    return result
+
+
+def name_of(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--small", action="store_true",
+                   help="tiny models and workloads: a smoke check of every path in seconds (CPU is fine)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="dtype of paths (b) and (c)")
+    p.add_argument("--models", default="esm2,dnabert_s", help="comma-separated subset of esm2,dnabert_s")
+    p.add_argument("--token-budget", type=int, default=None, help="(c) tokens per forward (default: auto)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="(c) torch.compile of the encoder's hot functions (auto: the runtime's policy, CUDA only)")
+    p.add_argument("--esm-seqs", type=int, default=None, help="ESM-2 sequences for (b), (c) [6000; small 48]")
+    p.add_argument("--esm-vanilla-seqs", type=int, default=None, help="ESM-2 sequences for (a) [640; small 16]")
+    p.add_argument("--esm-vanilla-batch", type=int, default=32, help="(a) sequences per padded batch")
+    p.add_argument("--esm-sorted-tokens", type=int, default=16384, help="(b) padded tokens per batch")
+    p.add_argument("--dna-seqs", type=int, default=None, help="DNABERT-S sequences for (b), (c) [40000; small 96]")
+    p.add_argument("--dna-vanilla-seqs", type=int, default=None, help="DNABERT-S sequences for (a) [4096; small 32]")
+    p.add_argument("--dna-vanilla-batch", type=int, default=128, help="(a) sequences per padded batch")
+    p.add_argument("--dna-sorted-tokens", type=int, default=65536, help="(b) padded tokens per batch")
+    p.add_argument("--profile", action="store_true", help="print (c)'s top CUDA kernels (torch.profiler)")
+    p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    return p
+
+
+def defaults(args: argparse.Namespace) -> argparse.Namespace:
+    sizes = {"esm_seqs": (6000, 48), "esm_vanilla_seqs": (640, 16), "dna_seqs": (40000, 96),
+             "dna_vanilla_seqs": (4096, 32)}
+    for name, (full, small) in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.small else full)
+    if args.small:
+        args.esm_vanilla_batch = min(args.esm_vanilla_batch, 8)
+        args.dna_vanilla_batch = min(args.dna_vanilla_batch, 16)
+    return args
+
+
+def print_table(results: list, device_name: str) -> None:
+    print(f"\nbench_models on {device_name}")
+    print(f"{'model':10} {'path':66} {'seqs':>6} {'tokens':>9} {'s':>7} {'tokens/s':>11} {'peak GiB':>8}")
+    for r in results:
+        for key, run in r["runs"].items():
+            peak = f"{run['peak_gib']:8.1f}" if "peak_gib" in run else f"{'-':>8}"
+            flag = "" if run["finite"] else "  NON-FINITE"
+            print(f"{r['model']:10} {'(' + key + ')':9} {run['path'][:58]:58} {run['sequences']:6d} {run['tokens']:9d} "
+                  f"{run['seconds']:7.2f} {run['tokens_per_s']:11,.0f} {peak}{flag}")
+        cos = r["min_cosine"]
+        print(f"{'':10} (c)/(b) = {r['ratios']['c_over_b']:.2f}x   (c)/(a) = {r['ratios']['c_over_a']:.1f}x   "
+              f"min cosine (c)~(a) {cos['c_vs_a']:.5f}, (c)~(b) {cos['c_vs_b']:.5f}   "
+              f"[{r['forward_passes']} forwards]")
+
+
+def targets(results: list) -> dict:
+    met = {}
+    for r in results:
+        if r["model"] == "esm2":
+            met["esm2_c_over_b"] = {"target": TARGETS["esm2_c_over_b"], "value": round(r["ratios"]["c_over_b"], 3)}
+        else:
+            met["dnabert_s_c_tokens_per_s"] = {"target": TARGETS["dnabert_s_c_tokens_per_s"],
+                                               "value": round(r["runs"]["c"]["tokens_per_s"])}
+    for v in met.values():
+        v["met"] = v["value"] >= v["target"]
+    return met
+
+
+def run(args: argparse.Namespace) -> int:
+    args = defaults(args)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the runtime logs its choices
+    core = import_core()
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, args.dtype)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = set(models) - {"esm2", "dnabert_s"}
+    if unknown:
+        print(f"bench_models: unknown model(s) {sorted(unknown)}", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in the vanilla path
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    results = []
+    for m in models:
+        results.append((bench_esm2 if m == "esm2" else bench_dnabert_s)(core, args, device, dtype))
+    print_table(results, device_name)
+    met = targets(results) if not args.small else {}
+    for name, v in met.items():
+        print(f"target {name}: {v['value']:,} (>= {v['target']:,}): {'met' if v['met'] else 'NOT met'}")
+    report = {"device": device_name, "torch": torch.__version__, "small": args.small, "dtype": args.dtype,
+              "transformers": _version("transformers"), "results": results, "targets": met,
+              "argv": sys.argv[1:]}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    bad = [r["model"] for r in results for run_ in r["runs"].values() if not run_["finite"]]
+    return 1 if bad else 0
+
+
+def _version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(package)
+    except Exception:  # not installed: the field says so
+        return "absent"
+
+
+def main() -> None:
+    sys.exit(run(build_parser().parse_args()))
+
+
+if __name__ == "__main__":
+    main()
