@@ -38,6 +38,8 @@ class TritonPythonModel:
             self.embedder = models.load_embedder(KIND, path, serving.runtime_options(params, device))
         except Exception as err:
             raise pb_utils.TritonModelException(f"{type(err).__name__}: {err}") from None
+        # Compile and pick kernels now, not on the first request (counters stay at zero).
+        self.embedder.warmup()
         problem = serving.embedding_dims_problem(config, self.output_name, self.embedder.hidden_size)
         if problem:
             raise pb_utils.TritonModelException(problem)
