@@ -1,0 +1,240 @@
+"""embed-client: a FASTA/FASTQ sample -> VirNucPro frames -> Triton embeddings -> Parquet."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .classifier import ClassifierError
+from .errors import ClientError, InputError
+from .run import (CHUNK_SIZES, MODELS, IncompleteError, InterruptedRun, RunOptions, execute)
+from .schedule import ScheduleConfig
+from .sink import OutputError
+from .transport import ServerError, ServerSpec, TransportConfig
+
+EXIT_OK = 0
+EXIT_FAILURE = 1       # an unexpected error (a bug): the traceback is printed
+EXIT_USAGE = 2         # bad options, output directory in the way, unusable classifier file
+EXIT_INPUT = 3         # bad input records or file (nothing was sent)
+EXIT_SERVER = 4        # no server reachable / servers stayed down / a server error
+EXIT_INCOMPLETE = 5    # counts in != counts out (e.g. sequences rejected by the server)
+EXIT_INTERRUPTED = 130
+
+EPILOG = f"""\
+exit codes:
+  {EXIT_OK}    success: every frame embedded by every model, final files written
+  {EXIT_FAILURE}    unexpected error (a bug; the traceback is printed)
+  {EXIT_USAGE}    usage: bad options, output directory not empty (without --resume),
+       unusable --classifier file
+  {EXIT_INPUT}    bad input: not FASTA/FASTQ, truncated/corrupt compressed data, empty
+       record, duplicate id, letter outside the IUPAC codes (nothing sent)
+  {EXIT_SERVER}    server unavailable (down past --retries) or a server error; the output
+       directory can be resumed with --resume
+  {EXIT_INCOMPLETE}    count mismatch: fewer embeddings out than sequences in (e.g. sequences
+       rejected by the server, listed in rejected.tsv); no final files are written
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGTERM); resumable with --resume
+
+output directory (--out): dnabert_s.parquet, esm2.parquet (columns id, embedding
+fixed_size_list<float32>[hidden], length int32; rows in input frame order),
+merged.parquet (--merged: DNABERT-S then ESM-2 features), prediction_results.txt and
+prediction_results_highestscore.csv (--classifier), summary.json (counts per stage),
+and while running: run.json, manifest.jsonl, parts/ (for --resume).
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _models(text: str) -> tuple:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [n for n in names if n not in MODELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(MODELS)}, got {text!r}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a model is listed twice in {text!r}")
+    return names
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown (help that names its own default keeps it); epilog kept as written."""
+
+    def __init__(self, prog):
+        super().__init__(prog, width=100)
+
+    def _get_help_string(self, action):
+        if action.required or (action.default is None and "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults_s, defaults_t = ScheduleConfig(), TransportConfig()
+    p = argparse.ArgumentParser(
+        prog="embed-client",
+        description="Embed a FASTA/FASTQ sample (plain or compressed) with DNABERT-S and ESM-2\n"
+        "on one or more Triton servers, VirNucPro style: chunks of --chunk bp, six-frame\n"
+        "translation, one DNABERT-S embedding (nucleotide slice) and one ESM-2 embedding\n"
+        "(protein) per frame, keyed by frame id. Optionally runs the VirNucPro classifier\n"
+        "on the merged features.\n\n"
+        "example: embed-client --sample S1.fasta --server localhost:8001",
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--sample", type=Path, required=True,
+                    help="input FASTA or FASTQ (.gz/.bz2/.xz/.zst accepted)")
+    io.add_argument("--out", type=Path, default=None,
+                    help="output directory (default: <sample stem>_embeddings beside the sample)")
+    io.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run in --out: finished blocks are neither "
+                    "recomputed nor duplicated")
+    io.add_argument("--merged", action="store_true",
+                    help="also write merged.parquet: the VirNucPro features per frame, "
+                    "DNABERT-S then ESM-2 (768 + 2560 = 3328 for the published models)")
+    io.add_argument("--skip-bad-records", action="store_true",
+                    help="skip bad records (listed in skipped.tsv and summary.json) instead "
+                    "of stopping before anything is sent")
+    prep = p.add_argument_group("VirNucPro prep")
+    prep.add_argument("--chunk", type=int, choices=CHUNK_SIZES, default=300,
+                      help="chunk length in bp (use the classifier trained for it)")
+    prep.add_argument("--models", type=_models, default=",".join(MODELS),
+                      help=f"models to run, comma-separated subset of {','.join(MODELS)}")
+    srv = p.add_argument_group("servers")
+    srv.add_argument("--server", dest="servers", action="append", default=None,
+                     metavar="HOST[:PORT]",
+                     help="Triton gRPC endpoint; repeat to spread one sample over several "
+                     "servers (each pulls work as it frees up) (default: localhost:8001)")
+    srv.add_argument("--metrics-url", dest="metrics_urls", action="append", default=None,
+                     metavar="URL",
+                     help="Prometheus metrics URL of each --server, in the same order "
+                     "(default: http://<server host>:8002/metrics)")
+    flow = p.add_argument_group("scheduling and faults")
+    flow.add_argument("--token-budget", type=_positive_int, default=defaults_s.token_budget,
+                      help="estimated tokens (letters + 2 per sequence) per request; the "
+                      "model's max_batch_size also bounds the sequences per request")
+    flow.add_argument("--window", type=_positive_int, default=defaults_s.window,
+                      help="frames per block: sequences are length-sorted inside a block, and "
+                      "a block is the unit committed to disk and skipped by --resume")
+    flow.add_argument("--max-in-flight", type=_positive_int, default=None,
+                      help="requests in flight per server (default: 2 per model instance, at "
+                      "least 4)")
+    flow.add_argument("--retries", type=_non_negative_int, default=defaults_t.retries,
+                      help="backoff rounds (0.5 s doubling, at most 30 s) a server may stay "
+                      "unavailable before it is given up")
+    flow.add_argument("--timeout", type=_positive_float, default=defaults_t.timeout,
+                      help="seconds per request before it is retried")
+    clf = p.add_argument_group("classifier")
+    clf.add_argument("--classifier", type=Path, default=None,
+                     help="VirNucPro MLP weights (.safetensors or .npz; .pt/.pth state dict "
+                     "needs torch): writes prediction_results.txt and "
+                     "prediction_results_highestscore.csv")
+    clf.add_argument("--allow-pickle", action="store_true",
+                     help="allow a whole pickled module (the original 300_model.pth / "
+                     "500_model.pth); runs code from the file, needs torch")
+    ui = p.add_argument_group("display")
+    ui.add_argument("--progress", choices=("auto", "rich", "plain"), default="auto",
+                    help="auto: a live view when stdout is a terminal, log lines otherwise")
+    ui.add_argument("--log-interval", type=_positive_float, default=10.0,
+                    help="seconds between progress log lines (plain mode)")
+    ui.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ui.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> RunOptions:
+    servers = args.servers or ["localhost:8001"]
+    metrics = args.metrics_urls or []
+    if len(metrics) > len(servers):
+        raise ValueError(f"{len(metrics)} --metrics-url given for {len(servers)} --server")
+    specs = tuple(ServerSpec.parse(url, metrics[i] if i < len(metrics) else None)
+                  for i, url in enumerate(servers))
+    models = args.models if isinstance(args.models, tuple) else _models(args.models)
+    return RunOptions(
+        sample=args.sample, servers=specs, out=args.out, chunk=args.chunk, models=models,
+        skip_bad_records=args.skip_bad_records,
+        schedule=ScheduleConfig(window=args.window, token_budget=args.token_budget),
+        transport=TransportConfig(max_in_flight=args.max_in_flight, retries=args.retries,
+                                  timeout=args.timeout),
+        resume=args.resume, merged=args.merged, classifier=args.classifier,
+        allow_pickle=args.allow_pickle,
+        tty=None if args.progress == "auto" else args.progress == "rich",
+        log_interval=args.log_interval,
+    )
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logger = logging.getLogger("embed_client")
+    logger.setLevel(level)
+    if not any(getattr(h, "_embed_client", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("embed-client: %(message)s"))
+        handler._embed_client = True
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run with parsed arguments; returns the exit code (callable from tests)."""
+    _setup_logging(args)
+    try:
+        options = options_from_args(args)
+    except ValueError as e:
+        return _error(str(e), EXIT_USAGE)
+    try:
+        result = execute(options)
+    except InputError as e:
+        return _error(f"bad input: {e}", EXIT_INPUT)
+    except (OutputError, ClassifierError) as e:
+        return _error(str(e), EXIT_USAGE)
+    except ServerError as e:
+        return _error(f"{e}\nthe output directory {options.out} can be resumed with --resume",
+                      EXIT_SERVER)
+    except IncompleteError as e:
+        return _error(f"incomplete: {e}", EXIT_INCOMPLETE)
+    except (InterruptedRun, KeyboardInterrupt) as e:
+        return _error(str(e) or "interrupted", EXIT_INTERRUPTED)
+    except ClientError as e:
+        return _error(str(e), EXIT_FAILURE)
+    s = result.summary
+    sent = s.get("stages", {}).get("send", {})
+    counts = ", ".join(f"{m} {v['sequences_in']:,}" for m, v in sent.items())
+    print(f"embed-client: complete: {counts} frames embedded in {s.get('elapsed_s', 0):.1f} s "
+          f"-> {result.out}", flush=True)
+    return EXIT_OK
+
+
+def _error(message: str, code: int) -> int:
+    print(f"embed-client: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    sys.exit(run(args))
+
+
+if __name__ == "__main__":
+    main()

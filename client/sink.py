@@ -1,0 +1,344 @@
+"""The output directory: Parquet parts committed atomically, a resume manifest, final files.
+
+Layout of `--out DIR`:
+    run.json                 what the run is (sample, chunk, models, window, hidden sizes)
+    manifest.jsonl           one line per committed block (append-only, fsynced)
+    parts/<model>/block-NNNNNNNN.parquet   one part per model per committed block
+    <model>.parquet          final per-model table (written at the end, then parts removed)
+    merged.parquet           optional: DNABERT-S then ESM-2 features per frame (--merged)
+    summary.json             counts per stage; "status": "complete" only when all matched
+
+A block's parts are written under a temporary name and renamed; the manifest line is appended
+after the renames, so a block is finished exactly when its manifest line exists. Parts that
+no manifest line names (a crash between rename and append) are deleted on resume.
+Final files are written as `*.partial` and renamed, so nothing partial looks finished.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ClientError
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+MANIFEST_FILE = "manifest.jsonl"
+SUMMARY_FILE = "summary.json"
+PARTS_DIR = "parts"
+MERGED_FILE = "merged.parquet"
+MERGE_ORDER = ("dnabert_s", "esm2")  # VirNucPro's feature order: nucleotide first
+FORMAT_VERSION = 1
+
+
+class OutputError(ClientError):
+    """The output directory cannot be used (exists without --resume, or does not match)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What defines a run's content; a resumed run must match it."""
+
+    sample: str
+    sample_bytes: int
+    chunk: int
+    models: Tuple[str, ...]
+    window: int
+    skip_bad_records: bool
+    hidden: Dict[str, int] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["models"] = list(self.models)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RunConfig":
+        data = dict(data)
+        data["models"] = tuple(data["models"])
+        return cls(**data)
+
+    def mismatches(self, other: "RunConfig") -> List[str]:
+        """Human-readable differences that make `other` a different run."""
+        out = []
+        for name, label in (("sample_bytes", "sample size (bytes)"), ("chunk", "--chunk"),
+                            ("models", "--models"), ("window", "--window"),
+                            ("skip_bad_records", "--skip-bad-records"),
+                            ("version", "output format version")):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                out.append(f"{label}: interrupted run {mine!r}, now {theirs!r}")
+        for model in set(self.hidden) & set(other.hidden):
+            if self.hidden[model] != other.hidden[model]:
+                out.append(f"{model} hidden size: interrupted run {self.hidden[model]}, "
+                           f"server now {other.hidden[model]}")
+        return out
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """A committed block as the manifest records it."""
+
+    block: int
+    first_index: int
+    frames: int
+    first_id: str
+    last_id: str
+    rows: Dict[str, int]
+
+    def matches(self, first_index: int, keys: Sequence[str]) -> bool:
+        return (self.first_index == first_index and self.frames == len(keys)
+                and self.first_id == keys[0] and self.last_id == keys[-1])
+
+
+def embedding_schema(hidden: int, metadata: Optional[Dict[str, str]] = None):
+    import pyarrow as pa
+
+    schema = pa.schema([
+        ("id", pa.string()),
+        ("embedding", pa.list_(pa.float32(), hidden)),
+        ("length", pa.int32()),
+    ])
+    return schema.with_metadata(metadata) if metadata else schema
+
+
+def embedding_table(ids: Sequence[str], embeddings: np.ndarray, lengths: Sequence[int],
+                    schema):
+    """A table (id, embedding fixed_size_list<float32>[hidden], length int32)."""
+    import pyarrow as pa
+
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    hidden = embeddings.shape[1]
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), hidden)
+    return pa.Table.from_arrays(
+        [pa.array(list(ids), pa.string()), vectors, pa.array(lengths, pa.int32())],
+        schema=schema)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class OutputDir:
+    """One run's output directory: opened fresh or for resume, then committed block by block."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config: Optional[RunConfig] = None
+        self.blocks: Dict[int, BlockRecord] = {}
+        self._lock_fh = None
+
+    # ------------------------------------------------------------ opening
+
+    def check(self, resume: bool) -> None:
+        """Fail early (before any server is contacted) when the directory cannot be used."""
+        if resume:
+            if not (self.path / RUN_FILE).exists():
+                raise OutputError(f"--resume: {self.path} holds no interrupted run "
+                                  f"(no {RUN_FILE}); run without --resume to start one")
+        elif self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            ours = [n for n in (RUN_FILE, MANIFEST_FILE, SUMMARY_FILE) if (self.path / n).exists()]
+            hint = ("it holds a run: pass --resume to continue it, or remove it"
+                    if ours else "choose an empty or new directory")
+            raise OutputError(f"output directory {self.path} is not empty; {hint}")
+
+    def open(self, config: RunConfig, resume: bool) -> None:
+        """Start a new run in an empty/new directory, or take up the one there (`resume`)."""
+        run_file = self.path / RUN_FILE
+        self.check(resume)
+        if resume:
+            self._lock()
+            stored = RunConfig.from_json(json.loads(run_file.read_text()))
+            problems = stored.mismatches(config)
+            if problems:
+                raise OutputError(f"--resume: {self.path} was started with other options or "
+                                  "input; " + "; ".join(problems))
+            self.config = stored
+            self.blocks = self._read_manifest()
+            self._drop_orphan_parts()
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        self.config = config
+        _write_json_atomic(run_file, config.to_json())
+        (self.path / MANIFEST_FILE).touch()
+
+    def _lock(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fh = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise OutputError(f"{self.path} is in use by another embed-client") from e
+
+    def close(self) -> None:
+        if self._lock_fh is not None:
+            (self.path / ".lock").unlink(missing_ok=True)
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def _read_manifest(self) -> Dict[int, BlockRecord]:
+        blocks: Dict[int, BlockRecord] = {}
+        path = self.path / MANIFEST_FILE
+        if not path.exists():
+            return blocks
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = BlockRecord(**json.loads(line))
+            except (ValueError, TypeError) as e:
+                if number == len(lines):  # a line cut by a crash while appending
+                    log.warning("ignoring the truncated last line of %s", path)
+                    continue
+                raise OutputError(f"{path}:{number}: unreadable manifest line ({e})") from e
+            missing = [m for m in record.rows if not self.part_path(m, record.block).exists()]
+            if missing:
+                log.warning("block %d: parts for %s are missing; it will be recomputed",
+                            record.block, missing)
+                continue
+            blocks[record.block] = record
+        return blocks
+
+    def _drop_orphan_parts(self) -> None:
+        parts = self.path / PARTS_DIR
+        if not parts.exists():
+            return
+        keep = {self.part_path(m, b.block) for b in self.blocks.values() for m in b.rows}
+        for part in parts.rglob("*"):
+            if part.is_file() and part not in keep:
+                part.unlink()
+
+    # ------------------------------------------------------------ committing
+
+    def part_path(self, model: str, block: int) -> Path:
+        return self.path / PARTS_DIR / model / f"block-{block:08d}.parquet"
+
+    def commit(self, block: int, first_index: int, keys: Sequence[str],
+               tables: Dict[str, Tuple[np.ndarray, List[int]]]) -> BlockRecord:
+        """Write one block: per model, embeddings [n, hidden] and lengths, in `keys` order."""
+        import pyarrow.parquet as pq
+
+        for model, (embeddings, lengths) in tables.items():
+            schema = embedding_schema(embeddings.shape[1])
+            table = embedding_table(keys, embeddings, lengths, schema)
+            final = self.part_path(model, block)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(final.name + ".partial")
+            pq.write_table(table, tmp, compression="none")
+            os.replace(tmp, final)
+        record = BlockRecord(block, first_index, len(keys), keys[0], keys[-1],
+                             {model: len(keys) for model in tables})
+        with open(self.path / MANIFEST_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(asdict(record)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.blocks[block] = record
+        return record
+
+    # ------------------------------------------------------------ finishing
+
+    def final_path(self, model: str) -> Path:
+        return self.path / f"{model}.parquet"
+
+    def finalize(self, models: Sequence[str], hidden: Dict[str, int], merged: bool,
+                 on_features: Optional[Callable[[List[str], np.ndarray], None]] = None
+                 ) -> Dict[str, int]:
+        """Stream the committed blocks, in order, into the final files; returns rows per file.
+
+        `on_features(ids, features)` receives each block's merged DNABERT-S + ESM-2 features
+        (the classifier). Parts are removed once every final file is in place.
+        """
+        import pyarrow.parquet as pq
+
+        meta = {"sample": self.config.sample, "chunk": str(self.config.chunk)}
+        writers, temps, rows = {}, {}, {}
+        targets = {model: self.final_path(model) for model in models}
+        need_features = merged or on_features is not None
+        if need_features:
+            width = sum(hidden[m] for m in MERGE_ORDER)
+        if merged:
+            targets["merged"] = self.path / MERGED_FILE
+        try:
+            for name, target in targets.items():
+                temps[name] = target.with_name(target.name + ".partial")
+                rows[name] = 0
+            for model in models:
+                schema = embedding_schema(hidden[model], {**meta, "model": model,
+                                                          "hidden": str(hidden[model])})
+                writers[model] = pq.ParquetWriter(temps[model], schema)
+            if merged:
+                schema = embedding_schema(width, {**meta, "models": ",".join(MERGE_ORDER),
+                                                  "hidden": str(width)})
+                writers["merged"] = pq.ParquetWriter(temps["merged"], schema)
+            for number in sorted(self.blocks):
+                tables = {m: pq.read_table(self.part_path(m, number)) for m in models}
+                for model in models:
+                    table = tables[model].replace_schema_metadata(writers[model].schema.metadata)
+                    writers[model].write_table(table)
+                    rows[model] += table.num_rows
+                if not need_features:
+                    continue
+                ids = tables[MERGE_ORDER[0]].column("id").to_pylist()
+                for model in MERGE_ORDER[1:]:
+                    if tables[model].column("id").to_pylist() != ids:
+                        raise OutputError(f"block {number}: the models' frame ids differ")
+                features = np.hstack([_vectors(tables[m]) for m in MERGE_ORDER])
+                if merged:
+                    lengths = tables[MERGE_ORDER[0]].column("length").to_numpy()
+                    writers["merged"].write_table(
+                        embedding_table(ids, features, lengths, writers["merged"].schema))
+                    rows["merged"] += len(ids)
+                if on_features is not None:
+                    on_features(ids, features)
+            for writer in writers.values():
+                writer.close()
+            writers.clear()
+            for name, target in targets.items():
+                os.replace(temps[name], target)
+        except BaseException:
+            for writer in writers.values():
+                writer.close()
+            for tmp in temps.values():
+                if tmp.exists():
+                    tmp.unlink()
+            raise
+        shutil.rmtree(self.path / PARTS_DIR, ignore_errors=True)
+        return rows
+
+    def write_summary(self, summary: dict) -> None:
+        _write_json_atomic(self.path / SUMMARY_FILE, summary)
+
+
+def _vectors(table) -> np.ndarray:
+    """The embedding column of a table as a [n, hidden] float32 array (no copy if possible)."""
+    column = table.column("embedding").combine_chunks()
+    hidden = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(-1, hidden)
+
+
+def read_embeddings(path: Path) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """(ids, embeddings [n, hidden] float32, lengths) of a final per-model file."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return (table.column("id").to_pylist(), _vectors(table),
+            table.column("length").to_numpy())
