@@ -15,6 +15,17 @@ import pytest
 MODELS = ("esm2", "dnabert_s")
 
 
+def pytest_configure(config):
+    """One torch thread in the test process: on a 2-core CI machine that also runs the
+    tritonserver stubs, torch's default thread pool oversubscribes the cores (measured: a
+    matmul 4x slower with 2 threads than with 1 there)."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunningServer:
     """Where the session's tritonserver listens, and what it serves."""

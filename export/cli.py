@@ -1,0 +1,172 @@
+"""embed-export: a servable model repository from checkpoints, demo checkpoints, or ONNX.
+
+    embed-export --esm2 SRC --dnabert-s SRC --out REPO [--link] [--force]
+    embed-export demo --out REPO
+    embed-export onnx --model esm2 --checkpoint SRC --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .checkpoints import ExportError, ValidCheckpoint, resolve_source, validate_checkpoint
+
+SOURCE_HELP = ("a local Hugging Face folder{pt}, or a hub id (org/name) downloaded with huggingface_hub "
+               "when online")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embed-export",
+        description="Build a Triton model repository (esm2, dnabert_s) from checkpoints, validating each "
+        "checkpoint completely before anything is written. Subcommands: demo (small random "
+        "checkpoints), onnx (encoder + mean pooling to ONNX).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--esm2", metavar="SRC",
+                        help="ESM-2 checkpoint: " + SOURCE_HELP.format(pt=" or a fair-esm .pt"))
+    parser.add_argument("--dnabert-s", metavar="SRC", help="DNABERT-S checkpoint: " + SOURCE_HELP.format(pt=""))
+    parser.add_argument("--out", type=Path, help="model repository folder to write")
+    _add_repo_options(parser)
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="huggingface_hub cache for hub ids (default: its own, ~/.cache/huggingface)")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,onnx}")
+
+    demo = sub.add_parser("demo", help="write small random checkpoints in the published layouts and "
+                          "assemble a repository from them", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--out", type=Path, required=True, help="model repository folder to write")
+    demo.add_argument("--esm2-format", choices=("hf", "fair-esm"), default="hf",
+                      help="serve the ESM-2 demo checkpoint as a HF folder or as a fair-esm .pt")
+    demo.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    onnx = sub.add_parser("onnx", help="export one encoder + mean pooling to ONNX and verify it with "
+                          "onnxruntime against the model core", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    onnx.add_argument("--model", choices=("esm2", "dnabert_s"), required=True, help="model kind")
+    onnx.add_argument("--checkpoint", required=True, metavar="SRC",
+                      help="checkpoint: " + SOURCE_HELP.format(pt=" (or a fair-esm .pt for esm2)"))
+    onnx.add_argument("--out", type=Path, required=True, help="folder for model.onnx (+ model.onnx.data)")
+    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    onnx.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
+                      help="weights in model.onnx.data: auto = when the model exceeds protobuf's 2 GB")
+    onnx.add_argument("--tolerance", type=float, default=1e-4,
+                      help="largest accepted |onnxruntime - model core| on the verification sequences")
+    onnx.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    onnx.add_argument("--force", action="store_true", help="replace --out if it exists")
+    onnx.add_argument("--cache-dir", type=Path, default=None, help="huggingface_hub cache for hub ids")
+    return parser
+
+
+def _add_repo_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--link", action="store_true",
+                        help="symlink the checkpoints into the repository instead of copying them "
+                        "(the link must resolve wherever the repository is served, e.g. in a container)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute the parsed command; 0 on success, 1 (message on stderr) on failure."""
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "onnx":
+            return _onnx(args)
+        return _build(args)
+    except ExportError as err:
+        print(f"embed-export: error: {err}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _build(args: argparse.Namespace) -> int:
+    sources = {kind: src for kind, src in (("esm2", args.esm2), ("dnabert_s", args.dnabert_s)) if src}
+    if not sources:
+        raise ExportError("nothing to export: give --esm2 and/or --dnabert-s (or a subcommand: demo, onnx)")
+    if args.out is None:
+        raise ExportError("--out is required")
+    _check_out(args.out, args.force)
+    valid = {}
+    for kind, source in sources.items():
+        path = resolve_source(source, args.cache_dir)
+        print(f"embed-export: validating {kind} checkpoint {path}", flush=True)
+        valid[kind] = validate_checkpoint(kind, path)
+        _report(valid[kind])
+    write_repository(args.out, valid, link=args.link, force=args.force)
+    print(f"embed-export: wrote {args.out} ({', '.join(valid)})", flush=True)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from embed_core.demo import write_demo_checkpoints
+
+    _check_out(args.out, args.force)
+    with tempfile.TemporaryDirectory(prefix="embed-export-demo-") as tmp:
+        write_demo_checkpoints(Path(tmp))
+        esm2 = Path(tmp) / ("esm2" if args.esm2_format == "hf" else "esm2_fair.pt")
+        valid = {kind: validate_checkpoint(kind, path) for kind, path in
+                 (("esm2", esm2), ("dnabert_s", Path(tmp) / "dnabert_s"))}
+        for checkpoint in valid.values():
+            _report(checkpoint)
+        write_repository(args.out, valid, link=False, force=args.force)
+    print(f"embed-export: wrote demo repository {args.out} (random weights: for tests and demos only)", flush=True)
+    return 0
+
+
+def _onnx(args: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+
+    path = resolve_source(args.checkpoint, args.cache_dir)
+    print(f"embed-export: exporting {args.model} from {path} to ONNX (opset {args.opset})", flush=True)
+    result = export_onnx(args.model, path, args.out, opset=args.opset, external_data=args.external_data,
+                         verify=not args.no_verify, tolerance=args.tolerance, overwrite=args.force)
+    layout = "with external data model.onnx.data" if result.external_data else "single file"
+    print(f"embed-export: wrote {result.path} ({layout}, {result.bytes / 2**20:.1f} MiB, "
+          f"embedding [batch, {result.hidden_size}])", flush=True)
+    if result.max_abs_diff is None:
+        print("embed-export: not verified (--no-verify)", flush=True)
+    else:
+        print(f"embed-export: verified with onnxruntime (CPU) on {result.sequences} mixed-length sequences, "
+              f"padded together and alone: max |onnx - model core| = {result.max_abs_diff:.3g} "
+              f"(tolerance {args.tolerance:g})", flush=True)
+    return 0
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ExportError(f"{out} exists and is not empty (use --force to replace it)")
+
+
+def _report(checkpoint: ValidCheckpoint) -> None:
+    print(f"embed-export: {checkpoint.kind}: OK, hidden size {checkpoint.hidden_size}, "
+          f"{checkpoint.parameters / 1e6:.1f}M parameters", flush=True)
+
+
+def write_repository(out: Path, valid: dict, link: bool = False, force: bool = False) -> Path:
+    """Assemble `out` from validated checkpoints: built beside it, then moved in place whole."""
+    from embed_server.repository import assemble_repository
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        assemble_repository(staging / "repo", {k: c.path for k, c in valid.items()},
+                            embedding_dims={k: c.hidden_size for k, c in valid.items()}, symlink=link)
+        if out.exists():
+            _check_out(out, force)
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        (staging / "repo").rename(out)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"cannot write {out}: {type(err).__name__}: {err}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
