@@ -26,7 +26,7 @@ setup() {
 
 case "${1:-}" in
     setup) setup ;;
-    demo)  setup; shift; exec python -m embed_client.demo "$@" ;;
+    demo)  setup; shift; exec python -m embed_server.demo "$@" ;;
     test)  setup; shift; exec python -m pytest "$@" ;;
     *) echo "usage: ./dev.sh demo|test|setup [args]" >&2; exit 2 ;;
 esac

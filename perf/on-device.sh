@@ -1,0 +1,16 @@
+# Source at the start of every run on a GPU machine, from the repo root, with `.dev`
+# carried (built here by ../shared/device/make-bundle.sh). After it:
+#   python3        the image's Python (torch, transformers, numpy 2) + our packages
+#   $STUB_PATH     put first on PATH for tritonserver: numpy 1.26 + torch + our packages
+#   $TRITONSERVER, $TRITON_BACKENDS   the tritonserver 2.51 binary and backend dir
+source .dev/on-device.sh || return 1
+# Our packages, installed without network (setuptools is in the image).
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/ours . >/tmp/ours.log 2>&1 \
+    || { cat /tmp/ours.log; return 1; }
+# Extra client wheels carried in .dev (dnaio, pyarrow, ...) where present.
+ls .dev/extra/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ours .dev/extra/*.whl
+cp -r /tmp/ours/. /tmp/stubenv/lib/python3.12/site-packages/
+export PYTHONPATH=/tmp/ours${PYTHONPATH:+:$PYTHONPATH}
+export PATH=/tmp/ours/bin:$PATH
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__, 'gpus', torch.cuda.device_count())"
