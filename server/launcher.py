@@ -242,7 +242,11 @@ def short_reason(reason: str) -> str:
     for prefix in ("Internal: ", "TritonModelException: "):
         if reason.startswith(prefix):
             reason = reason[len(prefix):]
-    return reason.rstrip('"').strip() or "no reason given"
+    reason = reason.rstrip('"').strip() or "no reason given"
+    if "No module named 'embed_core'" in reason:
+        reason += (" (install virnuc-embed into the environment whose python3 is first on tritonserver's "
+                   "PATH: the Python backend stub imports from there)")
+    return reason
 
 
 def format_failures(failures: dict) -> str:

@@ -1,0 +1,84 @@
+"""The Triton Python-backend model class shared by `model_repository/*/1/model.py`.
+
+The core never imports Triton: model.py passes in its `triton_python_backend_utils`
+module, so this file is plain Python that tests can read and the two model.py files stay
+three lines of configuration. It converts Triton requests to strings and back; the
+tokenizing, packing, forward and checks are the core's (`serving`, `models`).
+"""
+import json
+
+from . import models, serving
+
+
+def triton_model_class(pb_utils, kind: str):
+    """The `TritonPythonModel` class for model kind `kind` ("esm2" or "dnabert_s")."""
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            self.serving = serving
+            problem = serving.numpy_problem()
+            if problem:
+                raise pb_utils.TritonModelException(problem)
+            config = json.loads(args["model_config"])
+            self.model_name = args["model_name"]
+            self.input_name = config["input"][0]["name"]
+            self.output_name = config["output"][0]["name"]
+            self.output_dtype = pb_utils.triton_string_to_numpy(config["output"][0]["data_type"])
+            try:
+                # Pin the device first: nothing may touch CUDA before set_device.
+                device, gpu = serving.place_instance(
+                    args["model_instance_kind"], args["model_instance_device_id"], config
+                )
+                params = serving.config_parameters(config)
+                path = serving.checkpoint_path(params, args["model_repository"])
+                self.embedder = models.load_embedder(kind, path, serving.runtime_options(params, device))
+            except Exception as err:
+                raise pb_utils.TritonModelException(f"{type(err).__name__}: {err}") from None
+            # Compile and pick kernels now, not on the first request (counters stay at zero).
+            self.embedder.warmup()
+            problem = serving.embedding_dims_problem(config, self.output_name, self.embedder.hidden_size)
+            if problem:
+                raise pb_utils.TritonModelException(problem)
+            e = self.embedder
+            pb_utils.Logger.log_info(
+                f"{self.model_name} ({args['model_instance_name']}): {path} on {e.device}, "
+                f"dtype {str(e.dtype).replace('torch.', '')}, token budget {e.token_budget}, "
+                f"max_length {e.max_length} ({e.config.too_long})"
+            )
+            labels = {"model": self.model_name, "gpu": gpu, "instance": args["model_instance_name"]}
+            # The families must outlive their metrics (device/NOTES.md): keep both on self.
+            self.families = {
+                name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
+                for name, (_, text) in serving.METRICS.items()
+            }
+            self.counters = {name: family.Metric(labels=labels) for name, family in self.families.items()}
+            self.deltas = serving.MetricDeltas()
+            self.deltas.take(self.embedder.stats)
+
+        def execute(self, requests):
+            inputs = []
+            for request in requests:
+                tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
+                inputs.append(self.serving.decode_sequences(None if tensor is None else tensor.as_numpy()))
+            try:
+                results = self.serving.embed_requests(self.embedder, inputs)
+            except Exception as err:  # a server fault: every request of this batch learns it
+                results = [err] * len(requests)
+            for name, value in self.deltas.take(self.embedder.stats).items():
+                self.counters[name].increment(value)
+            return [self._response(result) for result in results]
+
+        def _response(self, result):
+            if isinstance(result, Exception):
+                client = self.serving.is_client_error(result)
+                code = pb_utils.TritonError.INVALID_ARG if client else pb_utils.TritonError.INTERNAL
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.model_name}: {result}", code))
+            tensor = pb_utils.Tensor(self.output_name, result.astype(self.output_dtype, copy=False))
+            return pb_utils.InferenceResponse(output_tensors=[tensor])
+
+        def finalize(self):
+            if hasattr(self, "embedder"):
+                self.embedder.close()
+
+    TritonPythonModel.__qualname__ = f"TritonPythonModel[{kind}]"
+    return TritonPythonModel
