@@ -6,15 +6,26 @@ layout (indices, masks, the ALiBi bias) is built once per forward in a `PackedAt
 and reused by every layer. Paths, fastest first:
   * "flash": CUDA, fp16/bf16, no bias: `torch.nn.attention.varlen.varlen_attn` on the
     packed stream, no padding at all;
+  * "flex": ALiBi (or no bias) on the packed stream itself with FlexAttention: the stream is
+    padded to a multiple of FLEX_BLOCK tokens (the encoder runs its whole forward on
+    `padded_total` tokens; pad tokens form one extra sequence of their own), a block-sparse
+    document mask built here from cu_seqlens without materialising any [T, T] mask, ALiBi as a
+    `score_mod` (-slope_h * |i - j|: inside one sequence the distance of packed indices is the
+    distance of positions). No [B, heads, L, L] bias, no gather/scatter. Compiled once
+    (module-level, dynamic shapes) on CUDA; the same function runs eagerly on CPU (slow,
+    dense math: tests only);
   * "padded": everything else (CPU, fp32, ALiBi): scatter the packed tokens into
     [B, L] slots, SDPA with a key-padding mask plus the optional ALiBi bias, gather back.
     The GEMMs around attention stay packed; only this step sees padding, and
     length-sorted packs keep it small.
+`PackedAttention(backend=...)` picks one; "auto" = "flash" without a bias where available, with
+ALiBi ALIBI_AUTO_BACKEND on CUDA, "padded" otherwise.
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Optional
 
 import torch
@@ -34,6 +45,105 @@ def _varlen_attn():
     return varlen_attn
 
 
+BACKENDS = ("auto", "flash", "padded", "flex")
+FLEX_BLOCK = 128          # tokens per FlexAttention block (its default sparse block size)
+ALIBI_AUTO_BACKEND = os.environ.get("EMBED_ALIBI_ATTENTION", "padded")
+"""What "auto" picks for ALiBi (DNABERT-S) on CUDA: "padded" (default) or "flex"; the environment
+variable EMBED_ALIBI_ATTENTION sets it per process (e.g. in a Triton deployment). Make "flex" the
+default once the GPU benchmark (perf/bench_models.py --attention padded,flex) confirms it."""
+if ALIBI_AUTO_BACKEND not in ("padded", "flex"):
+    raise ValueError(f"EMBED_ALIBI_ATTENTION must be padded or flex, got {ALIBI_AUTO_BACKEND!r}")
+
+
+_flex_attention_fn = None  # torch's flex_attention once _flex() has run (a plain global: Dynamo reads it)
+
+
+@functools.lru_cache(maxsize=None)
+def _flex():
+    """torch.nn.attention.flex_attention (torch >= 2.5), or None; imported on first use."""
+    global _flex_attention_fn
+    try:
+        from torch.nn.attention import flex_attention
+    except ImportError:
+        return None
+    _flex_attention_fn = flex_attention.flex_attention
+    return flex_attention
+
+
+def flex_available() -> bool:
+    return _flex() is not None
+
+
+def _flex_packed(qkv: torch.Tensor, score_mod, block_mask) -> torch.Tensor:
+    """qkv [n, FLEX_BLOCK, 3, heads, d] (the fused projection of the padded stream) -> [n*FLEX_BLOCK, heads*d].
+
+    The token count enters as n * FLEX_BLOCK so that, under dynamic shapes, Inductor knows it is
+    a multiple of the block (no bounds checks in the kernel). q, k, v are strided views of the
+    projection (no copies); the compiled kernel writes its output in q's layout, [T, heads, d]
+    in memory, so the final reshape is a view too. The scale is flex_attention's default,
+    1/sqrt(head_dim), a constant of the graph (a float argument would become a graph input).
+    """
+    n, block, _, heads, d = qkv.shape
+    qkv = qkv.reshape(n * block, 3, heads, d)
+    q = qkv[:, 0].transpose(0, 1).unsqueeze(0)                                  # [1, heads, T, d]
+    k = qkv[:, 1].transpose(0, 1).unsqueeze(0)
+    v = qkv[:, 2].transpose(0, 1).unsqueeze(0)
+    out = _flex_attention_fn(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    return out[0].transpose(0, 1).reshape(n * block, heads * d)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_packed(device_type: str):
+    """`_flex_packed` through torch.compile, built once per process and device type.
+
+    CUDA: dynamic shapes, one graph for every pack length (the block mask, the document ids and
+    the ALiBi slopes are graph inputs; only a 1-block pack recompiles, 0/1 specialisation).
+    CPU (tests only): static shapes, because Inductor's C++ flex template (torch 2.13) emits
+    code that does not compile for a mask_mod indexing a dynamic-length buffer.
+    """
+    from .compiling import compile_function
+    if device_type != "cuda":
+        return torch.compile(_flex_packed, dynamic=False)
+    compiled = compile_function(_flex_packed)
+
+    def flex_packed(qkv: torch.Tensor, score_mod, block_mask) -> torch.Tensor:
+        # Only the block count varies: FLEX_BLOCK, 3, heads and head_dim stay static, so the
+        # kernel knows T = n * 128 is a multiple of its tile (IS_DIVISIBLE: no bounds masks).
+        for dim in range(1, qkv.dim()):
+            torch._dynamo.mark_static(qkv, dim)
+        return compiled(qkv, score_mod, block_mask)
+
+    return flex_packed
+
+
+def document_block_mask(doc: torch.Tensor, mask_mod, block: int = FLEX_BLOCK):
+    """BlockMask of "same document" attention over a stream whose `doc` ids [T_pad] are
+    non-decreasing (T_pad a multiple of `block`), built from block summaries alone.
+
+    Block i holds documents first[i]..last[i] (contiguous ids), so q-block i and kv-block j
+    share a document iff those intervals overlap; the tile is full (no mask_mod needed) iff
+    both blocks lie inside one and the same document. [n, n] work with n = T_pad / block,
+    never [T, T] (create_block_mask would evaluate mask_mod on every pair, or need compiling).
+    """
+    n = doc.numel() // block
+    first, last = doc[0::block], doc[block - 1::block]                          # [n] each
+    overlap = (first[None, :] <= last[:, None]) & (last[None, :] >= first[:, None])   # [q, kv]
+    single = first == last
+    full = single[:, None] & single[None, :] & (first[:, None] == first[None, :])
+    partial = overlap & ~full
+    cols = torch.arange(n, device=doc.device, dtype=torch.int32)
+
+    def ordered(m: torch.Tensor):
+        # The set columns of each row first, ascending; the rest follow (never read).
+        idx = torch.sort(torch.where(m, cols, cols + n), dim=-1).values % n
+        return m.sum(-1, dtype=torch.int32)[None, None], idx.to(torch.int32)[None, None].contiguous()
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return _flex().BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
+                                            mask_mod=mask_mod)
+
+
 def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
     """[heads, L, L] symmetric ALiBi bias -slope_h * |i - j| (MosaicBERT / DNABERT-2)."""
     pos = torch.arange(length, device=slopes.device)
@@ -47,23 +157,39 @@ def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedAttention:
-    """Attention for one packed batch; build once per forward, call once per layer."""
+    """Attention for one packed batch; build once per forward, call once per layer.
+
+    `padded_total`: the token count the encoder must run its forward on (= total except for
+    "flex", which pads the stream to a multiple of FLEX_BLOCK; the caller pads its input ids
+    and drops the extra rows at the end). `compile_flex`: run "flex" through torch.compile
+    (None: on CUDA, where the eager fallback would materialise [T, T] scores).
+    """
 
     def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int, dtype: torch.dtype,
                  alibi_slopes: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                 head_dim: Optional[int] = None, backend: str = "auto"):
-        if backend not in ("auto", "flash", "padded"):
-            raise ValueError(f"unknown attention backend {backend!r}")
+                 head_dim: Optional[int] = None, backend: str = "auto", compile_flex: Optional[bool] = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r} (one of {', '.join(BACKENDS)})")
         device = cu_seqlens.device
         if backend == "auto":
-            backend = "flash" if alibi_slopes is None and flash_varlen_available(device, dtype) else "padded"
+            if alibi_slopes is None:
+                backend = "flash" if flash_varlen_available(device, dtype) else "padded"
+            else:
+                flex_ok = ALIBI_AUTO_BACKEND == "flex" and device.type == "cuda" and flex_available()
+                backend = "flex" if flex_ok else "padded"
         if backend == "flash" and (alibi_slopes is not None or not flash_varlen_available(device, dtype)):
             raise ValueError("the flash varlen path needs CUDA, fp16/bf16 and no bias")
+        if backend == "flex" and not flex_available():
+            raise ValueError("the flex path needs torch.nn.attention.flex_attention (torch >= 2.5)")
         self.backend = backend
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = max_seqlen
+        self.total = self.padded_total = total
         self.scale = scale if scale is not None or head_dim is None else 1.0 / math.sqrt(head_dim)
-        if backend == "padded":
+        if backend == "flex":
+            self._init_flex(cu_seqlens, total, alibi_slopes,
+                            device.type == "cuda" if compile_flex is None else compile_flex)
+        elif backend == "padded":
             # Slots of L tokens per sequence; on CUDA L is rounded up to 8 so the bias rows
             # are 16-byte aligned (the memory-efficient SDPA kernel wants that).
             length = max_seqlen if device.type != "cuda" else -(-max_seqlen // 8) * 8
@@ -85,17 +211,53 @@ class PackedAttention:
                 bias = alibi_bias(alibi_slopes, length, dtype)                    # [heads, L, L]
                 self.mask = bias[None].masked_fill(~key_mask, float("-inf"))      # [B, heads, L, L]
 
+    def _init_flex(self, cu_seqlens: torch.Tensor, total: int, alibi_slopes: Optional[torch.Tensor],
+                   compiled: bool) -> None:
+        device = cu_seqlens.device
+        padded = max(1, -(-total // FLEX_BLOCK)) * FLEX_BLOCK
+        batch = cu_seqlens.numel() - 1
+        # Document id of every token; the pad tokens after the last sequence are document B
+        # (they attend among themselves only, so no row is empty and no NaN appears).
+        doc = torch.full((padded,), batch, dtype=torch.int32, device=device)
+        doc[:total] = sequence_index(cu_seqlens, total).to(torch.int32)
+        self.padded_total, self.doc = padded, doc
+
+        def same_document(b, h, q_idx, kv_idx):
+            return doc[q_idx] == doc[kv_idx]
+
+        if alibi_slopes is None:
+            self.score_mod = None
+        else:
+            slopes = alibi_slopes.to(device=device, dtype=torch.float32)
+
+            def alibi(score, b, h, q_idx, kv_idx):
+                # Same document => |q_idx - kv_idx| is the distance of positions in the sequence.
+                return score - slopes[h] * (q_idx - kv_idx).abs()
+
+            self.score_mod = alibi
+        self.block_mask = document_block_mask(doc, same_document)
+        self._flex_fn = _compiled_flex_packed(device.type) if compiled else _flex_packed
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v [T, heads, head_dim] -> [T, heads, head_dim]."""
+        """q, k, v [T, heads, head_dim] -> [T, heads, head_dim] (T = padded_total for "flex")."""
         if self.backend == "flash":
             return self._flash(q, k, v)
-        return self.attend_qkv(torch.stack((q, k, v), dim=1))
+        return self.attend_qkv(torch.stack((q, k, v), dim=1)).reshape(q.shape)
 
     def attend_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
-        """qkv [T, 3, heads, head_dim] (a fused projection's output, as is) -> [T, heads, head_dim]."""
+        """qkv [T, 3, heads, head_dim] (a fused projection's output, as is) -> [T, heads, head_dim]
+        ([T, heads * head_dim] for "flex"; reshape either to [T, hidden]). T = padded_total."""
         if self.backend == "flash":
             return self._flash(*qkv.unbind(1))
         total, _, heads, head_dim = qkv.shape
+        if self.backend == "flex":
+            if total != self.padded_total:
+                raise ValueError(f"flex attention expects the padded stream of {self.padded_total} tokens, "
+                                 f"got {total}")
+            blocks = qkv.view(total // FLEX_BLOCK, FLEX_BLOCK, 3, heads, head_dim)
+            if abs(self._scale(head_dim) * math.sqrt(head_dim) - 1.0) > 1e-12:
+                raise ValueError("the flex path uses the default scale 1/sqrt(head_dim)")
+            return self._flex_fn(blocks, self.score_mod, self.block_mask)
         # One gather into [B, L] slots, no zero-filling, no stacking (on the GPU, the scatter
         # and stack this replaces took 30% of DNABERT-S's time).
         slots = qkv.index_select(0, self.token_of_slot).view(self.batch, self.length, 3, heads, head_dim)
@@ -114,6 +276,9 @@ class PackedAttention:
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, alibi_slopes: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:
-    """One-shot form of `PackedAttention` (builds the layout for this call only)."""
-    plan = PackedAttention(cu_seqlens, max_seqlen, q.shape[0], q.dtype, alibi_slopes, scale, q.shape[-1])
+    """One-shot form of `PackedAttention` (builds the layout for this call only; never "flex",
+    which needs the caller to run on a padded stream)."""
+    backend = "auto" if alibi_slopes is None else "padded"
+    plan = PackedAttention(cu_seqlens, max_seqlen, q.shape[0], q.dtype, alibi_slopes, scale, q.shape[-1],
+                           backend=backend)
     return plan(q, k, v)

@@ -247,6 +247,9 @@ class DnabertS(nn.Module):
         self._slopes = alibi_slopes(config.num_attention_heads)
         self._slopes_on: dict[torch.device, torch.Tensor] = {}
         self._layer_tail = layer_tail  # eager; enable_compile() swaps in the compiled one
+        self._compiled = False
+        # Attention of forward_packed: "auto" (attention.py's choice), "padded" or "flex".
+        self.attention_backend = "auto"
 
     def alibi_slopes_tensor(self, device: torch.device) -> torch.Tensor:
         """[heads] float32 slopes on `device` (cached per device)."""
@@ -259,16 +262,30 @@ class DnabertS(nn.Module):
         return self.forward_packed(input_ids, cu_seqlens, max_seqlen)
 
     def enable_compile(self) -> None:
-        """Run each layer's element-wise tail through torch.compile (CUDA fast path)."""
+        """Run each layer's element-wise tail (and, with the "flex" attention backend, the
+        attention) through torch.compile (CUDA fast path)."""
         self._layer_tail = compile_function(layer_tail)
+        self._compiled = True
 
     def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """input_ids [T] packed, cu_seqlens [B+1] int32 -> last hidden state [T, hidden]."""
+        """input_ids [T] packed, cu_seqlens [B+1] int32 -> last hidden state [T, hidden].
+
+        `attention_backend` picks the attention ("auto", "padded" or "flex", see attention.py).
+        With "flex" the whole forward runs on the stream padded to a multiple of 128 tokens
+        (pad tokens are their own sequence: they change no real token) and the pad rows are
+        dropped at the end.
+        """
         heads, head_dim = self.config.num_attention_heads, self.config.head_dim
+        total = input_ids.numel()
+        # Layout, masks and the ALiBi bias (or FlexAttention's block mask) are built once and
+        # shared by all layers.
+        attend = PackedAttention(cu_seqlens, max_seqlen, total, self.embeddings.word_embeddings.weight.dtype,
+                                 alibi_slopes=self.alibi_slopes_tensor(input_ids.device), head_dim=head_dim,
+                                 backend=self.attention_backend,
+                                 compile_flex=True if self._compiled else None)
+        if attend.padded_total != total:
+            input_ids = torch.cat((input_ids, input_ids.new_zeros(attend.padded_total - total)))
         x = self.embeddings(input_ids)                                       # [T, H]
-        # Layout, masks and the ALiBi bias are built once and shared by all layers.
-        attend = PackedAttention(cu_seqlens, max_seqlen, input_ids.numel(), x.dtype,
-                                 alibi_slopes=self.alibi_slopes_tensor(input_ids.device), head_dim=head_dim)
         eps = self.config.layer_norm_eps
         for layer in self.encoder.layer:
             qkv = layer.attention.self.Wqkv(x).view(-1, 3, heads, head_dim)  # [T, 3, heads, d]
@@ -277,7 +294,7 @@ class DnabertS(nn.Module):
             x = self._layer_tail(context, x, out.dense.weight, out.dense.bias, out.LayerNorm.weight,
                                  out.LayerNorm.bias, mlp.gated_layers.weight, mlp.wo.weight, mlp.wo.bias,
                                  mlp.layernorm.weight, mlp.layernorm.bias, eps)
-        return x
+        return x[:total]
 
     def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L], attention_mask [B, L] bool -> [B, L, hidden], pads set to 0 as the original.

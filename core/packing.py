@@ -86,8 +86,11 @@ def mean_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, skip_first:
     seq = sequence_index(cu_seqlens, total)
     pos = positions_in_sequence(cu_seqlens, total)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    keep = (pos >= skip_first) & (pos < lengths[seq] - skip_last)
     sums = torch.zeros(batch, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    sums.index_add_(0, seq[keep], hidden[keep].float())
+    if skip_first == skip_last == 0:   # every token counts: no boolean index (a device sync + copy)
+        sums.index_add_(0, seq, hidden.float())
+    else:
+        keep = (pos >= skip_first) & (pos < lengths[seq] - skip_last)
+        sums.index_add_(0, seq[keep], hidden[keep].float())
     counts = (lengths - skip_first - skip_last).clamp(min=1).to(torch.float32)
     return sums / counts[:, None]

@@ -1,0 +1,192 @@
+"""The CUDA fast paths, checked on CPU: DNABERT-S FlexAttention (block mask, ALiBi score_mod, padded
+stream) against the padded SDPA path, and the compiled ESM-2 layer against eager.
+
+The quick tests run everywhere (no compilation). The compiled ones take tens of seconds of
+Inductor work on CPU, so they run only with EMBED_SLOW_TESTS=1 or on a machine with CUDA
+(where they also run on the GPU, the path production takes).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from embed_core import attention
+from embed_core import esm2 as esm2_module
+from embed_core.dnabert_s import DnabertSConfig, random_dnabert_s
+from embed_core.esm2 import Esm2Config, random_esm2
+from embed_core.packing import pack, sequence_index
+
+SLOW = os.environ.get("EMBED_SLOW_TESTS") == "1" or torch.cuda.is_available()
+slow = pytest.mark.skipif(not SLOW, reason="compiles with Inductor (tens of seconds on CPU): "
+                                           "set EMBED_SLOW_TESTS=1 to run (always run where CUDA is present)")
+needs_flex = pytest.mark.skipif(not attention.flex_available(), reason="torch has no flex_attention")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+DNA = DnabertSConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                     intermediate_size=96)
+ESM = Esm2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+
+
+def packed_batch(lengths, vocab: int, seed: int, low: int = 5):
+    rng = np.random.default_rng(seed)
+    return pack([rng.integers(low, vocab, size=int(n)) for n in lengths])
+
+
+# Lengths with a sequence exactly on a block edge (128 + 128), one longer than a block, many short
+# ones in a block, and totals that need padding (and one that does not: 128 + 128 + 256).
+PACKS = [[128, 128, 256], [5], [3, 7, 90, 2, 200, 31], [130, 1, 1, 127, 64, 64, 9]]
+
+
+# --------------------------------------------------------------------------- flex: quick
+
+
+@needs_flex
+@pytest.mark.parametrize("lengths", PACKS + [[17] * 40, [300, 2, 400]])
+def test_document_block_mask_equals_create_block_mask(lengths):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch = packed_batch(lengths, 10, seed=0)
+    total = int(batch.cu_seqlens[-1])
+    padded = -(-total // attention.FLEX_BLOCK) * attention.FLEX_BLOCK
+    doc = torch.full((padded,), len(lengths), dtype=torch.int32)
+    doc[:total] = sequence_index(batch.cu_seqlens, total).int()
+
+    def same_document(b, h, q, kv):
+        return doc[q] == doc[kv]
+
+    ours = attention.document_block_mask(doc, same_document)
+    ref = create_block_mask(same_document, None, None, padded, padded, device="cpu")
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+    for num, idx in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        assert torch.equal(getattr(ours, num).flatten(), getattr(ref, num).flatten()), num
+        for row, count in enumerate(getattr(ref, num).flatten().tolist()):  # the entries the kernel reads
+            assert torch.equal(getattr(ours, idx)[0, 0, row, :count], getattr(ref, idx)[0, 0, row, :count])
+
+
+@needs_flex
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_eager_equals_padded_dnabert_s():
+    """The math of the flex path (padding to 128, pad tokens as their own document, ALiBi from
+    packed indices) without compiling: flex_attention's eager reference on CPU."""
+    model = random_dnabert_s(DNA, seed=3)
+    with torch.inference_mode():
+        for i, lengths in enumerate(PACKS):
+            batch = packed_batch(lengths, DNA.vocab_size, seed=i)
+            model.attention_backend = "padded"
+            ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            model.attention_backend = "flex"
+            out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            assert out.shape == ref.shape == (sum(lengths), DNA.hidden_size)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_auto_backend_on_cpu_is_padded_and_flex_refuses_a_custom_scale():
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    slopes = torch.tensor([0.5, 0.25])
+    assert attention.PackedAttention(cu, 5, 8, torch.float32, alibi_slopes=slopes, head_dim=4).backend == "padded"
+    assert attention.PackedAttention(cu, 5, 8, torch.float32, head_dim=4).backend == "padded"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention.PackedAttention(cu, 5, 8, torch.float32, backend="nope")
+    if attention.flex_available():
+        plan = attention.PackedAttention(cu, 5, 8, torch.float32, alibi_slopes=slopes, scale=0.1, head_dim=4,
+                                         backend="flex", compile_flex=False)
+        assert plan.padded_total == attention.FLEX_BLOCK
+        with pytest.raises(ValueError, match="default scale"):
+            plan.attend_qkv(torch.zeros(plan.padded_total, 3, 2, 4))
+
+
+# --------------------------------------------------------------------------- esm-2: quick
+
+
+def esm_head_args(model, total: int = 50):
+    layer = model.encoder.layer[0]
+    proj, norm = layer.attention.self, layer.attention.LayerNorm
+    cos, sin = model.rotary_embeddings(torch.arange(total))
+    x = torch.randn(total, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    return (x, norm.weight, norm.bias, proj.query.weight, proj.query.bias, proj.key.weight, proj.key.bias,
+            proj.value.weight, proj.value.bias, cos, sin, norm.eps, model.config.num_attention_heads)
+
+
+def test_rotate_fused_equals_apply_rotary():
+    g = torch.Generator().manual_seed(1)
+    cos, sin = random_esm2(ESM).rotary_embeddings(torch.arange(37))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(37, 4, 16, generator=g).to(dtype)
+        out, ref = esm2_module.rotate_fused(x, cos, sin), esm2_module.apply_rotary(x, cos, sin)
+        assert out.dtype == ref.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else 1e-2   # bf16: both round once from float32
+        torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+
+
+def test_compiled_esm2_layer_has_no_graph_break():
+    """The regression behind "compiled = eager speed": apply_rotary's out= on slices split the
+    head into 3 graphs with the rotary left eager. The compiled forms must trace as one graph."""
+    import torch._dynamo
+
+    model = random_esm2(ESM)
+    args = esm_head_args(model)
+    with torch.inference_mode():
+        head = torch._dynamo.explain(esm2_module.layer_head_fusable)(*args)
+        q, _, _ = esm2_module.layer_head(*args)
+        layer = model.encoder.layer[0]
+        tail = torch._dynamo.explain(esm2_module.layer_tail)(
+            args[0], q, layer.attention.output.dense.weight, layer.attention.output.dense.bias,
+            layer.LayerNorm.weight, layer.LayerNorm.bias, layer.intermediate.dense.weight,
+            layer.intermediate.dense.bias, layer.output.dense.weight, layer.output.dense.bias, layer.LayerNorm.eps)
+    assert (head.graph_count, head.graph_break_count) == (1, 0), head.break_reasons
+    assert (tail.graph_count, tail.graph_break_count) == (1, 0), tail.break_reasons
+
+
+# --------------------------------------------------------------------------- compiled (slow)
+
+
+@slow
+@needs_flex
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_flex_equals_padded_dnabert_s(device):
+    """enable_compile() + "flex": compiled flex_attention (block-sparse kernel reading our block
+    mask) and compiled layer tail, against the eager padded path, fp32: < 1e-5."""
+    eager = random_dnabert_s(DNA, seed=5).to(device)
+    fast = random_dnabert_s(DNA, seed=5).to(device)
+    fast.enable_compile()
+    fast.attention_backend = "flex"
+    eager.attention_backend = "padded"
+    with torch.inference_mode():
+        for i, lengths in enumerate(PACKS):
+            batch = packed_batch(lengths, DNA.vocab_size, seed=10 + i).to(device)
+            ref = eager.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            out = fast.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_esm2_equals_eager(device):
+    eager = random_esm2(ESM, seed=2).to(device)
+    fast = random_esm2(ESM, seed=2).to(device)
+    fast.enable_compile()
+    with torch.inference_mode():
+        for i, lengths in enumerate(([40, 7, 100], [3, 3], [120, 55, 61, 9])):
+            batch = packed_batch(lengths, 24, seed=20 + i, low=4).to(device)
+            ref = eager.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            out = fast.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@slow
+@needs_flex
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 flex vs padded needs CUDA (the production path)")
+def test_flex_bf16_close_to_padded_on_cuda():
+    model = random_dnabert_s(DNA, seed=7).to("cuda", torch.bfloat16)
+    model.enable_compile()
+    batch = packed_batch([55, 135, 90, 100, 77] * 30, DNA.vocab_size, seed=30).to("cuda")
+    with torch.inference_mode():
+        model.attention_backend = "padded"
+        ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen).float()
+        model.attention_backend = "flex"
+        out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen).float()
+    cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
+    assert cos.min() > 0.999, cos.min()

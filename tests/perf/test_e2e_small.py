@@ -1,0 +1,122 @@
+"""perf/e2e.py --small end to end on CPU (its own real tritonserver, demo-size models, a few hundred
+reads): the JSON carries every figure and target, the counts match (frames prepped = frames the
+client read = embeddings written = sequences the server counted, per model), the embeddings the
+server returned equal the in-process ones. And perf/compare.py: a figure 15% worse is flagged, 5%
+worse passes; totals of runs on different GPU counts are not compared."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "perf" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.server
+def test_e2e_small_end_to_end(tmp_path):
+    pytest.importorskip("tritonclient.grpc", reason="the scenario's client needs tritonclient[grpc]")
+    pytest.importorskip("transformers", reason="the plain baseline needs transformers")
+    e2e = load("e2e")
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "perf" / "e2e.py"), "--small", "--reads", "200", "--out", str(out),
+               "--workdir", str(tmp_path / "work")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, f"e2e.py exited {run.returncode}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    report = json.loads((out / "e2e.json").read_text())
+    assert report["status"] == "complete"
+
+    figures = report["figures"]
+    missing = [k for k in e2e.ALL_FIGURES if k not in figures]
+    assert not missing, f"figures absent from e2e.json: {missing}"
+    unmeasured_on_cpu = {"gpu_util_mean", "scaling_vs_one_gpu", "scaling_efficiency", "per_gpu_token_spread",
+                         "per_gpu_token_balance"}
+    nulls = [k for k in e2e.ALL_FIGURES if figures[k] is None and k not in unmeasured_on_cpu]
+    assert not nulls, f"figures not measured: {nulls}"
+    assert figures["gpus"] == 1 and figures["gpu_util_samples"] == 0
+    for key in ("e2e_frames_per_s", "esm2_tokens_per_s_per_gpu", "dnabert_s_tokens_per_s_per_gpu",
+                "inprocess_esm2_tokens_per_s", "inprocess_dnabert_s_tokens_per_s", "hf_esm2_tokens_per_s"):
+        assert figures[key] > 0, key
+    assert 0 < figures["e2e_over_inprocess"] and figures["overhead"] == pytest.approx(1 - figures["e2e_over_inprocess"])
+    assert set(report["targets"]) == set(e2e.TARGETS)
+    assert all(t["status"].startswith("n/a") for t in report["targets"].values())
+
+    # Counts: frames in == embeddings out, per model, in the mixed run and in the DNABERT-S pass.
+    frames = report["workload"]["frames"]
+    assert frames > 200  # ~1.3 frames per read
+    assert set(report["counts"]) == {"esm2", "dnabert_s", "dnabert_s alone"}
+    for name, counts in report["counts"].items():
+        assert set(counts.values()) == {frames}, (name, counts)
+    assert report["counts_match"] is True
+    assert figures["esm2_sequences_server"] == figures["dnabert_s_sequences_server"] == frames
+    assert figures["esm2_tokens"] == report["workload"]["esm2_tokens"]   # residues + BOS/EOS per frame
+
+    # Same weights and same math on every path (fp32 on CPU).
+    assert all(v is not None and v > 0.999 for v in report["cosine"].values()), report["cosine"]
+    assert (out / "e2e_tokens_per_gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["timeline"] and (out / "e2e_client.log").exists() and (out / "e2e_tritonserver.log").exists()
+    assert "Triton+client overhead" in run.stdout and "counts (prepped" in run.stdout
+
+    # The run's own JSON is a valid baseline for compare.py, and it equals itself.
+    compare = load("compare")
+    assert compare.main([str(out / "e2e.json"), "--baseline", str(out / "e2e.json")]) == 0
+
+
+def _figures(path: Path, **figures) -> Path:
+    path.write_text(json.dumps({"schema": "e2e/1", "figures": figures}))
+    return path
+
+
+def test_compare_flags_15_percent_worse_and_passes_5_percent(tmp_path, capsys):
+    compare = load("compare")
+    base = _figures(tmp_path / "base.json", gpus=1, e2e_frames_per_s_per_gpu=1000.0, reads_1m_s=300.0,
+                    inprocess_over_hf_esm2=1.9, overhead=0.03, hf_esm2_tokens_per_s=None)
+    ok = _figures(tmp_path / "ok.json", gpus=1, e2e_frames_per_s_per_gpu=950.0, reads_1m_s=315.0,
+                  inprocess_over_hf_esm2=1.9 * 0.95, hf_esm2_tokens_per_s=46000.0)
+    assert compare.main([str(ok), "--baseline", str(base)]) == 0
+    assert "none more than 10% worse" in capsys.readouterr().out
+
+    for name, value in (("e2e_frames_per_s_per_gpu", 850.0),       # higher is better: 15% lower
+                        ("reads_1m_s", 345.0),                      # lower is better: 15% longer
+                        ("inprocess_over_hf_esm2", 1.9 * 0.85)):    # a same-run ratio, 15% lower
+        figures = {"gpus": 1, "e2e_frames_per_s_per_gpu": 1000.0, "reads_1m_s": 300.0,
+                   "inprocess_over_hf_esm2": 1.9, name: value}
+        bad = _figures(tmp_path / f"bad_{name}.json", **figures)
+        assert compare.main([str(bad), "--baseline", str(base)]) == 1, name
+        out = capsys.readouterr().out
+        assert f"more than 10% worse: {name}" in out
+    rows = {r[0]: r for r in compare.compare({"x": 1}, {"hf_esm2_tokens_per_s": 5.0})}
+    assert rows["hf_esm2_tokens_per_s"][5] == "skipped (no baseline)"
+
+
+def test_compare_ratios_only_and_gpu_counts(tmp_path):
+    compare = load("compare")
+    base = {"gpus": 1, "e2e_frames_per_s": 1000.0, "e2e_frames_per_s_per_gpu": 1000.0, "gpu_util_mean": 0.95}
+    new = {"gpus": 2, "e2e_frames_per_s": 1500.0, "e2e_frames_per_s_per_gpu": 750.0, "gpu_util_mean": 0.94}
+    rows = {r[0]: r for r in compare.compare(base, new)}
+    assert rows["e2e_frames_per_s"][5].startswith("skipped (1 vs 2 GPUs")   # totals: other GPU count
+    assert rows["e2e_frames_per_s_per_gpu"][5] == "WORSE"
+    assert rows["gpu_util_mean"][5] == "ok"
+    rows = {r[0]: r for r in compare.compare(base, new, ratios_only=True)}
+    assert rows["e2e_frames_per_s_per_gpu"][5] == "skipped (--ratios-only)" and rows["gpu_util_mean"][5] == "ok"
+
+
+def test_baseline_json_and_figure_names_agree():
+    e2e, compare = load("e2e"), load("compare")
+    assert set(compare.FIGURES) <= set(e2e.ALL_FIGURES)
+    baseline = json.loads((ROOT / "perf" / "baseline.json").read_text())
+    assert set(compare.FIGURES) <= set(baseline["figures"])
+    assert compare.main([str(ROOT / "perf" / "baseline.json")]) == 0   # nulls: nothing compared, nothing worse
