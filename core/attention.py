@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
@@ -47,12 +46,10 @@ def _varlen_attn():
 
 BACKENDS = ("auto", "flash", "padded", "flex")
 FLEX_BLOCK = 128          # tokens per FlexAttention block (its default sparse block size)
-ALIBI_AUTO_BACKEND = os.environ.get("EMBED_ALIBI_ATTENTION", "padded")
-"""What "auto" picks for ALiBi (DNABERT-S) on CUDA: "padded" (default) or "flex"; the environment
-variable EMBED_ALIBI_ATTENTION sets it per process (e.g. in a Triton deployment). Make "flex" the
-default once the GPU benchmark (perf/bench_models.py --attention padded,flex) confirms it."""
-if ALIBI_AUTO_BACKEND not in ("padded", "flex"):
-    raise ValueError(f"EMBED_ALIBI_ATTENTION must be padded or flex, got {ALIBI_AUTO_BACKEND!r}")
+ALIBI_AUTO_BACKEND = "padded"
+"""What "auto" picks for ALiBi (DNABERT-S): "padded". FlexAttention measured 9% faster on an
+H200 (perf/RESULTS.md) but is chosen explicitly (RuntimeConfig.attention, the model config's
+`attention` parameter) until serving shows it does not recompile for new pack lengths."""
 
 
 _flex_attention_fn = None  # torch's flex_attention once _flex() has run (a plain global: Dynamo reads it)

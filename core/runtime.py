@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 DEVICES_HELP = "auto | cpu | cuda | cuda:N"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOO_LONG_POLICIES = ("error", "truncate")
+ATTENTION_CHOICES = ("auto", "padded", "flex")
 
 CPU_TOKEN_BUDGET = 8192      # fixed on CPU: large packs only add cache misses there
 MIN_TOKEN_BUDGET = 1024
@@ -62,6 +63,10 @@ class RuntimeConfig:
         and reports each one in `Embedder.last_truncated`.
     compile: torch.compile the encoder's hot per-layer functions (its `enable_compile()`, where it
         has one); None = on CUDA only. The first forwards then take longer (compilation).
+    attention: attention for encoders with a bias (DNABERT-S's ALiBi): "padded" (SDPA over
+        per-pack [B, L] slots), "flex" (FlexAttention on the packed stream, CUDA; 9% faster in
+        perf/RESULTS.md, not yet the default: pack lengths vary more in serving than in the
+        benchmark, and each new one may compile) or "auto" (= padded for now).
     """
 
     device: str = "auto"
@@ -70,6 +75,7 @@ class RuntimeConfig:
     max_length: Optional[int] = None
     too_long: str = "error"
     compile: Optional[bool] = None
+    attention: str = "auto"
 
     def __post_init__(self):
         dev = self.device
@@ -85,6 +91,8 @@ class RuntimeConfig:
             raise ValueError(f"too_long must be one of {TOO_LONG_POLICIES}, got {self.too_long!r}")
         if self.compile not in (None, True, False):
             raise ValueError(f"compile must be True, False or None (auto), got {self.compile!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
 
 
 @dataclass
@@ -169,6 +177,8 @@ class Embedder:
         self.device = resolve_device(config.device)
         self.dtype = choose_dtype(self.device) if config.dtype == "auto" else DTYPES[config.dtype]
         self.encoder = encoder.to(device=self.device, dtype=self.dtype).eval()
+        if hasattr(encoder, "attention_backend"):
+            encoder.attention_backend = config.attention
         want_compile = self.device.type == "cuda" if config.compile is None else config.compile
         self.compiled = bool(want_compile and hasattr(encoder, "enable_compile"))
         if self.compiled:

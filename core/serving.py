@@ -58,7 +58,7 @@ def _optional_int(params: dict, key: str) -> Optional[int]:
 
 
 def runtime_options(params: dict, device: str):
-    """RuntimeConfig from the config parameters dtype, token_budget, max_length, too_long."""
+    """RuntimeConfig from the config parameters dtype, token_budget, max_length, too_long, attention."""
     from .runtime import RuntimeConfig
 
     return RuntimeConfig(
@@ -67,6 +67,7 @@ def runtime_options(params: dict, device: str):
         token_budget=_optional_int(params, "token_budget"),
         max_length=_optional_int(params, "max_length"),
         too_long=params.get("too_long", "error").strip() or "error",
+        attention=params.get("attention", "auto").strip() or "auto",
     )
 
 

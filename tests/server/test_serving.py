@@ -39,6 +39,21 @@ def test_parameters_become_a_runtime_config():
         serving.runtime_options({"token_budget": "lots"}, "cpu")
     with pytest.raises(ValueError, match="dtype"):
         serving.runtime_options({"dtype": "float8"}, "cpu")
+    assert config.attention == "auto"
+    assert serving.runtime_options({"attention": "flex"}, "cpu").attention == "flex"
+    with pytest.raises(ValueError, match="attention"):
+        serving.runtime_options({"attention": "sparse"}, "cpu")
+
+
+def test_the_attention_parameter_reaches_the_encoder():
+    """RuntimeConfig.attention sets DNABERT-S's ALiBi attention backend (and is ignored by ESM-2)."""
+    from embed_core.dnabert_s import DnabertSConfig, random_dnabert_s
+    from embed_core.runtime import Embedder, RuntimeConfig
+
+    model = random_dnabert_s(DnabertSConfig(vocab_size=16, hidden_size=24, num_hidden_layers=1,
+                                            num_attention_heads=12, intermediate_size=32))
+    Embedder(model, tokenizer=None, config=RuntimeConfig(device="cpu", attention="padded"))
+    assert model.attention_backend == "padded"
 
 
 def test_checkpoint_path_resolves_against_the_model_folder(tmp_path):
