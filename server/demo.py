@@ -122,7 +122,10 @@ def show(out: Path) -> None:
         table = pq.read_table(out / f"{model}.parquet")
         width = table.schema.field("embedding").type.list_size
         print(f"  {model}: {table.num_rows} embeddings of {width} floats, e.g. {table['id'][0].as_py()}")
-    print("  counts:", json.dumps(summary.get("counts", summary), default=str)[:400])
+    read, prep, send = (summary["stages"][k] for k in ("read", "prep", "send"))
+    print(f"  {read['records_kept']} records -> {prep['chunks']} chunks -> {prep['frames']} open frames; "
+          + "; ".join(f"{m} {c['sequences_in']} in, {c['sequences_received']} out" for m, c in send.items())
+          + f"; {summary['elapsed_s']:.1f} s (summary.json has every count)")
 
 
 def main(argv=None) -> int:
