@@ -77,6 +77,9 @@ class Classifier:
     bn_eps: float = BN_EPS
 
     def __post_init__(self):
+        if self.w1.ndim != 2:
+            raise ClassifierError(f"classifier weights: w1 has shape {self.w1.shape}, expected "
+                                  "[hidden, features]")
         hidden, dim = self.w1.shape
         expect = {
             "b1": (hidden,), "bn_weight": (hidden,), "bn_bias": (hidden,),
@@ -134,15 +137,25 @@ def load_classifier(path: Path, allow_pickle: bool = False) -> Classifier:
             raise ClassifierError(
                 "reading .safetensors needs the `safetensors` package "
                 "(pip install safetensors)") from e
-        return from_state_dict(load_file(str(path)))
+        return from_state_dict(_read_state(path, lambda: load_file(str(path))))
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return from_state_dict({k: data[k] for k in data.files})
+        def read_npz():
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        return from_state_dict(_read_state(path, read_npz))
     if suffix in (".pt", ".pth"):
         return _load_torch(path, allow_pickle)
     raise ClassifierError(
         f"classifier file {path}: unknown format {suffix!r} "
         "(expected .safetensors, .npz, .pt or .pth)")
+
+
+def _read_state(path: Path, read) -> Dict[str, np.ndarray]:
+    """`read()`, with a corrupt or unreadable file reported as a ClassifierError."""
+    try:
+        return read()
+    except Exception as e:  # safetensors, zipfile and numpy each raise their own types
+        raise ClassifierError(f"cannot read classifier file {path}: {type(e).__name__}: {e}") from e
 
 
 def _load_torch(path: Path, allow_pickle: bool) -> Classifier:

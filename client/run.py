@@ -31,7 +31,7 @@ from .classifier import Classifier, ClassifierError, PredictionWriter, load_clas
 from .errors import ClientError
 from .progress import Counters, MetricsPoller, Progress
 from .schedule import Block, Item, Request, ScheduleConfig, blocks_of, cut_requests, interleave
-from .sink import MERGE_ORDER, OutputDir, RunConfig
+from .sink import MERGE_ORDER, OutputDir, OutputError, OutputWriteError, RunConfig
 from .transport import (Dispatcher, Server, ServerError, ServerSpec, ServerUnavailableError,
                         TransportConfig)
 from .virnucpro import PrepStats, prepare
@@ -254,9 +254,10 @@ class _Run:
             log.warning("server %s left out: its %s differ in width or max_batch_size from "
                         "the other servers'", server.spec.url, ", ".join(misfit))
             return
+        if not self.dispatcher.add(server):  # the run has stopped sending
+            return
         self._describe(server)
         self.servers.append(server)
-        self.dispatcher.add(server)
         self.metrics.urls.append(server.spec.metrics_url)
 
     def _open_output(self) -> None:
@@ -340,9 +341,20 @@ class _Run:
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
         if error is not None:
-            self._write_summary(status, str(error))
+            self._summary_after_error(status, str(error))
             raise error
         return self._finish()
+
+    def _write_failed(self, what: str, error: OSError) -> OutputWriteError:
+        return OutputWriteError(f"{what} in {self.o.out} failed: {error}; once fixed, continue "
+                                f"with --resume --out {self.o.out}")
+
+    def _summary_after_error(self, status: str, message: str) -> None:
+        """summary.json for a failed run; a failure to write it must not hide the run's error."""
+        try:
+            self._write_summary(status, message)
+        except OSError as e:
+            log.error("could not write %s: %s", self.o.out / "summary.json", e)
 
     def _frames(self) -> Iterator[Tuple[str, Dict[str, str]]]:
         """(frame id, {model: text}) in input order; counts records as prep reads them."""
@@ -369,8 +381,6 @@ class _Run:
             done = self.out.blocks.get(block.number)
             if done is not None:
                 if not done.matches(block.first_index, block.keys):
-                    from .sink import OutputError
-
                     raise OutputError(
                         f"--resume: block {block.number} of the input differs from the "
                         f"interrupted run's (the sample or the prep changed); start a new run")
@@ -442,7 +452,10 @@ class _Run:
             async with self.commit_lock:
                 await asyncio.to_thread(self.out.commit, block.number, block.first_index,
                                         block.keys, tables)
-        except Exception as e:  # e.g. a full disk: end the run, the block stays unfinished
+        except OSError as e:  # e.g. a full disk: end the run, the block stays unfinished
+            self.dispatcher.fail(self._write_failed(f"writing block {block.number}", e))
+            return
+        except Exception as e:  # a bug: end the run with it
             self.dispatcher.fail(e)
             return
         del self.open[block.number]
@@ -472,26 +485,32 @@ class _Run:
                            + (", ..." if len(self.rejected) > 5 else "")
                            + f"; all in {o.out / 'rejected.tsv'}); " + message)
             message += "; no final files written"
-            self._write_summary("incomplete", message)
+            self._summary_after_error("incomplete", message)
             raise IncompleteError(message)
-        writer = PredictionWriter(o.out) if self.classifier is not None else None
-        on_features = None
-        if writer is not None:
-            on_features = lambda ids, x: writer.add(ids, self.classifier.predict_proba(x))
+        writer = None
         try:
+            on_features = None
+            if self.classifier is not None:
+                writer = PredictionWriter(o.out)
+                on_features = lambda ids, x: writer.add(ids, self.classifier.predict_proba(x))
             final_rows = self.out.finalize(o.models, self.hidden, o.merged, on_features)
             predictions = writer.close() if writer is not None else None
         except BaseException as e:
             if writer is not None:
                 writer.abort()
-            self._write_summary("failed", f"writing the final files failed: {e}")
+            self._summary_after_error("failed", f"writing the final files failed: {e}")
+            if isinstance(e, OSError):
+                raise self._write_failed("writing the final files", e) from e
             raise
         bad = {name: n for name, n in final_rows.items() if n != frames}
         if bad:
             message = f"final files hold {bad} rows, expected {frames} each"
-            self._write_summary("incomplete", message)
+            self._summary_after_error("incomplete", message)
             raise IncompleteError(message)
-        summary = self._write_summary("complete", None, final_rows, predictions)
+        try:
+            summary = self._write_summary("complete", None, final_rows, predictions)
+        except OSError as e:
+            raise self._write_failed("writing summary.json", e) from e
         return RunResult("complete", o.out, summary)
 
     def _write_rejected(self) -> None:

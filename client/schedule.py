@@ -54,7 +54,6 @@ class Request:
     model: str
     block: int
     items: List[Item]
-    attempts: int = 0
 
     @property
     def tokens(self) -> int:

@@ -44,6 +44,10 @@ class OutputError(ClientError):
     """The output directory cannot be used (exists without --resume, or does not match)."""
 
 
+class OutputWriteError(ClientError):
+    """Writing into the output directory failed (e.g. a full disk); the run can be resumed."""
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """What defines a run's content; a resumed run must match it."""

@@ -296,6 +296,7 @@ class Dispatcher:
         self._tasks: List[asyncio.Task] = []
         self.error: Optional[BaseException] = None
         self.failed = asyncio.Event()
+        self.closed = False
 
     def submit(self, requests: Sequence[Request]) -> None:
         for request in requests:
@@ -308,10 +309,13 @@ class Dispatcher:
         for server in self.servers:
             self._start_workers(server)
 
-    def add(self, server: Server) -> None:
-        """A server that became ready after the run started joins the pull."""
+    def add(self, server: Server) -> bool:
+        """A server that became ready after the run started joins the pull (False: too late)."""
+        if self.closed:
+            return False
         self.servers.append(server)
         self._start_workers(server)
+        return True
 
     def _start_workers(self, server: Server) -> None:
         for _ in range(server.in_flight):
@@ -332,7 +336,6 @@ class Dispatcher:
                 if is_rejection(e):
                     self._rejected(request, e)
                 elif is_retriable(e):
-                    request.attempts += 1
                     self._again(request)
                     server.failed(e)
                     if server.dead:
@@ -381,6 +384,7 @@ class Dispatcher:
 
     async def close(self) -> None:
         """Stop every worker (in-flight requests are cancelled; their blocks stay unfinished)."""
+        self.closed = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

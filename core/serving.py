@@ -146,7 +146,8 @@ def embed_requests(embedder, requests: Sequence[Union[list, Exception]]) -> list
     results: list = list(requests)
     tokens, owners = [], []  # owners: (request index, first row, row count)
     for k, sequences in enumerate(requests):
-        if isinstance(sequences, Exception):
+        if isinstance(sequences, Exception):  # a malformed request: bad input, counted as such
+            embedder.stats.failures += 1
             continue
         try:
             ids = embedder.tokenize(sequences)

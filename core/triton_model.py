@@ -34,11 +34,15 @@ def triton_model_class(pb_utils, kind: str):
                 self.embedder = models.load_embedder(kind, path, serving.runtime_options(params, device))
             except Exception as err:
                 raise pb_utils.TritonModelException(f"{type(err).__name__}: {err}") from None
-            # Compile and pick kernels now, not on the first request (counters stay at zero).
-            self.embedder.warmup()
+            # Before the warmup: a checkpoint that does not fit the config is refused at once.
             problem = serving.embedding_dims_problem(config, self.output_name, self.embedder.hidden_size)
             if problem:
                 raise pb_utils.TritonModelException(problem)
+            try:
+                # Compile and pick kernels now, not on the first request (counters stay at zero).
+                self.embedder.warmup()
+            except Exception as err:
+                raise pb_utils.TritonModelException(f"warmup failed: {type(err).__name__}: {err}") from None
             e = self.embedder
             pb_utils.Logger.log_info(
                 f"{self.model_name} ({args['model_instance_name']}): {path} on {e.device}, "

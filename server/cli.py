@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         server.stop()
+    if code < 0:  # killed by a signal: report it as a shell does (128 + signal number)
+        print(f"embed-server: tritonserver was killed by signal {-code}", flush=True)
+        return 128 - code
     print(f"embed-server: tritonserver exited with code {code}", flush=True)
     return code
 

@@ -334,20 +334,23 @@ class TritonServer:
         check_stub_python(env)
         self.use_cpu_configs = o.cpu if o.cpu is not None else not gpu_visible()
         self._workdir = Path(tempfile.mkdtemp(prefix="embed-server-"))
-        backend_dir = assemble_backends(binary, self._workdir / "backends")
-        self.log_path = Path(o.log_file) if o.log_file else self._workdir / "tritonserver.log"
-        self._log_handle = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            self.command(binary, backend_dir),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_handle,
-            stderr=subprocess.STDOUT,
-            # Own process group: a terminal's Ctrl-C reaches us, and we forward it.
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        try:
+        try:  # from here on, a failure removes the work directory and stops the child
+            try:
+                backend_dir = assemble_backends(binary, self._workdir / "backends")
+                self.log_path = Path(o.log_file) if o.log_file else self._workdir / "tritonserver.log"
+                self._log_handle = open(self.log_path, "ab")
+                self.process = subprocess.Popen(
+                    self.command(binary, backend_dir),
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=self._log_handle,
+                    stderr=subprocess.STDOUT,
+                    # Own process group: a terminal's Ctrl-C reaches us, and we forward it.
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            except OSError as err:  # a log file in a missing folder, a binary that cannot run
+                raise LaunchError(f"cannot start {binary}: {err}") from err
             self.wait_ready()
         except BaseException:
             self.stop()
@@ -359,9 +362,10 @@ class TritonServer:
             return ""
         return self.log_path.read_text(errors="replace")
 
-    def repository_index(self) -> list:
+    def repository_index(self) -> Optional[list]:
+        """The models and their states; None when the server did not answer with a list."""
         status, index = _http(f"{self.http_url}/v2/repository/index", data=b"{}")
-        return index if status == 200 and isinstance(index, list) else []
+        return index if status == 200 and isinstance(index, list) else None
 
     def wait_ready(self) -> None:
         """Poll until all models are READY; raise naming each model that failed.
@@ -382,6 +386,9 @@ class TritonServer:
             status, _ = _http(f"{self.http_url}/v2/health/live", timeout=2)
             if status == 200:
                 index = self.repository_index()
+                if index is None:  # not answered (yet): ask again
+                    time.sleep(0.25)
+                    continue
                 if not index:
                     raise LaunchError(f"no models found in {self.options.model_repository}")
                 failed = {m["name"]: m.get("reason", "") for m in index if m.get("state") == "UNAVAILABLE"}

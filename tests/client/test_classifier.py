@@ -162,3 +162,11 @@ def test_scores_print_as_numpy_float32(tmp_path, model, features):
         _, label, s1, s2 = row.split("\t")
         assert [s1, s2] == "\t".join(map(str, p)).split("\t")
         assert label == ("virus" if int(np.argmax(p)) == 1 else "others")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_a_corrupt_weights_file_is_a_classifier_error(tmp_path, suffix):
+    path = tmp_path / f"300_model{suffix}"
+    path.write_bytes(b"not a weights file at all")
+    with pytest.raises(ClassifierError, match="cannot read classifier file"):
+        load_classifier(path)

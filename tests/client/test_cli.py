@@ -195,3 +195,29 @@ def test_metrics_urls_pair_with_servers_in_order(tmp_path):
         ("a:1", "http://a:3/metrics"), ("b:2", "http://b:8002/metrics")]
     assert options.out == tmp_path / "S1_embeddings"  # default: beside the sample
     assert options.models == ("dnabert_s", "esm2") and options.chunk == 300
+
+
+@pytest.mark.server
+def test_a_full_disk_while_committing_is_a_clear_error_and_resumable(tmp_path, embed_server,
+                                                                     capsys, monkeypatch):
+    import errno
+
+    from embed_client.sink import OutputDir
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(OutputDir, "commit", full_disk)
+    sample = write_sample(tmp_path / "S1.fa", n=3)
+    out = tmp_path / "out"
+    code = run_cli("--sample", str(sample), "--out", str(out), "--server", embed_server.grpc_url,
+                   "--metrics-url", embed_server.metrics_url)
+    error = capsys.readouterr().err.split("embed-client: error: ")[-1]
+    assert code == cli.EXIT_FAILURE  # returned, not raised: a message, no traceback
+    assert "No space left on device" in error and "--resume" in error
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["resumable"]
+    monkeypatch.undo()
+    code = run_cli("--sample", str(sample), "--out", str(out), "--server", embed_server.grpc_url,
+                   "--metrics-url", embed_server.metrics_url, "--resume")
+    assert code == cli.EXIT_OK, capsys.readouterr().err

@@ -228,3 +228,107 @@ def test_launcher_refuses_numpy_2_for_the_stub(tmp_path):
     fake.write_text("#!/bin/sh\necho '3.7 1.26.4'\n")
     with pytest.raises(launcher.LaunchError, match="Python 3.7"):
         launcher.check_stub_python({"PATH": str(tmp_path)})
+
+
+def test_a_malformed_request_counts_as_a_failure(embedder):
+    deltas = serving.MetricDeltas()
+    deltas.take(embedder.stats)
+    serving.embed_requests(embedder, [serving.RequestError("not UTF-8"), ["MKL"]])
+    got = deltas.take(embedder.stats)
+    assert got["embed_failures_total"] == 1 and got["embed_sequences_total"] == 1
+
+
+class _FakePbUtils:
+    """The few `triton_python_backend_utils` names that initialize() uses."""
+
+    class TritonModelException(Exception):
+        pass
+
+    @staticmethod
+    def triton_string_to_numpy(name):
+        return {"TYPE_FP32": np.float32}[name]
+
+
+def test_model_with_wrong_dims_is_refused_before_the_warmup(demo_checkpoints, monkeypatch):
+    from embed_core import runtime, triton_model
+
+    warmups = []
+    monkeypatch.setattr(runtime.Embedder, "warmup", lambda self: warmups.append(1))
+    monkeypatch.setattr(serving, "place_instance", lambda kind, device_id, config: ("cpu", "cpu"))
+    config = {
+        "input": [{"name": "SEQUENCE", "data_type": "TYPE_STRING", "dims": ["1"]}],
+        "output": [{"name": "EMBEDDING", "data_type": "TYPE_FP32", "dims": ["7"]}],
+        "parameters": {"checkpoint": {"string_value": str(demo_checkpoints / "esm2")},
+                       "dtype": {"string_value": "float32"}},
+    }
+    model = triton_model.triton_model_class(_FakePbUtils, "esm2")()
+    args = {"model_config": json.dumps(config), "model_name": "esm2", "model_instance_kind": "CPU",
+            "model_instance_device_id": "0", "model_repository": str(demo_checkpoints),
+            "model_instance_name": "esm2_0"}
+    with pytest.raises(_FakePbUtils.TritonModelException, match=r"dims \[7\]"):
+        model.initialize(args)
+    assert warmups == []  # the warmup (compilation on GPU) is not paid for a model refused anyway
+
+
+def test_launcher_failure_before_the_child_runs_is_a_launch_error_and_leaves_no_workdir(
+        tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = launcher.TritonServer(launcher.ServerOptions(
+        model_repository=repo, cpu=True, log_file=tmp_path / "missing" / "server.log"))
+    with pytest.raises(launcher.LaunchError, match="server.log"):
+        server.start()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+    def no_backend(binary, out_dir):
+        raise launcher.LaunchError("no Python backend")
+
+    monkeypatch.setattr(launcher, "assemble_backends", no_backend)
+    with pytest.raises(launcher.LaunchError, match="no Python backend"):
+        launcher.TritonServer(launcher.ServerOptions(model_repository=repo, cpu=True)).start()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_wait_ready_asks_again_when_the_index_is_not_answered(tmp_path, monkeypatch):
+    answers = {"index": [(0, None), (200, [{"name": "esm2", "state": "READY"}])]}
+
+    def fake_http(url, data=None, timeout=5.0):
+        if url.endswith("/v2/repository/index"):
+            return answers["index"].pop(0)
+        return 200, None
+
+    monkeypatch.setattr(launcher, "_http", fake_http)
+    server = launcher.TritonServer(launcher.ServerOptions(model_repository=tmp_path))
+    server.process = type("Running", (), {"poll": staticmethod(lambda: None)})()
+    server.wait_ready()
+    assert server.models == ["esm2"]
+
+
+@pytest.mark.parametrize("child_code, expected", [(0, 0), (3, 3), (-9, 137)])
+def test_server_cli_exit_code_of_a_child_killed_by_a_signal(tmp_path, monkeypatch, child_code, expected):
+    from embed_server import cli
+
+    class FakeServer:
+        use_cpu_configs, models, log_path = True, ["esm2"], None
+
+        def __init__(self, options):
+            self.options = options
+
+        def start(self):
+            return self
+
+        def endpoints(self):
+            return ""
+
+        def wait(self):
+            return child_code
+
+        def stop(self):
+            return child_code
+
+    monkeypatch.setattr(cli, "TritonServer", FakeServer)
+    assert cli.run(cli.build_parser().parse_args(["--model-repository", str(tmp_path)])) == expected
