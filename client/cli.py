@@ -12,7 +12,7 @@ from .classifier import ClassifierError
 from .errors import ClientError, InputError
 from .run import (CHUNK_SIZES, MODELS, IncompleteError, InterruptedRun, RunOptions, execute)
 from .schedule import ScheduleConfig
-from .sink import OutputError
+from .sink import OutputError, OutputWriteError
 from .transport import ServerError, ServerSpec, TransportConfig
 
 EXIT_OK = 0
@@ -21,6 +21,7 @@ EXIT_USAGE = 2         # bad options, output directory in the way, unusable clas
 EXIT_INPUT = 3         # bad input records or file (nothing was sent)
 EXIT_SERVER = 4        # no server reachable / servers stayed down / a server error
 EXIT_INCOMPLETE = 5    # counts in != counts out (e.g. sequences rejected by the server)
+EXIT_OUTPUT = 6        # the output directory could not be written (full disk, permissions): resumable
 EXIT_INTERRUPTED = 130
 
 EPILOG = f"""\
@@ -35,6 +36,8 @@ exit codes:
        directory can be resumed with --resume
   {EXIT_INCOMPLETE}    count mismatch: fewer embeddings out than sequences in (e.g. sequences
        rejected by the server, listed in rejected.tsv); no final files are written
+  {EXIT_OUTPUT}    the output directory could not be written (e.g. a full disk); once
+       fixed, continue with --resume
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGTERM); resumable with --resume
 
 output directory (--out): dnabert_s.parquet, esm2.parquet (columns id, embedding
@@ -138,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="frames per block: sequences are length-sorted inside a block, and "
                       "a block is the unit committed to disk and skipped by --resume")
     flow.add_argument("--max-in-flight", type=_positive_int, default=None,
-                      help="requests in flight per server (default: 2 per model instance, at "
-                      "least 4)")
+                      help="requests in flight per server (default: 8 per model instance, at "
+                      "least 8)")
     flow.add_argument("--retries", type=_non_negative_int, default=defaults_t.retries,
                       help="backoff rounds (0.5 s doubling, at most 30 s) a server may stay "
                       "unavailable before it is given up")
@@ -214,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
                       EXIT_SERVER)
     except IncompleteError as e:
         return _error(f"incomplete: {e}", EXIT_INCOMPLETE)
+    except OutputWriteError as e:
+        return _error(str(e), EXIT_OUTPUT)
     except (InterruptedRun, KeyboardInterrupt) as e:
         return _error(str(e) or "interrupted", EXIT_INTERRUPTED)
     except ClientError as e:

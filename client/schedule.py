@@ -29,7 +29,9 @@ class ScheduleConfig:
     """How sequences become requests."""
 
     window: int = 8192          # frames per block (sort window and commit unit)
-    token_budget: int = 16384   # estimated tokens per request (letters + 2 per sequence)
+    # Estimated tokens per request (letters + 2 per sequence). 65,536 keeps an H200 fed (perf/RESULTS.md:
+    # the end-to-end runs); the server packs several requests per forward up to its own budget.
+    token_budget: int = 65536
 
     def __post_init__(self):
         if self.window < 1:

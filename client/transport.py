@@ -123,7 +123,7 @@ class ModelInfo:
 class TransportConfig:
     """Flow control and fault handling of the transport."""
 
-    max_in_flight: Optional[int] = None  # requests per server; None = 2 per model instance, >= 4
+    max_in_flight: Optional[int] = None  # requests per server; None = 8 per model instance, >= 8
     retries: int = 10                   # backoffs a server may stay down before it is given up
     timeout: float = 600.0              # seconds per request
     backoff: float = 0.5                # first backoff, seconds; doubles up to backoff_max
@@ -221,7 +221,8 @@ class Server:
     def in_flight(self) -> int:
         if self.config.max_in_flight is not None:
             return self.config.max_in_flight
-        return max(4, 2 * sum(info.instances for info in self.models.values()))
+        # 8 per instance: each GPU's queue stays non-empty while responses travel (perf/RESULTS.md).
+        return max(8, 8 * sum(info.instances for info in self.models.values()))
 
     async def embed(self, request: Request) -> np.ndarray:
         """Send one request; the [n, hidden] float32 embeddings in the request's item order."""

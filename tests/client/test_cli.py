@@ -45,7 +45,7 @@ def test_help_documents_every_option_with_its_default(capsys):
                    "--metrics-url", "--classifier", "--allow-pickle", "--merged", "--out"):
         assert option in text
     assert "(default: 300)" in text and "(default: esm2,dnabert_s)" in text
-    assert "(default: localhost:8001)" in text and "(default: 16384)" in text
+    assert "(default: localhost:8001)" in text and "(default: 65536)" in text
     for code in (cli.EXIT_INPUT, cli.EXIT_SERVER, cli.EXIT_INCOMPLETE, cli.EXIT_USAGE):
         assert f" {code} " in text  # every exit code is documented in the epilog
 
@@ -213,7 +213,7 @@ def test_a_full_disk_while_committing_is_a_clear_error_and_resumable(tmp_path, e
     code = run_cli("--sample", str(sample), "--out", str(out), "--server", embed_server.grpc_url,
                    "--metrics-url", embed_server.metrics_url)
     error = capsys.readouterr().err.split("embed-client: error: ")[-1]
-    assert code == cli.EXIT_FAILURE  # returned, not raised: a message, no traceback
+    assert code == cli.EXIT_OUTPUT  # returned, not raised: a message, no traceback
     assert "No space left on device" in error and "--resume" in error
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["resumable"]
