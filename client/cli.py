@@ -187,12 +187,21 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
     )
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, not when the handler was made
+    (run() may be called several times in one process, e.g. by tests that capture stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logger = logging.getLogger("embed_client")
     logger.setLevel(level)
     if not any(getattr(h, "_embed_client", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("embed-client: %(message)s"))
         handler._embed_client = True
         logger.addHandler(handler)
