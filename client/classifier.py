@@ -36,7 +36,7 @@ from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ClientError
+from .errors import ClassifierError
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ _KEYS = {
     "b2": "output_layer.bias",
 }
 _IGNORED = {"bn1.num_batches_tracked"}
-
-
-class ClassifierError(ClientError):
-    """The classifier weights cannot be read or do not fit the embeddings."""
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .classifier import ClassifierError
-from .errors import ClientError, InputError
-from .run import (CHUNK_SIZES, MODELS, IncompleteError, InterruptedRun, RunOptions, execute)
+from .errors import (ClassifierError, ClientError, IncompleteError, InputError, InterruptedRun, OutputError,
+                     OutputWriteError, ServerError)
+from .run import CHUNK_SIZES, MODELS, RunOptions, execute
 from .schedule import ScheduleConfig
-from .sink import OutputError, OutputWriteError
-from .transport import ServerError, ServerSpec, TransportConfig
+from .transport import ServerSpec, TransportConfig
 
 EXIT_OK = 0
 EXIT_FAILURE = 1       # an unexpected error (a bug): the traceback is printed

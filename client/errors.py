@@ -65,3 +65,31 @@ class InputError(ClientError):
 
 def _rebuild_input_error(cls, problems, total):
     return cls.from_problems(problems, total)
+
+
+class ServerError(ClientError):
+    """A server answered in a way the client cannot recover from (not a connection issue)."""
+
+
+class ServerUnavailableError(ServerError):
+    """No server could be reached (or every server stayed down past the retries)."""
+
+
+class OutputError(ClientError):
+    """The output directory cannot be used (exists without --resume, or does not match)."""
+
+
+class OutputWriteError(ClientError):
+    """Writing into the output directory failed (e.g. a full disk); the run can be resumed."""
+
+
+class ClassifierError(ClientError):
+    """The classifier weights cannot be read or do not fit the embeddings."""
+
+
+class IncompleteError(ClientError):
+    """The run ended with fewer sequences out than in (rejected sequences or a count mismatch)."""
+
+
+class InterruptedRun(ClientError):
+    """The run was interrupted (Ctrl-C / SIGTERM); its output directory can be resumed."""

@@ -27,13 +27,13 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from . import reader
-from .classifier import Classifier, ClassifierError, PredictionWriter, load_classifier
-from .errors import ClientError
+from .classifier import Classifier, PredictionWriter, load_classifier
+from .errors import (ClassifierError, IncompleteError, InterruptedRun, OutputError, OutputWriteError, ServerError,
+                     ServerUnavailableError)
 from .progress import Counters, MetricsPoller, Progress
 from .schedule import Block, Item, Request, ScheduleConfig, blocks_of, cut_requests, interleave
-from .sink import MERGE_ORDER, OutputDir, OutputError, OutputWriteError, RunConfig
-from .transport import (Dispatcher, Server, ServerError, ServerSpec, ServerUnavailableError,
-                        TransportConfig)
+from .sink import MERGE_ORDER, OutputDir, RunConfig
+from .transport import Dispatcher, Server, ServerSpec, TransportConfig
 from .virnucpro import PrepStats, prepare
 
 log = logging.getLogger("embed_client")
@@ -43,14 +43,6 @@ MODEL_INPUT = {"dnabert_s": "nucleotide", "esm2": "protein"}  # Frame field each
 CHUNK_SIZES = (300, 500)
 MAX_OPEN_BLOCKS = 6          # blocks in memory at once (bounds the embeddings held)
 LISTED = 100                 # ids listed in the summary per problem kind (files hold them all)
-
-
-class IncompleteError(ClientError):
-    """The run ended with fewer sequences out than in (rejected sequences or a count mismatch)."""
-
-
-class InterruptedRun(ClientError):
-    """The run was interrupted (Ctrl-C / SIGTERM); its output directory can be resumed."""
 
 
 @dataclass(frozen=True)

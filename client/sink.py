@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ClientError
+from .errors import OutputError
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,6 @@ PARTS_DIR = "parts"
 MERGED_FILE = "merged.parquet"
 MERGE_ORDER = ("dnabert_s", "esm2")  # VirNucPro's feature order: nucleotide first
 FORMAT_VERSION = 1
-
-
-class OutputError(ClientError):
-    """The output directory cannot be used (exists without --resume, or does not match)."""
-
-
-class OutputWriteError(ClientError):
-    """Writing into the output directory failed (e.g. a full disk); the run can be resumed."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .errors import ClientError
+from .errors import ServerError, ServerUnavailableError
 from .schedule import Item, Request
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,6 @@ CONNECTION_MARKERS = ("socket closed", "connection reset", "stream removed", "rs
 PROBE_SEQUENCE = "ACGT"
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
-
-
-class ServerError(ClientError):
-    """A server answered in a way the client cannot recover from (not a connection issue)."""
-
-
-class ServerUnavailableError(ServerError):
-    """No server could be reached (or every server stayed down past the retries)."""
 
 
 @dataclass(frozen=True)
