@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: http://<server host>:8002/metrics)")
     flow = p.add_argument_group("scheduling and faults")
     flow.add_argument("--token-budget", type=_positive_int, default=defaults_s.token_budget,
-                      help="estimated tokens (letters + 2 per sequence) per request; the "
-                      "model's max_batch_size also bounds the sequences per request")
+                      help="estimated model tokens per request (ESM-2: residues + 2; DNABERT-S: "
+                      "bp/4 + 2); the model's max_batch_size also bounds the sequences per request")
     flow.add_argument("--window", type=_positive_int, default=defaults_s.window,
                       help="frames per block: sequences are length-sorted inside a block, and "
                       "a block is the unit committed to disk and skipped by --resume")

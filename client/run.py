@@ -39,6 +39,10 @@ from .virnucpro import PrepStats, prepare
 log = logging.getLogger("embed_client")
 
 MODELS = ("esm2", "dnabert_s")
+# Letters per model token, for sizing requests: ESM-2 has one token per residue; DNABERT-S's
+# BPE averages ~4-4.5 bp per token (reference/dnabert_s.md: 59 bp -> 15 tokens), so counting
+# its letters as tokens made its requests ~4x smaller than the budget meant.
+LETTERS_PER_TOKEN = {"esm2": 1.0, "dnabert_s": 4.0}
 MODEL_INPUT = {"dnabert_s": "nucleotide", "esm2": "protein"}  # Frame field each model embeds
 CHUNK_SIZES = (300, 500)
 MAX_OPEN_BLOCKS = 6          # blocks in memory at once (bounds the embeddings held)
@@ -399,7 +403,7 @@ class _Run:
             items = block.items[model]
             self.sent[model] += len(items)
             per_model.append(cut_requests(model, block.number, items, o.schedule.token_budget,
-                                          self.max_batch[model]))
+                                          self.max_batch[model], LETTERS_PER_TOKEN[model]))
         dispatcher.submit(interleave(per_model))
 
     # ------------------------------------------------------------------ callbacks

@@ -6,22 +6,24 @@ run finds the same blocks). Inside a block each model's sequences are sorted by 
 cut greedily into requests of at most `token_budget` estimated tokens and at most
 `max_batch_size` sequences. A block is the unit the sink commits and a resumed run skips.
 
-The cost of a sequence is its letters plus 2 (the specials): exact for ESM-2, an upper bound
-for a BPE tokenizer such as DNABERT-S's. This module knows tokens, not models.
+The cost of a sequence is its letters (divided by the caller's letters-per-token estimate)
+plus 2 (the specials): exact for ESM-2 (one token per residue), an estimate for a BPE
+tokenizer such as DNABERT-S's (~4 bp per token). This module knows tokens, not models.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 SPECIAL_TOKENS = 2  # BOS/CLS + EOS/SEP
 
 
-def token_cost(sequence: str) -> int:
-    """Estimated tokens of one sequence: letters plus the two specials."""
-    return len(sequence) + SPECIAL_TOKENS
+def token_cost(sequence: str, letters_per_token: float = 1.0) -> int:
+    """Estimated tokens of one sequence: its letters / letters_per_token, plus the two specials."""
+    return math.ceil(len(sequence) / letters_per_token) + SPECIAL_TOKENS
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class ScheduleConfig:
     """How sequences become requests."""
 
     window: int = 8192          # frames per block (sort window and commit unit)
-    # Estimated tokens per request (letters + 2 per sequence). 65,536 keeps an H200 fed (perf/RESULTS.md:
+    # Estimated model tokens per request (see token_cost). 65,536 keeps an H200 fed (perf/RESULTS.md:
     # the end-to-end runs); the server packs several requests per forward up to its own budget.
     token_budget: int = 65536
 
@@ -71,7 +73,7 @@ class Request:
 
 
 def cut_requests(model: str, block: int, items: Sequence[Item], token_budget: int,
-                 max_batch_size: int) -> List[Request]:
+                 max_batch_size: int, letters_per_token: float = 1.0) -> List[Request]:
     """Length-sorted requests of <= token_budget tokens and <= max_batch_size sequences.
 
     A sequence longer than the budget alone still gets its own request.
@@ -83,7 +85,7 @@ def cut_requests(model: str, block: int, items: Sequence[Item], token_budget: in
     current: List[Item] = []
     tokens = 0
     for item in ordered:
-        cost = token_cost(item.text)
+        cost = token_cost(item.text, letters_per_token)
         if current and (tokens + cost > token_budget or len(current) >= max_batch_size):
             requests.append(Request(model, block, current))
             current, tokens = [], 0
