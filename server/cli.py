@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port")
     p.add_argument(
         "--cpu", action="store_true", default=None,
-        help="use the CPU configs (--model-config-name=cpu) even when a GPU is visible "
-        "(default: only when no GPU is visible)",
+        help="use the CPU configs (--model-config-name=cpu) even when a GPU is visible; "
+        "without it they are used only when no GPU is visible",
     )
     p.add_argument(
         "--tritonserver", type=Path, default=None,
