@@ -46,6 +46,7 @@ def _varlen_attn():
 
 BACKENDS = ("auto", "flash", "padded", "flex")
 FLEX_BLOCK = 128          # tokens per FlexAttention block (its default sparse block size)
+FLEX_BLOCKS = (32, 64, 128)  # `flex_block` choices; < 128 is opt-in (short sequences: less masked work)
 ALIBI_AUTO_BACKEND = "padded"
 """What "auto" picks for ALiBi (DNABERT-S): "padded". FlexAttention measured 9% faster on an
 H200 (perf/RESULTS.md) but is chosen explicitly (RuntimeConfig.attention, the model config's
@@ -72,9 +73,9 @@ def flex_available() -> bool:
 
 
 def _flex_packed(qkv: torch.Tensor, score_mod, block_mask) -> torch.Tensor:
-    """qkv [n, FLEX_BLOCK, 3, heads, d] (the fused projection of the padded stream) -> [n*FLEX_BLOCK, heads*d].
+    """qkv [n, block, 3, heads, d] (the fused projection of the padded stream) -> [n*block, heads*d].
 
-    The token count enters as n * FLEX_BLOCK so that, under dynamic shapes, Inductor knows it is
+    The token count enters as n * block so that, under dynamic shapes, Inductor knows it is
     a multiple of the block (no bounds checks in the kernel). q, k, v are strided views of the
     projection (no copies); the compiled kernel writes its output in q's layout, [T, heads, d]
     in memory, so the final reshape is a view too. The scale is flex_attention's default,
@@ -85,7 +86,10 @@ def _flex_packed(qkv: torch.Tensor, score_mod, block_mask) -> torch.Tensor:
     q = qkv[:, 0].transpose(0, 1).unsqueeze(0)                                  # [1, heads, T, d]
     k = qkv[:, 1].transpose(0, 1).unsqueeze(0)
     v = qkv[:, 2].transpose(0, 1).unsqueeze(0)
-    out = _flex_attention_fn(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    # A sparse block under 128 (opt-in flex_block): the CUDA kernel's tiles must divide it
+    # (its default BLOCK_M is 128 on recent GPUs, and one config raises instead of falling back).
+    options = {"BLOCK_M": block, "BLOCK_N": min(block, 64)} if block < FLEX_BLOCK and qkv.is_cuda else None
+    out = _flex_attention_fn(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=options)
     return out[0].transpose(0, 1).reshape(n * block, heads * d)
 
 
@@ -104,8 +108,8 @@ def _compiled_flex_packed(device_type: str):
     compiled = compile_function(_flex_packed)
 
     def flex_packed(qkv: torch.Tensor, score_mod, block_mask) -> torch.Tensor:
-        # Only the block count varies: FLEX_BLOCK, 3, heads and head_dim stay static, so the
-        # kernel knows T = n * 128 is a multiple of its tile (IS_DIVISIBLE: no bounds masks).
+        # Only the block count varies: the block, 3, heads and head_dim stay static, so the
+        # kernel knows T = n * block is a multiple of its tile (IS_DIVISIBLE: no bounds masks).
         for dim in range(1, qkv.dim()):
             torch._dynamo.mark_static(qkv, dim)
         return compiled(qkv, score_mod, block_mask)
@@ -157,14 +161,17 @@ class PackedAttention:
     """Attention for one packed batch; build once per forward, call once per layer.
 
     `padded_total`: the token count the encoder must run its forward on (= total except for
-    "flex", which pads the stream to a multiple of FLEX_BLOCK; the caller pads its input ids
-    and drops the extra rows at the end). `compile_flex`: run "flex" through torch.compile
+    "flex", which pads the stream to a multiple of `flex_block`; the caller pads its input ids
+    and drops the extra rows at the end). `flex_block`: FlexAttention's sparse block (default
+    FLEX_BLOCK = 128; 64 or 32 opt-in: packs of short sequences waste less masked work).
+    `compile_flex`: run "flex" through torch.compile
     (None: on CUDA, where the eager fallback would materialise [T, T] scores).
     """
 
     def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int, dtype: torch.dtype,
                  alibi_slopes: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                 head_dim: Optional[int] = None, backend: str = "auto", compile_flex: Optional[bool] = None):
+                 head_dim: Optional[int] = None, backend: str = "auto", compile_flex: Optional[bool] = None,
+                 flex_block: int = FLEX_BLOCK):
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r} (one of {', '.join(BACKENDS)})")
         device = cu_seqlens.device
@@ -176,6 +183,9 @@ class PackedAttention:
                 backend = "flex" if flex_ok else "padded"
         if backend == "flash" and (alibi_slopes is not None or not flash_varlen_available(device, dtype)):
             raise ValueError("the flash varlen path needs CUDA, fp16/bf16 and no bias")
+        if flex_block not in FLEX_BLOCKS:
+            raise ValueError(f"flex_block must be one of {FLEX_BLOCKS}, got {flex_block!r}")
+        self.flex_block = flex_block
         if backend == "flex" and not flex_available():
             raise ValueError("the flex path needs torch.nn.attention.flex_attention (torch >= 2.5)")
         self.backend = backend
@@ -211,7 +221,8 @@ class PackedAttention:
     def _init_flex(self, cu_seqlens: torch.Tensor, total: int, alibi_slopes: Optional[torch.Tensor],
                    compiled: bool) -> None:
         device = cu_seqlens.device
-        padded = max(1, -(-total // FLEX_BLOCK)) * FLEX_BLOCK
+        block = self.flex_block
+        padded = max(1, -(-total // block)) * block
         batch = cu_seqlens.numel() - 1
         # Document id of every token; the pad tokens after the last sequence are document B
         # (they attend among themselves only, so no row is empty and no NaN appears).
@@ -232,7 +243,7 @@ class PackedAttention:
                 return score - slopes[h] * (q_idx - kv_idx).abs()
 
             self.score_mod = alibi
-        self.block_mask = document_block_mask(doc, same_document)
+        self.block_mask = document_block_mask(doc, same_document, block)
         self._flex_fn = _compiled_flex_packed(device.type) if compiled else _flex_packed
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -251,7 +262,7 @@ class PackedAttention:
             if total != self.padded_total:
                 raise ValueError(f"flex attention expects the padded stream of {self.padded_total} tokens, "
                                  f"got {total}")
-            blocks = qkv.view(total // FLEX_BLOCK, FLEX_BLOCK, 3, heads, head_dim)
+            blocks = qkv.view(total // self.flex_block, self.flex_block, 3, heads, head_dim)
             if abs(self._scale(head_dim) * math.sqrt(head_dim) - 1.0) > 1e-12:
                 raise ValueError("the flex path uses the default scale 1/sqrt(head_dim)")
             return self._flex_fn(blocks, self.score_mod, self.block_mask)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import PackedAttention, alibi_bias
+from .attention import FLEX_BLOCK, PackedAttention, alibi_bias
 from .compiling import compile_function
 from .errors import CheckpointError, InvalidSequenceError
 
@@ -250,6 +250,8 @@ class DnabertS(nn.Module):
         self._compiled = False
         # Attention of forward_packed: "auto" (attention.py's choice), "padded" or "flex".
         self.attention_backend = "auto"
+        # FlexAttention's sparse block in tokens (128; 64 or 32 opt-in, see attention.FLEX_BLOCKS).
+        self.flex_block = FLEX_BLOCK
 
     def alibi_slopes_tensor(self, device: torch.device) -> torch.Tensor:
         """[heads] float32 slopes on `device` (cached per device)."""
@@ -271,7 +273,7 @@ class DnabertS(nn.Module):
         """input_ids [T] packed, cu_seqlens [B+1] int32 -> last hidden state [T, hidden].
 
         `attention_backend` picks the attention ("auto", "padded" or "flex", see attention.py).
-        With "flex" the whole forward runs on the stream padded to a multiple of 128 tokens
+        With "flex" the whole forward runs on the stream padded to a multiple of `flex_block` (128) tokens
         (pad tokens are their own sequence: they change no real token) and the pad rows are
         dropped at the end.
         """
@@ -282,7 +284,7 @@ class DnabertS(nn.Module):
         attend = PackedAttention(cu_seqlens, max_seqlen, total, self.embeddings.word_embeddings.weight.dtype,
                                  alibi_slopes=self.alibi_slopes_tensor(input_ids.device), head_dim=head_dim,
                                  backend=self.attention_backend,
-                                 compile_flex=True if self._compiled else None)
+                                 compile_flex=True if self._compiled else None, flex_block=self.flex_block)
         if attend.padded_total != total:
             input_ids = torch.cat((input_ids, input_ids.new_zeros(attend.padded_total - total)))
         x = self.embeddings(input_ids)                                       # [T, H]

@@ -255,6 +255,29 @@ def layer_head_fusable(x, ln_w, ln_b, q_w, q_b, k_w, k_b, v_w, v_b, cos, sin, ep
     return _layer_head(rotate_fused, x, ln_w, ln_b, q_w, q_b, k_w, k_b, v_w, v_b, cos, sin, eps, heads)
 
 
+def _no_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def layer_head_norotary(x, ln_w, ln_b, q_w, q_b, k_w, k_b, v_w, v_b, cos, sin, eps: float, heads: int):
+    """`layer_head` without the rotary (q, k come back unrotated): the graph compiled for
+    rotary_impl "triton", whose kernel (kernels_rotary.py) then rotates q and k in one launch."""
+    return _layer_head(_no_rotary, x, ln_w, ln_b, q_w, q_b, k_w, k_b, v_w, v_b, cos, sin, eps, heads)
+
+
+def triton_rotary_head(head_without_rotary: Callable) -> Callable:
+    """A layer head: `head_without_rotary` (compiled or eager), then the Triton rotary of q and k
+    in place (one launch per layer; outside any compiled graph, so Dynamo never sees it)."""
+    from .kernels_rotary import rotary_qk
+
+    def head(x, ln_w, ln_b, q_w, q_b, k_w, k_b, v_w, v_b, cos, sin, eps: float, heads: int):
+        q, k, v = head_without_rotary(x, ln_w, ln_b, q_w, q_b, k_w, k_b, v_w, v_b, cos, sin, eps, heads)
+        q, k = rotary_qk(q, k, cos, sin, inplace=True)
+        return q, k, v
+
+    return head
+
+
 def layer_tail(x, context, out_w, out_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps: float):
     """Attention output + residual, pre-LN, fc1, exact (erf) GELU, fc2, residual -> [*, hidden]."""
     x = x + F.linear(context.flatten(-2), out_w, out_b)         # [*, hidden]
@@ -267,6 +290,11 @@ class ESM2(nn.Module):
 
     pool_skip_first = 1  # mean over residues: BOS and EOS excluded
     pool_skip_last = 1
+    ROTARY_IMPLS = ("torch", "triton")
+    rotary_impl = "torch"
+    """Rotary of forward_packed: "torch" (apply_rotary eager, rotate_fused inside the compiled
+    head) or "triton" (opt-in, experimental: the head without rotary, then kernels_rotary's one
+    launch for q and k; needs the triton package and CUDA, or TRITON_INTERPRET=1 for tests)."""
 
     def __init__(self, config: Esm2Config):
         super().__init__()
@@ -279,6 +307,8 @@ class ESM2(nn.Module):
             layer=nn.ModuleList(Esm2Layer(config) for _ in range(config.num_hidden_layers)),
             emb_layer_norm_after=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps))
         self._layer_head, self._layer_tail = layer_head, layer_tail  # enable_compile() swaps these
+        self._compiled = False
+        self._triton_heads: Dict[bool, Callable] = {}   # compiled? -> head with the Triton rotary
 
     def _embed(self, input_ids: torch.Tensor, mask_ratio: torch.Tensor) -> torch.Tensor:
         """Token embeddings with ESM's token-dropout rescale; mask_ratio is per token ([*] float32).
@@ -308,9 +338,23 @@ class ESM2(nn.Module):
         # Layout built once, used by every layer (flash varlen on CUDA bf16, padded SDPA elsewhere).
         attend = PackedAttention(cu_seqlens, max_seqlen, total, x.dtype, scale=scale)
 
+        head = self._layer_head if self.rotary_impl == "torch" else self._rotary_head(input_ids.device)
         for layer in self.encoder.layer:
-            x = layer(x, cos, sin, attend, self._layer_head, self._layer_tail)
+            x = layer(x, cos, sin, attend, head, self._layer_tail)
         return self.encoder.emb_layer_norm_after(x)             # [T, hidden]
+
+    def _rotary_head(self, device: torch.device) -> Callable:
+        """The layer head for rotary_impl "triton" (built once per compiled state)."""
+        if self.rotary_impl not in self.ROTARY_IMPLS:
+            raise ValueError(f"unknown rotary_impl {self.rotary_impl!r} (one of {', '.join(self.ROTARY_IMPLS)})")
+        from . import kernels_rotary
+        if not kernels_rotary.available(device):
+            raise RuntimeError(f"rotary_impl 'triton' needs the triton package and a CUDA device "
+                               f"(or TRITON_INTERPRET=1), not {torch.device(device).type}")
+        if self._compiled not in self._triton_heads:
+            inner = compile_function(layer_head_norotary) if self._compiled else layer_head_norotary
+            self._triton_heads[self._compiled] = triton_rotary_head(inner)
+        return self._triton_heads[self._compiled]
 
     forward = forward_packed
 
@@ -318,6 +362,7 @@ class ESM2(nn.Module):
         """Run each layer's element-wise work through torch.compile (CUDA fast path)."""
         self._layer_head = compile_function(layer_head_fusable)
         self._layer_tail = compile_function(layer_tail)
+        self._compiled = True
 
     def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reference path: input_ids [B, L], attention_mask [B, L] bool (True = token) -> [B, L, hidden]."""

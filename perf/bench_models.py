@@ -3,6 +3,8 @@
     python perf/bench_models.py --out perf/results/bench_models.json        # H200: ~3-5 minutes
     python perf/bench_models.py --small                                     # CPU smoke check: seconds
     python perf/bench_models.py --attention padded,flex --profile --skip-vanilla   # the fast paths, kernels
+    python perf/bench_models.py --attention padded,flex,flex64 --esm-rotary torch,triton --skip-vanilla
+                                             # opt-in variants: 64-token flex blocks, Triton rotary
 
 For each model, on the same synthetic workload (ESM-2: protein frames of 40-170 residues, mean
 ~100; DNABERT-S: 300-bp chunks = 55-135 BPE tokens, random token ids):
@@ -12,7 +14,8 @@ For each model, on the same synthetic workload (ESM-2: protein frames of 40-170 
                  DNABERT-S: our forward_padded bf16 (SDPA with the ALiBi bias), length-sorted;
   (c) ours:      embed_core Embedder bf16: packed, no padding, token budget from free memory;
                  on CUDA first eager (c_eager), then compiled: ESM-2 (c), DNABERT-S one run per
-                 `--attention` backend (c_padded, c_flex, ...); the best compiled run is "(c)"
+                 `--attention` backend (c_padded, c_flex, c_flex64 ...), ESM-2 one per `--esm-rotary`
+                 (c, c_triton); the best compiled run is "(c)"
                  in the ratios and targets. `--profile` prints each (c) run's top CUDA kernels.
 Every path mean-pools (ESM-2 without BOS/EOS, DNABERT-S over all tokens) and copies the
 embeddings to the host, as a server would. tokens/s counts real tokens (specials included,
@@ -245,23 +248,58 @@ def bench_esm2(core, args, device: torch.device, dtype: torch.dtype) -> dict:
     del hf, b, hf_forward
     free_memory(device)
 
-    embedder, out_c, c_key = run_ours(core, ours, Esm2Tokenizer(), args, device, dtype, work, warm, runs, out_b)
+    variants = []
+    for name in [r.strip() for r in args.esm_rotary.split(",") if r.strip()]:
+        variant = rotary_variant(name, device)
+        if isinstance(variant, str):
+            print(f"bench_models: ESM-2 (c) with --esm-rotary {name} skipped: {variant[6:]}", flush=True)
+        else:
+            variants.append(variant)
+    if not variants:
+        raise SystemExit("bench_models: no --esm-rotary variant can run here")
+    embedder, out_c, c_key = run_ours(core, ours, Esm2Tokenizer(), args, device, dtype, work, warm, runs, out_b,
+                                      variants)
     result = summarize("esm2", dims, build_s, work, vanilla_work, runs, out_a, out_b, out_c, embedder, c_key)
     del embedder, ours
     free_memory(device)
     return result
 
 
-def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_b=None, backends=(None,)):
+def attention_variant(name: str) -> tuple:
+    """--attention entry -> ((c) key, RuntimeConfig.attention, DNABERT-S attributes, label).
+    "flexN" = "flex" with N-token FlexAttention blocks (`flex_block`; "flex" = the default 128)."""
+    from embed_core.attention import FLEX_BLOCK
+    if name.startswith("flex") and name != "flex":
+        block = int(name[4:])
+        return f"c_{name}", "flex", {"flex_block": block}, f", attention flex, {block}-token blocks"
+    key = "c" if name == "auto" else f"c_{name}"
+    return key, name, {"flex_block": FLEX_BLOCK}, f", attention {name}"
+
+
+def rotary_variant(name: str, device: torch.device) -> tuple:
+    """--esm-rotary entry -> ((c) key, None, ESM2 attributes, label), or a reason it cannot run here."""
+    if name == "triton":
+        from embed_core import kernels_rotary
+        if not kernels_rotary.available(device):
+            why = ("the triton package is not installed" if not kernels_rotary.triton_importable()
+                   else f"needs CUDA (or TRITON_INTERPRET=1), device is {device.type}")
+            return f"skip: {why}"
+        return "c_triton", None, {"rotary_impl": "triton"}, ", rotary triton kernel"
+    return "c", None, {"rotary_impl": "torch"}, ""
+
+
+def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_b=None, variants=(None,)):
     """(c): the Embedder under the runtime's policy; on CUDA with a compilable encoder also eager, first.
 
-    `backends`: attention backends to run (c) with (DNABERT-S: its `attention_backend`); None = the
-    encoder's default. Returns (the last embedder, the output of the fastest (c) run, its key).
-    A run that fails is reported and skipped, so one broken variant does not cost the others.
+    `variants`: the (c) runs, each (key, RuntimeConfig.attention or None, encoder attributes to set,
+    label suffix) (see attention_variant / rotary_variant); None = the encoder's defaults, key "c".
+    Returns (the last embedder, the output of the fastest (c) run, its key). A run that fails is
+    reported and skipped, so one broken variant does not cost the others.
     """
-    def embedder_for(compile_):
+    def embedder_for(compile_, attention=None):
+        extra = {} if attention is None else {"attention": attention}
         return core.Embedder(model, tokenizer, core.RuntimeConfig(
-            device=str(device), dtype=name_of(dtype), token_budget=args.token_budget, compile=compile_))
+            device=str(device), dtype=name_of(dtype), token_budget=args.token_budget, compile=compile_, **extra))
 
     def run_one(key, label, embedder):
         try:
@@ -283,14 +321,17 @@ def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_
         run_one("c_eager", f"ours: Embedder {name_of(dtype)} packed, eager (budget {eager.token_budget})", eager)
         eager.close()
     best, out_best, embedder = None, None, None
-    for backend in backends:
-        if backend is not None:
-            model.attention_backend = backend
-        embedder = embedder_for(policy)
+    defaults_ = {}
+    for variant in variants:
+        key, attention, attrs, label = variant or ("c", None, {}, "")
+        for name, value in attrs.items():
+            defaults_.setdefault(name, getattr(model, name))
+        for name, value in {**defaults_, **attrs}.items():   # each run: its attributes, the rest default
+            setattr(model, name, value)
+        # The attention choice goes through the RuntimeConfig: Embedder sets attention_backend from it.
+        embedder = embedder_for(policy, attention)
         how = "compiled" if embedder.compiled else "eager"
-        key = "c" if backend in (None, "auto") else f"c_{backend}"
-        attn = "" if backend is None else f", attention {backend}"
-        out = run_one(key, f"ours: Embedder {name_of(dtype)} packed, {how}{attn} (budget {embedder.token_budget})",
+        out = run_one(key, f"ours: Embedder {name_of(dtype)} packed, {how}{label} (budget {embedder.token_budget})",
                       embedder)
         embedder.close()
         if out is not None and (best is None or runs[key]["tokens_per_s"] > runs[best]["tokens_per_s"]):
@@ -411,8 +452,8 @@ def bench_dnabert_s(core, args, device: torch.device, dtype: torch.dtype) -> dic
                       lambda w: sorted_batches(np.array([len(t) for t in w]), args.dna_sorted_tokens), device)
     runs["b"], out_b = measure(f"ours forward_padded {name_of(dtype)} SDPA+ALiBi bias, length-sorted", b, work,
                                warm, device)
-    backends = [b.strip() for b in args.attention.split(",") if b.strip()]
-    embedder, out_c, c_key = run_ours(core, model, None, args, device, dtype, work, warm, runs, out_b, backends)
+    variants = [attention_variant(b.strip()) for b in args.attention.split(",") if b.strip()]
+    embedder, out_c, c_key = run_ours(core, model, None, args, device, dtype, work, warm, runs, out_b, variants)
     result = summarize("dnabert_s", dims, build_s, work, vanilla_work, runs, out_a, out_b, out_c, embedder, c_key)
     del embedder, model
     free_memory(device)
@@ -448,7 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dna-sorted-tokens", type=int, default=65536, help="(b) padded tokens per batch")
     p.add_argument("--attention", default="auto",
                    help="DNABERT-S (c): comma-separated attention backends to run, each a separate (c) run "
-                        "(auto | padded | flex), e.g. padded,flex")
+                        "(auto | padded | flex | flex32 | flex64 | flex128; flexN: N-token FlexAttention blocks, "
+                        "flex = flex128), e.g. padded,flex,flex64")
+    p.add_argument("--esm-rotary", default="torch",
+                   help="ESM-2 (c): comma-separated rotary implementations, each a separate (c) run: torch "
+                        "(key c), triton (c_triton: the hand-written kernel, kernels_rotary.py; needs the triton "
+                        "package and CUDA, else skipped with the reason printed)")
     p.add_argument("--skip-vanilla", action="store_true",
                    help="skip the slow fp32 vanilla runs (a) (same as --esm-vanilla-seqs 0 --dna-vanilla-seqs 0)")
     p.add_argument("--profile", action="store_true", help="print each (c) run's top CUDA kernels (torch.profiler)")
@@ -464,9 +510,14 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, name, small if args.small else full)
     if args.skip_vanilla:
         args.esm_vanilla_seqs = args.dna_vanilla_seqs = 0
-    bad = [b for b in args.attention.split(",") if b.strip() not in ("auto", "padded", "flex")]
+    flex_blocks = [f"flex{n}" for n in (32, 64, 128)]   # attention.FLEX_BLOCKS (core not imported yet)
+    bad = [b for b in args.attention.split(",") if b.strip() not in ["auto", "padded", "flex"] + flex_blocks]
     if bad:
-        raise SystemExit(f"bench_models: --attention takes auto, padded, flex (comma-separated), got {bad}")
+        raise SystemExit(f"bench_models: --attention takes auto, padded, flex, {', '.join(flex_blocks)} "
+                         f"(comma-separated), got {bad}")
+    bad = [r for r in args.esm_rotary.split(",") if r.strip() not in ("torch", "triton")]
+    if bad:
+        raise SystemExit(f"bench_models: --esm-rotary takes torch, triton (comma-separated), got {bad}")
     if args.small:
         args.esm_vanilla_batch = min(args.esm_vanilla_batch, 8)
         args.dna_vanilla_batch = min(args.dna_vanilla_batch, 16)

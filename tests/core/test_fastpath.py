@@ -44,21 +44,22 @@ PACKS = [[128, 128, 256], [5], [3, 7, 90, 2, 200, 31], [130, 1, 1, 127, 64, 64, 
 
 
 @needs_flex
+@pytest.mark.parametrize("block", attention.FLEX_BLOCKS)
 @pytest.mark.parametrize("lengths", PACKS + [[17] * 40, [300, 2, 400]])
-def test_document_block_mask_equals_create_block_mask(lengths):
+def test_document_block_mask_equals_create_block_mask(lengths, block):
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch = packed_batch(lengths, 10, seed=0)
     total = int(batch.cu_seqlens[-1])
-    padded = -(-total // attention.FLEX_BLOCK) * attention.FLEX_BLOCK
+    padded = -(-total // block) * block
     doc = torch.full((padded,), len(lengths), dtype=torch.int32)
     doc[:total] = sequence_index(batch.cu_seqlens, total).int()
 
     def same_document(b, h, q, kv):
         return doc[q] == doc[kv]
 
-    ours = attention.document_block_mask(doc, same_document)
-    ref = create_block_mask(same_document, None, None, padded, padded, device="cpu")
+    ours = attention.document_block_mask(doc, same_document, block)
+    ref = create_block_mask(same_document, None, None, padded, padded, device="cpu", BLOCK_SIZE=block)
     assert torch.equal(ours.to_dense(), ref.to_dense())
     for num, idx in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
         assert torch.equal(getattr(ours, num).flatten(), getattr(ref, num).flatten()), num
@@ -68,10 +69,12 @@ def test_document_block_mask_equals_create_block_mask(lengths):
 
 @needs_flex
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_eager_equals_padded_dnabert_s():
-    """The math of the flex path (padding to 128, pad tokens as their own document, ALiBi from
-    packed indices) without compiling: flex_attention's eager reference on CPU."""
+@pytest.mark.parametrize("block", [attention.FLEX_BLOCK, 64])
+def test_flex_eager_equals_padded_dnabert_s(block):
+    """The math of the flex path (padding to the block, pad tokens as their own document, ALiBi
+    from packed indices) without compiling: flex_attention's eager reference on CPU."""
     model = random_dnabert_s(DNA, seed=3)
+    model.flex_block = block
     with torch.inference_mode():
         for i, lengths in enumerate(PACKS):
             batch = packed_batch(lengths, DNA.vocab_size, seed=i)
@@ -90,7 +93,12 @@ def test_auto_backend_on_cpu_is_padded_and_flex_refuses_a_custom_scale():
     assert attention.PackedAttention(cu, 5, 8, torch.float32, head_dim=4).backend == "padded"
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention.PackedAttention(cu, 5, 8, torch.float32, backend="nope")
+    with pytest.raises(ValueError, match="flex_block"):
+        attention.PackedAttention(cu, 5, 8, torch.float32, alibi_slopes=slopes, head_dim=4, flex_block=48)
     if attention.flex_available():
+        plan = attention.PackedAttention(cu, 5, 8, torch.float32, alibi_slopes=slopes, head_dim=4,
+                                         backend="flex", compile_flex=False, flex_block=64)
+        assert plan.padded_total == 64
         plan = attention.PackedAttention(cu, 5, 8, torch.float32, alibi_slopes=slopes, scale=0.1, head_dim=4,
                                          backend="flex", compile_flex=False)
         assert plan.padded_total == attention.FLEX_BLOCK
@@ -140,19 +148,91 @@ def test_compiled_esm2_layer_has_no_graph_break():
     assert (tail.graph_count, tail.graph_break_count) == (1, 0), tail.break_reasons
 
 
+# --------------------------------------------------------------------------- esm-2: Triton rotary (opt-in)
+
+
+def _triton_rotary_or_skip(device: str):
+    """kernels_rotary, or a visible skip: the kernel needs the (optional) triton package, and on
+    CPU its interpreter (TRITON_INTERPRET=1 set before the kernel is first built)."""
+    pytest.importorskip("triton", reason="triton is not installed (optional; CI has none)")
+    from embed_core import kernels_rotary
+    if not kernels_rotary.available(device):
+        pytest.skip(f"the Triton rotary kernel cannot run on {device}: set TRITON_INTERPRET=1 to test on CPU")
+    return kernels_rotary
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 4, 16), (5, 3, 64), (1, 1, 16), (2, 9, 6, 16)])
+def test_triton_rotary_equals_apply_rotary(device, dtype, shape):
+    kernels_rotary = _triton_rotary_or_skip(device)
+    g = torch.Generator().manual_seed(4)
+    positions = torch.arange(int(np.prod(shape[:-2]))).reshape(shape[:-2]) % 23
+    cos, sin = esm2_module.RotaryEmbedding(shape[-1]).to(device)(positions.to(device))
+    q = torch.randn(shape, generator=g).to(device, dtype)
+    k = torch.randn(shape, generator=g).to(device, dtype)
+    ref_q, ref_k = esm2_module.apply_rotary(q, cos, sin), esm2_module.apply_rotary(k, cos, sin)
+    out_q, out_k = kernels_rotary.rotary_qk(q, k, cos, sin)
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)  # bf16: 1 ulp
+    for out, ref in ((out_q, ref_q), (out_k, ref_k)):
+        assert out.dtype == dtype and out.shape == ref.shape
+        torch.testing.assert_close(out, ref, **tol)
+    q2, k2 = q.clone(), k.clone()
+    in_q, in_k = kernels_rotary.rotary_qk(q2, k2, cos, sin, inplace=True)
+    assert in_q is q2 and in_k is k2
+    assert torch.equal(q2, out_q) and torch.equal(k2, out_k)
+    # Strided views (q, k as slices of one fused projection), rotated in place.
+    qkv = torch.randn(*shape[:-2], 3, *shape[-2:], generator=g).to(device, dtype)
+    q3, k3 = qkv.select(-3, 0), qkv.select(-3, 1)
+    ref_q3, ref_k3 = esm2_module.apply_rotary(q3, cos, sin), esm2_module.apply_rotary(k3, cos, sin)
+    v_before = qkv.select(-3, 2).clone()
+    kernels_rotary.rotary_qk(q3, k3, cos, sin, inplace=True)
+    torch.testing.assert_close(q3, ref_q3, **tol)
+    torch.testing.assert_close(k3, ref_k3, **tol)
+    assert torch.equal(qkv.select(-3, 2), v_before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_esm2_rotary_impl_triton_equals_torch(device):
+    _triton_rotary_or_skip(device)
+    model = random_esm2(ESM, seed=2).to(device)
+    batch = packed_batch([40, 7, 100], 24, seed=21, low=4).to(device)
+    with torch.inference_mode():
+        ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+        model.rotary_impl = "triton"
+        out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_esm2_rotary_impl_default_and_errors():
+    model = random_esm2(ESM)
+    assert model.rotary_impl == "torch"
+    batch = packed_batch([5, 9], 24, seed=1, low=4)
+    model.rotary_impl = "nope"
+    with pytest.raises(ValueError, match="unknown rotary_impl"):
+        model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+    if os.environ.get("TRITON_INTERPRET") != "1":   # CPU without the interpreter: a clear refusal
+        model.rotary_impl = "triton"
+        with pytest.raises(RuntimeError, match="rotary_impl 'triton' needs"):
+            model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+
+
 # --------------------------------------------------------------------------- compiled (slow)
 
 
 @slow
 @needs_flex
+@pytest.mark.parametrize("block", [attention.FLEX_BLOCK, 64])
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_flex_equals_padded_dnabert_s(device):
+def test_compiled_flex_equals_padded_dnabert_s(device, block):
     """enable_compile() + "flex": compiled flex_attention (block-sparse kernel reading our block
-    mask) and compiled layer tail, against the eager padded path, fp32: < 1e-5."""
+    mask) and compiled layer tail, against the eager padded path, fp32: < 1e-5 (128-token blocks,
+    the default, and the opt-in 64)."""
     eager = random_dnabert_s(DNA, seed=5).to(device)
     fast = random_dnabert_s(DNA, seed=5).to(device)
     fast.enable_compile()
     fast.attention_backend = "flex"
+    fast.flex_block = block
     eager.attention_backend = "padded"
     with torch.inference_mode():
         for i, lengths in enumerate(PACKS):
@@ -163,11 +243,15 @@ def test_compiled_flex_equals_padded_dnabert_s(device):
 
 
 @slow
+@pytest.mark.parametrize("rotary", ["torch", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_esm2_equals_eager(device):
+def test_compiled_esm2_equals_eager(device, rotary):
+    if rotary == "triton":
+        _triton_rotary_or_skip(device)
     eager = random_esm2(ESM, seed=2).to(device)
     fast = random_esm2(ESM, seed=2).to(device)
     fast.enable_compile()
+    fast.rotary_impl = rotary
     with torch.inference_mode():
         for i, lengths in enumerate(([40, 7, 100], [3, 3], [120, 55, 61, 9])):
             batch = packed_batch(lengths, 24, seed=20 + i, low=4).to(device)
