@@ -127,6 +127,13 @@ def _si(value: float) -> str:
     return f"{value:.0f}"
 
 
+def _frames_total_text(snapshot: dict) -> str:
+    """The frame total of a snapshot: "?" while unknown, "~N" while estimated."""
+    if snapshot["frames_total"] is None:
+        return "?"
+    return ("~" if snapshot["estimated"] else "") + f"{snapshot['frames_total']:,}"
+
+
 def _duration(seconds: Optional[float]) -> str:
     if seconds is None:
         return "?"
@@ -174,8 +181,7 @@ class Progress:
 
     def line(self) -> str:
         s = self.snapshot()
-        total = "?" if s["frames_total"] is None else (
-            ("~" if s["estimated"] else "") + f"{s['frames_total']:,}")
+        total = _frames_total_text(s)
         gpus = ", ".join(f"{name} {_si(rate)} tok/s" for name, rate in s["gpus"].items())
         text = (f"records {s['records']:,}/{s['records_total']:,}  frames {s['frames']:,}/{total}"
                 f"  {s['seq_per_s']:.1f} seq/s  {_si(s['tok_per_s'])} tok/s"
@@ -191,8 +197,7 @@ class Progress:
         grid = Table.grid(padding=(0, 2))
         total = s["frames_total"] or 0
         bar = ProgressBar(total=max(total, s["frames"], 1), completed=s["frames"], width=40)
-        total_text = "?" if s["frames_total"] is None else (
-            ("~" if s["estimated"] else "") + f"{s['frames_total']:,}")
+        total_text = _frames_total_text(s)
         grid.add_row("frames", bar, f"{s['frames']:,}/{total_text}", f"ETA {_duration(s['eta'])}")
         grid.add_row("records", f"{s['records']:,}/{s['records_total']:,}",
                      f"{s['seq_per_s']:.1f} seq/s", f"{_si(s['tok_per_s'])} tok/s")

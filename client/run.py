@@ -31,7 +31,7 @@ from .classifier import Classifier, PredictionWriter, load_classifier
 from .errors import (ClassifierError, IncompleteError, InterruptedRun, OutputError, OutputWriteError, ServerError,
                      ServerUnavailableError)
 from .progress import Counters, MetricsPoller, Progress
-from .schedule import Block, Item, Request, ScheduleConfig, blocks_of, cut_requests, interleave
+from .schedule import SPECIAL_TOKENS, Block, Item, Request, ScheduleConfig, blocks_of, cut_requests, interleave
 from .sink import MERGE_ORDER, OutputDir, RunConfig
 from .transport import Dispatcher, Server, ServerSpec, TransportConfig
 from .virnucpro import PrepStats, prepare
@@ -176,8 +176,10 @@ class _Run:
         try:
             await self._connect()
             self._open_output()
-            if o.resume and self._already_complete():
-                return RunResult("complete", o.out, self._previous_summary())
+            if o.resume:
+                previous = self._previous_summary()
+                if previous.get("status") == "complete":
+                    return RunResult("complete", o.out, previous)
             return await self._stream_and_finish()
         finally:
             for task in self.connecting:
@@ -266,9 +268,6 @@ class _Run:
         self.out.open(config, resume=o.resume)
         if o.resume:
             log.info("resuming %s: %d blocks already committed", o.out, len(self.out.blocks))
-
-    def _already_complete(self) -> bool:
-        return self._previous_summary().get("status") == "complete"
 
     def _previous_summary(self) -> dict:
         import json
@@ -433,7 +432,6 @@ class _Run:
         if state.remaining == 0:
             if state.rejected:  # a block is all or nothing: it stays unfinished
                 del self.open[state.block.number]
-                self.changed.set()
             else:
                 self.commits.append(asyncio.ensure_future(self._commit(state)))
         self.changed.set()
@@ -526,7 +524,7 @@ class _Run:
         elapsed = time.monotonic() - self.started
         send_s = max(self.send_elapsed, 1e-9)
         sequences = sum(self.received.values())
-        tokens = sum(self.letters[m] + 2 * self.received[m] for m in o.models)
+        tokens = sum(self.letters[m] + SPECIAL_TOKENS * self.received[m] for m in o.models)
         committed = self._rows() if self.out is not None else {}
         server_tokens = {}
         if self.metrics is not None:

@@ -202,7 +202,7 @@ class PackedAttention:
             length = max_seqlen if device.type != "cuda" else -(-max_seqlen // 8) * 8
             batch = cu_seqlens.numel() - 1
             self.seq = sequence_index(cu_seqlens, total)                          # [T]
-            self.pos = positions_in_sequence(cu_seqlens, total)                   # [T]
+            self.pos = positions_in_sequence(cu_seqlens, total, self.seq)         # [T]
             self.batch, self.length = batch, length
             slot = self.seq * length + self.pos                                   # [T]
             # For every slot, the token it holds; pad slots read token 0: their keys are
@@ -279,14 +279,3 @@ class PackedAttention:
     def _flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _varlen_attn()(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
                               scale=self._scale(q.shape[-1]))
-
-
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, alibi_slopes: Optional[torch.Tensor] = None,
-                     scale: Optional[float] = None) -> torch.Tensor:
-    """One-shot form of `PackedAttention` (builds the layout for this call only; never "flex",
-    which needs the caller to run on a padded stream)."""
-    backend = "auto" if alibi_slopes is None else "padded"
-    plan = PackedAttention(cu_seqlens, max_seqlen, q.shape[0], q.dtype, alibi_slopes, scale, q.shape[-1],
-                           backend=backend)
-    return plan(q, k, v)

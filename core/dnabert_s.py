@@ -307,15 +307,15 @@ class DnabertS(nn.Module):
         heads, head_dim = self.config.num_attention_heads, self.config.head_dim
         x = self.embeddings(input_ids)                                       # [B, L, H]
         bias = alibi_bias(self.alibi_slopes_tensor(input_ids.device), length, x.dtype)   # [heads, L, L]
-        key_mask = attention_mask.bool()[:, None, None, :]                  # [B, 1, 1, L]
-        bias = bias[None].masked_fill(~key_mask, float("-inf"))             # [B, heads, L, L]
+        mask = attention_mask.bool()
+        bias = bias[None].masked_fill(~mask[:, None, None, :], float("-inf"))   # [B, heads, L, L]
         for layer in self.encoder.layer:
             qkv = layer.attention.self.Wqkv(x).view(batch, length, 3, heads, head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                   # each [B, heads, L, d]
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, heads, L, d]
             context = context.transpose(1, 2).reshape(x.shape)               # [B, L, H]
             x = layer.mlp(layer.attention.output(context, x))
-        return x.masked_fill(~attention_mask.bool()[..., None], 0.0)
+        return x.masked_fill(~mask[..., None], 0.0)
 
 
 # --------------------------------------------------------------------------- tokenizer

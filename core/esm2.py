@@ -331,7 +331,7 @@ class ESM2(nn.Module):
         n_masked = torch.zeros_like(lengths).index_add_(0, seq, is_mask)  # [B]
         x = self._embed(input_ids, (n_masked / lengths)[seq])   # [T, hidden]
 
-        positions = positions_in_sequence(cu_seqlens, total)    # [T] 0 at each BOS
+        positions = positions_in_sequence(cu_seqlens, total, seq)  # [T] 0 at each BOS
         cos, sin = self.rotary_embeddings(positions)  # [T, 1, head_dim/2] float32 each
         scale = self.config.head_dim ** -0.5                    # ESM scales q (before rotary; same thing)
 

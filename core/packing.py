@@ -7,7 +7,7 @@ flash-attention's varlen kernels take.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,14 +18,6 @@ class PackedBatch:
     input_ids: torch.Tensor   # [T] int64
     cu_seqlens: torch.Tensor  # [B+1] int32
     max_seqlen: int
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-
-    @property
-    def num_sequences(self) -> int:
-        return self.cu_seqlens.numel() - 1
 
     def to(self, device: torch.device) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device, non_blocking=True),
@@ -41,15 +33,6 @@ def pack(token_ids: Sequence[np.ndarray]) -> PackedBatch:
     return PackedBatch(torch.from_numpy(flat), torch.from_numpy(cu), int(lengths.max(initial=0)))
 
 
-def positions_in_sequence(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[T] int64: each token's position inside its own sequence (0 at every start)."""
-    starts = cu_seqlens[:-1].long()
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq_of_token = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
-                                           output_size=total)
-    return torch.arange(total, device=cu_seqlens.device) - starts[seq_of_token]
-
-
 def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """[T] int64: which sequence of the batch each token belongs to."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -57,22 +40,15 @@ def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
                                    output_size=total)
 
 
-def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, ...] packed -> ([B, max_seqlen, ...] zero-padded, [B, max_seqlen] bool mask of real tokens)."""
-    total = x.shape[0]
-    batch = cu_seqlens.numel() - 1
-    seq = sequence_index(cu_seqlens, total)
-    pos = positions_in_sequence(cu_seqlens, total)
-    padded = x.new_zeros((batch, max_seqlen) + tuple(x.shape[1:]))
-    padded[seq, pos] = x
-    mask = torch.zeros(batch, max_seqlen, dtype=torch.bool, device=x.device)
-    mask[seq, pos] = True
-    return padded, mask
+def positions_in_sequence(cu_seqlens: torch.Tensor, total: int,
+                          seq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[T] int64: each token's position inside its own sequence (0 at every start).
 
-
-def unpad(padded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, L, ...] with [B, L] mask -> [T, ...] packed, sequences in batch order."""
-    return padded[mask]
+    `seq`: the `sequence_index` of the same batch, where the caller already has it.
+    """
+    if seq is None:
+        seq = sequence_index(cu_seqlens, total)
+    return torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[seq]
 
 
 def mean_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, skip_first: int = 0,
@@ -84,12 +60,12 @@ def mean_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, skip_first:
     total = hidden.shape[0]
     batch = cu_seqlens.numel() - 1
     seq = sequence_index(cu_seqlens, total)
-    pos = positions_in_sequence(cu_seqlens, total)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     sums = torch.zeros(batch, hidden.shape[1], dtype=torch.float32, device=hidden.device)
     if skip_first == skip_last == 0:   # every token counts: no boolean index (a device sync + copy)
         sums.index_add_(0, seq, hidden.float())
     else:
+        pos = positions_in_sequence(cu_seqlens, total, seq)
         keep = (pos >= skip_first) & (pos < lengths[seq] - skip_last)
         sums.index_add_(0, seq[keep], hidden[keep].float())
     counts = (lengths - skip_first - skip_last).clamp(min=1).to(torch.float32)

@@ -193,6 +193,14 @@ def random_init_(model: torch.nn.Module, seed: int, std) -> None:
                 p.copy_(std(name, p) * noise)
 
 
+def dnabert_std(name: str, p: torch.Tensor) -> float:
+    """random_init_'s std for DNABERT-S, as random_dnabert_s: N(0, 1/fan_in) weights, unit embeddings,
+    small biases."""
+    if "embeddings" in name:
+        return 1.0
+    return 0.1 if p.dim() == 1 else p.shape[1] ** -0.5
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -204,7 +212,7 @@ def free_memory(device: torch.device) -> None:
 
 def bench_esm2(core, args, device: torch.device, dtype: torch.dtype) -> dict:
     from embed_core.esm2 import ESM2, Esm2Config, Esm2Tokenizer
-    from transformers import EsmConfig, EsmModel
+    from transformers import EsmModel
 
     dims = ESM2_SMALL if args.small else ESM2_3B
     config = Esm2Config(**dims)
@@ -214,10 +222,7 @@ def bench_esm2(core, args, device: torch.device, dtype: torch.dtype) -> dict:
     random_init_(ours, seed=0, std=lambda name, p: 0.02)
     ours.eval()
 
-    hf_config = EsmConfig(vocab_size=33, mask_token_id=32, pad_token_id=1, position_embedding_type="rotary",
-                          token_dropout=True, emb_layer_norm_before=False, layer_norm_eps=config.layer_norm_eps,
-                          max_position_embeddings=1026, hidden_act="gelu", hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0, **dims)
+    hf_config = hf_esm_config(config, dims)
     set_attention(None, hf_config, "eager")
     with torch.device(device):
         hf = EsmModel(hf_config, add_pooling_layer=False)
@@ -400,6 +405,15 @@ def summarize(model, dims, build_s, work, vanilla_work, runs, out_a, out_b, out_
     }
 
 
+def hf_esm_config(config, dims: dict):
+    """transformers' EsmConfig for our ESM2 `config` at `dims` (so copy_weights maps onto EsmModel)."""
+    from transformers import EsmConfig
+    return EsmConfig(vocab_size=33, mask_token_id=32, pad_token_id=1, position_embedding_type="rotary",
+                     token_dropout=True, emb_layer_norm_before=False, layer_norm_eps=config.layer_norm_eps,
+                     max_position_embeddings=1026, hidden_act="gelu", hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, **dims)
+
+
 def set_attention(model, config, implementation: str) -> str:
     """Selects transformers' attention implementation; returns the one in effect."""
     if model is not None and hasattr(model, "set_attn_implementation"):
@@ -428,12 +442,7 @@ def bench_dnabert_s(core, args, device: torch.device, dtype: torch.dtype) -> dic
     with torch.device(device):
         model = DnabertS(DnabertSConfig(**dims))
 
-    def std(name, p):  # as random_dnabert_s: N(0, 1/fan_in) weights, unit embeddings, small biases
-        if "embeddings" in name:
-            return 1.0
-        return 0.1 if p.dim() == 1 else p.shape[1] ** -0.5
-
-    random_init_(model, seed=0, std=std)
+    random_init_(model, seed=0, std=dnabert_std)
     model.eval()
     build_s = time.perf_counter() - t0
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib
 import importlib.util
 import json
@@ -146,12 +145,18 @@ def stub_python() -> str:
     return sys.executable
 
 
-def server_env(extra_path: Optional[str], gpus: Optional[int]) -> dict:
+def child_env(extra_path: Optional[str]) -> dict:
+    """os.environ with `extra_path` (from ensure_packages_importable) first on PYTHONPATH."""
     env = dict(os.environ)
-    if os.environ.get("STUB_PATH"):
-        env["PATH"] = os.environ["STUB_PATH"] + os.pathsep + env.get("PATH", "")
     if extra_path:
         env["PYTHONPATH"] = extra_path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def server_env(extra_path: Optional[str], gpus: Optional[int]) -> dict:
+    env = child_env(extra_path)
+    if os.environ.get("STUB_PATH"):
+        env["PATH"] = os.environ["STUB_PATH"] + os.pathsep + env.get("PATH", "")
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
     return env
@@ -187,17 +192,10 @@ def preflight(args, extra_path: Optional[str]) -> dict:
     info = {"python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
             "stub_python": python, "stub_numpy": stub_info[2], "stub_torch": stub_info[3],
             "optional_missing": optional}
+    bm = load_perf_module("bench_models")
     for name in ("transformers", "pyarrow", "tritonclient"):
-        info[name] = _version(name)
+        info[name] = bm._version(name)
     return info
-
-
-def _version(package: str) -> str:
-    try:
-        from importlib.metadata import version
-        return version(package)
-    except Exception:
-        return "absent"
 
 
 # ---------------------------------------------------------------------------------- workload
@@ -283,12 +281,6 @@ def model_dims(small: bool) -> dict:
             "dnabert_s": dict(bm.DNABERT_S_SMALL if small else bm.DNABERT_S_FULL)}
 
 
-def _dnabert_std(name, p):  # as bench_models / random_dnabert_s: N(0, 1/fan_in), unit embeddings
-    if "embeddings" in name:
-        return 1.0
-    return 0.1 if p.dim() == 1 else p.shape[1] ** -0.5
-
-
 def build_model(kind: str, dims: dict, device, seed: int):
     """A random encoder at `dims`, built directly on `device` (fast at 3B), fp32, eval.
     The same seed on the same device gives the same weights (the server's = the in-process ones)."""
@@ -303,7 +295,7 @@ def build_model(kind: str, dims: dict, device, seed: int):
         from embed_core.dnabert_s import DnabertS, DnabertSConfig
         with torch.device(device):
             model = DnabertS(DnabertSConfig(**dims))
-        bm.random_init_(model, seed=seed, std=_dnabert_std)
+        bm.random_init_(model, seed=seed, std=bm.dnabert_std)
     return model.eval()
 
 
@@ -457,22 +449,11 @@ class Sampler:
 
 # ---------------------------------------------------------------------------------- server and client
 
-try:
-    _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    if _prctl is not None:
-        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class Server:
     """embed-server (embed_server.cli) in a subprocess, under the stub's python; stopped by SIGTERM."""
 
     def __init__(self, repo: Path, workdir: Path, out_dir: Path, cpu: bool, extra_path, gpus, timeout_s: float):
-        from embed_server.launcher import free_ports
+        from embed_server.launcher import _die_with_parent, free_ports
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
@@ -493,12 +474,13 @@ class Server:
         self.timeout_s = timeout_s
 
     def wait_ready(self) -> None:
+        from embed_server.launcher import _http
         deadline = time.monotonic() + self.timeout_s + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise Failure(f"embed-server exited with code {self.process.returncode} before it was ready:\n"
                               + tail(self.stdout_path, 25))
-            status = _status(f"{self.http_url}/v2/health/ready")
+            status, _ = _http(f"{self.http_url}/v2/health/ready", timeout=2)
             if status == 200 and "ready:" in self.stdout_path.read_text(errors="replace"):
                 return
             time.sleep(0.5)
@@ -516,16 +498,6 @@ class Server:
         return self.process.returncode
 
 
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return 0
-
-
 def tail(path: Path, lines: int) -> str:
     try:
         text = Path(path).read_text(errors="replace").splitlines()
@@ -538,13 +510,12 @@ def run_client(args, sample: Path, server: Server, workdir: Path, out_dir: Path,
                models: tuple = MODELS, tag: str = "client") -> tuple:
     """(exit code, summary dict or {}, seconds, output dir): embed-client as a subprocess, its log in
     out_dir/e2e_<tag>.log."""
+    from embed_server.launcher import _die_with_parent
     client_out = workdir / f"{tag}_out"
     cmd = [sys.executable, "-m", "embed_client.cli", "--sample", str(sample), "--server", server.grpc_url,
            "--metrics-url", server.metrics_url, "--out", str(client_out), "--chunk", str(args.chunk),
            "--models", ",".join(models), "--progress", "plain", "--log-interval", "15"] + list(args.client_arg)
-    env = dict(os.environ)
-    if extra_path:
-        env["PYTHONPATH"] = extra_path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = child_env(extra_path)
     log_path = out_dir / f"e2e_{tag}.log"
     t0 = time.perf_counter()
     with open(log_path, "wb") as fh:
@@ -626,13 +597,13 @@ def server_figures(samples: List[dict], busy: Dict[str, Optional[float]], summar
     f["esm2_tokens_per_s_per_gpu"] = f["esm2_tokens_per_s_per_gpu_mixed"]
     f["dnabert_s_tokens_per_s_per_gpu"] = f["dnabert_s_tokens_per_s_per_gpu_mixed"]   # until the pass alone
     t_start, t_end = embedding_window(samples)
-    utils = [v for s in samples if t_start is not None and t_start <= s["t"] <= t_end for v in s["util"].values()]
+    in_window = [s for s in samples if t_start is not None and t_start <= s["t"] <= t_end]
+    utils = [v for s in in_window for v in s["util"].values()]
     f["gpu_util_mean"] = sum(utils) / len(utils) if utils else None
     util_per_gpu = {}
-    for s in samples:
-        if t_start is not None and t_start <= s["t"] <= t_end:
-            for uuid, v in s["util"].items():
-                util_per_gpu.setdefault(uuid, []).append(v)
+    for s in in_window:
+        for uuid, v in s["util"].items():
+            util_per_gpu.setdefault(uuid, []).append(v)
     util_per_gpu = {uuid: sum(v) / len(v) for uuid, v in util_per_gpu.items()}
     f["gpu_util_samples"] = len(utils)
     f["embedding_window_s"] = (t_end - t_start) if t_start is not None else None
@@ -722,7 +693,7 @@ def inprocess_baseline(args, dims: dict, device, frames: list, log_fn) -> dict:
         out["models"][m] = {"sequences": len(sequences), "tokens": int(tokens), "seconds": seconds,
                             "tokens_per_s": tokens / seconds, "setup_s": setup_s,
                             "token_budget": embedder.token_budget, "compiled": embedder.compiled,
-                            "dtype": str(embedder.dtype).replace("torch.", ""),
+                            "dtype": bm.name_of(embedder.dtype),
                             "forward_passes": after["forward_passes"] - before["forward_passes"],
                             "finite": bool(np.isfinite(rows).all())}
         out.setdefault("rows", {})[m] = rows[:args.check_rows]
@@ -746,15 +717,11 @@ def transformers_baseline(args, dims: dict, device, frames: list, ours, log_fn) 
     import numpy as np
     import torch
     from embed_core.esm2 import Esm2Tokenizer
-    from transformers import EsmConfig, EsmModel
+    from transformers import EsmModel
     bm = load_perf_module("bench_models")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
-    config = ours.config
-    hf_config = EsmConfig(vocab_size=33, mask_token_id=32, pad_token_id=1, position_embedding_type="rotary",
-                          token_dropout=True, emb_layer_norm_before=False, layer_norm_eps=config.layer_norm_eps,
-                          max_position_embeddings=1026, hidden_act="gelu", hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0, **dims["esm2"])
+    hf_config = bm.hf_esm_config(ours.config, dims["esm2"])
     bm.set_attention(None, hf_config, "sdpa")
     with torch.device(device):
         hf = EsmModel(hf_config, add_pooling_layer=False)
@@ -769,7 +736,7 @@ def transformers_baseline(args, dims: dict, device, frames: list, ours, log_fn) 
     run = bm.padded_runner(forward, 1, (1, 1),
                            lambda w: bm.sorted_batches(np.array([len(t) for t in w]), 16384), device)
     setup_s = time.perf_counter() - t0
-    result, rows = bm.measure(f"transformers EsmModel {str(dtype).replace('torch.', '')} {attn}, length-sorted",
+    result, rows = bm.measure(f"transformers EsmModel {bm.name_of(dtype)} {attn}, length-sorted",
                               run, work, warm, device)
     result["setup_s"] = setup_s
     result["rows"] = rows[:args.check_rows]
@@ -1075,7 +1042,7 @@ def run(args) -> int:
         repo, ck_seconds = write_checkpoints(args, dims, device, workdir)
         report["config"]["checkpoint_seconds"] = ck_seconds
         phase("checkpoints", t0)
-        log(f"checkpoints: " + ", ".join(f"{m} {s:.0f} s" for m, s in ck_seconds.items()) + f" -> {repo}")
+        log("checkpoints: " + ", ".join(f"{m} {s:.0f} s" for m, s in ck_seconds.items()) + f" -> {repo}")
 
         t0 = time.monotonic()
         server = Server(repo, workdir, out_dir, cpu=args.small or device.type != "cuda", extra_path=extra_path,
