@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output directory (default: <sample stem>_embeddings beside the sample)")
     io.add_argument("--resume", action="store_true",
                     help="continue an interrupted run in --out: finished blocks are neither "
-                    "recomputed nor duplicated")
+                    "recomputed nor duplicated, and no server is contacted unless something is "
+                    "left to compute (a finished run only gets the --merged/--classifier files "
+                    "it lacks)")
     io.add_argument("--merged", action="store_true",
                     help="also write merged.parquet: the VirNucPro features per frame, "
                     "DNABERT-S then ESM-2 (768 + 2560 = 3328 for the published models)")
@@ -231,6 +233,9 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(e) or "interrupted", EXIT_INTERRUPTED)
     except ClientError as e:
         return _error(str(e), EXIT_FAILURE)
+    if result.message:
+        print(f"embed-client: {result.message}", flush=True)
+        return EXIT_OK
     s = result.summary
     sent = s.get("stages", {}).get("send", {})
     counts = ", ".join(f"{m} {v['sequences_in']:,}" for m, v in sent.items())

@@ -74,12 +74,20 @@ class MetricsPoller:
         self.unavailable: Dict[str, str] = {}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._started = False
 
     def start(self) -> None:
+        self._started = True
         if self.urls:
             self.poll()  # a baseline before the first requests
             self._thread = threading.Thread(target=self._loop, name="metrics", daemon=True)
             self._thread.start()
+
+    def add(self, url: str) -> None:
+        """A server that joined the run after the start (or a --resume's first server)."""
+        self.urls.append(url)
+        if self._started and self._thread is None and not self._stop.is_set():
+            self.start()
 
     def stop(self) -> None:
         self._stop.set()

@@ -11,11 +11,19 @@
    features and predictions), and the summary.
 Every outcome after step 4 leaves summary.json saying what happened; only a run whose
 counts all match is "complete".
+
+--resume opens the output directory first and contacts no server until a block needs
+computing: a run whose summary says complete and whose final files still hold that many
+rows is done without reading the sample (only missing derived files, merged.parquet or the
+predictions, are written from the final files); a run whose blocks are all committed is
+finished from its parts; otherwise the servers are contacted at the first block to compute.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -27,12 +35,12 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from . import reader
-from .classifier import Classifier, PredictionWriter, load_classifier
-from .errors import (ClassifierError, IncompleteError, InterruptedRun, OutputError, OutputWriteError, ServerError,
-                     ServerUnavailableError)
+from .classifier import HIGHEST_FILE, PREDICTIONS_FILE, Classifier, PredictionWriter, load_classifier
+from .errors import (ClassifierError, IncompleteError, InputError, InterruptedRun, OutputError, OutputWriteError,
+                     ServerError, ServerUnavailableError)
 from .progress import Counters, MetricsPoller, Progress
 from .schedule import SPECIAL_TOKENS, Block, Item, Request, ScheduleConfig, blocks_of, cut_requests, interleave
-from .sink import MERGE_ORDER, OutputDir, RunConfig
+from .sink import MERGE_ORDER, MERGED_FILE, SUMMARY_FILE, OutputDir, RunConfig
 from .transport import Dispatcher, Server, ServerSpec, TransportConfig
 from .virnucpro import PrepStats, prepare
 
@@ -97,6 +105,7 @@ class RunResult:
     status: str
     out: Path
     summary: dict
+    message: Optional[str] = None              # set when --resume found nothing to compute
 
 
 def default_out(sample: Path) -> Path:
@@ -128,7 +137,8 @@ def execute(options: RunOptions) -> RunResult:
 @dataclass
 class _OpenBlock:
     block: Block
-    remaining: int                                   # items still unanswered (all models)
+    models: Tuple[str, ...]                          # the models computed for it in this run
+    remaining: int                                   # items still unanswered (those models)
     embeddings: Dict[str, np.ndarray]
     rejected: List[Tuple[str, Item, str]] = field(default_factory=list)
 
@@ -149,7 +159,10 @@ class _Run:
         self.sent = {m: 0 for m in options.models}
         self.received = {m: 0 for m in options.models}
         self.letters = {m: 0 for m in options.models}
-        self.blocks_resumed = 0
+        self.blocks_resumed = 0                  # committed blocks with all their parts
+        self.blocks_repaired = 0                 # committed blocks with parts missing
+        self.blocks_new = 0                      # blocks computed by this run from scratch
+        self.reused = {m: 0 for m in options.models}  # rows an earlier run already embedded
         self.commit_lock: Optional[asyncio.Lock] = None
         self.commits: List[asyncio.Task] = []
         self.changed: Optional[asyncio.Event] = None
@@ -165,21 +178,28 @@ class _Run:
 
     async def main(self) -> RunResult:
         o = self.o
-        policy = "skip" if o.skip_bad_records else "error"
-        log.info("validating %s (bad records: %s)", o.sample, policy)
-        self.validated = await asyncio.to_thread(reader.validate, o.sample, policy)
-        v = self.validated
-        log.info("%d records, %d kept, %d skipped", v.n_records, v.n_kept, len(v.skipped))
-        if o.classifier is not None:
-            self.classifier = load_classifier(o.classifier, allow_pickle=o.allow_pickle)
-        OutputDir(o.out).check(o.resume)
         try:
-            await self._connect()
-            self._open_output()
             if o.resume:
-                previous = self._previous_summary()
-                if previous.get("status") == "complete":
-                    return RunResult("complete", o.out, previous)
+                # No server yet: a finished run needs none, an unfinished one only when a
+                # block needs computing (the widths come from run.json meanwhile).
+                OutputDir(o.out).check(o.resume)
+                self._open_output()
+                previous = self._finished_run()
+                if previous is not None:
+                    return self._complete_finished(previous)
+            await self._validate()
+            if o.classifier is not None:
+                self.classifier = load_classifier(o.classifier, allow_pickle=o.allow_pickle)
+            if o.resume:
+                self._report_resume()
+                if any(m not in self.hidden for m in o.models):  # run.json without widths
+                    await self._connect_resumed()
+                self._check_classifier()
+            else:
+                OutputDir(o.out).check(o.resume)
+                await self._connect()
+                self._check_classifier()
+                self._open_output()
             return await self._stream_and_finish()
         finally:
             for task in self.connecting:
@@ -188,6 +208,14 @@ class _Run:
                 await server.close()
             if self.out is not None:
                 self.out.close()
+
+    async def _validate(self) -> None:
+        o = self.o
+        policy = "skip" if o.skip_bad_records else "error"
+        log.info("validating %s (bad records: %s)", o.sample, policy)
+        self.validated = await asyncio.to_thread(reader.validate, o.sample, policy)
+        v = self.validated
+        log.info("%d records, %d kept, %d skipped", v.n_records, v.n_kept, len(v.skipped))
 
     async def _connect(self) -> None:
         """Start as soon as one server is ready; the others join the run when they are."""
@@ -222,13 +250,37 @@ class _Run:
             self._describe(server)
         for server in self.connecting.values():
             log.info("server %s is not ready yet; it joins the run when it is", server.spec.url)
-        if self.classifier is not None:
-            width = sum(self.hidden[m] for m in MERGE_ORDER)
-            if self.classifier.input_dim != width:
-                raise ClassifierError(
-                    f"classifier {o.classifier} takes {self.classifier.input_dim} features, but "
-                    f"the servers' models give {width} ("
-                    + " + ".join(f"{m} {self.hidden[m]}" for m in MERGE_ORDER) + ")")
+
+    async def _connect_resumed(self) -> None:
+        """Connect for --resume: the servers' widths must be the interrupted run's."""
+        await self._connect()
+        config = self.out.config
+        problems = config.mismatches(dataclasses.replace(config, hidden=dict(self.hidden)))
+        if problems:
+            raise OutputError(f"--resume: {self.o.out} was started with other options or "
+                              "input; " + "; ".join(problems))
+
+    async def _ensure_servers(self) -> None:
+        """A --resume run contacts the servers when its first block needs computing."""
+        if self.servers:
+            return
+        await self._connect_resumed()
+        for server in self.servers:
+            self.dispatcher.add(server)
+            self.metrics.add(server.spec.metrics_url)
+        for task in list(self.connecting):
+            task.add_done_callback(self._join_late)
+
+    def _check_classifier(self) -> None:
+        if self.classifier is None:
+            return
+        width = sum(self.hidden[m] for m in MERGE_ORDER)
+        if self.classifier.input_dim != width:
+            source = "the interrupted run's models" if not self.servers else "the servers' models"
+            raise ClassifierError(
+                f"classifier {self.o.classifier} takes {self.classifier.input_dim} features, but "
+                f"{source} give {width} ("
+                + " + ".join(f"{m} {self.hidden[m]}" for m in MERGE_ORDER) + ")")
 
     def _describe(self, server: Server) -> None:
         log.info("server %s: %s; %d requests in flight", server.spec.url,
@@ -256,27 +308,126 @@ class _Run:
             return
         self._describe(server)
         self.servers.append(server)
-        self.metrics.urls.append(server.spec.metrics_url)
+        self.metrics.add(server.spec.metrics_url)
 
     def _open_output(self) -> None:
         o = self.o
+        try:
+            sample_bytes = o.sample.stat().st_size
+        except FileNotFoundError:
+            raise InputError(str(o.sample), None, None, "no such file") from None
         config = RunConfig(
-            sample=str(o.sample.resolve()), sample_bytes=o.sample.stat().st_size, chunk=o.chunk,
+            sample=str(o.sample.resolve()), sample_bytes=sample_bytes, chunk=o.chunk,
             models=o.models, window=o.schedule.window, skip_bad_records=o.skip_bad_records,
             hidden=dict(self.hidden))
         self.out = OutputDir(o.out)
         self.out.open(config, resume=o.resume)
         if o.resume:
-            log.info("resuming %s: %d blocks already committed", o.out, len(self.out.blocks))
+            stored = self.out.config.hidden
+            self.hidden = {m: stored[m] for m in o.models if m in stored}
 
     def _previous_summary(self) -> dict:
-        import json
-
-        path = self.o.out / "summary.json"
+        path = self.o.out / SUMMARY_FILE
         try:
-            return json.loads(path.read_text())
+            summary = json.loads(path.read_text())
         except (OSError, ValueError):
             return {}
+        return summary if isinstance(summary, dict) else {}
+
+    def _finished_run(self) -> Optional[dict]:
+        """The summary of the run in --out when it is complete and its final files still hold
+        every frame (counts from the footers, checked against the summary and the manifest);
+        None otherwise."""
+        o, out = self.o, self.out
+        previous = self._previous_summary()
+        if previous.get("status") != "complete":
+            return None
+        try:
+            frames = int(previous["stages"]["prep"]["frames"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        problems = []
+        for model in o.models:
+            committed = sum(r.rows.get(model, 0) for r in out.manifest.values())
+            rows = out.final_rows(model, self.hidden.get(model))
+            if rows is None:
+                problems.append(f"{out.final_path(model).name} is missing or unreadable")
+            elif not rows == committed == frames:
+                problems.append(f"{out.final_path(model).name} holds {rows:,} rows, the run "
+                                f"committed {committed:,} of {frames:,} frames")
+        if problems:
+            log.warning("resume: %s says the run is complete, but %s; recomputing",
+                        SUMMARY_FILE, "; ".join(problems))
+            return None
+        return previous
+
+    def _complete_finished(self, previous: dict) -> RunResult:
+        """--resume of a complete run: no server, no sample read; only the derived files this
+        run asks for and lacks (merged.parquet, the predictions) are written."""
+        o, out = self.o, self.out
+        prep = previous["stages"]["prep"]
+        frames, chunks = int(prep["frames"]), int(prep.get("chunks", 0))
+        need_merged = o.merged and out.final_rows(
+            "merged", sum(self.hidden.get(m, 0) for m in MERGE_ORDER)) != frames
+        need_predictions = False
+        if o.classifier is not None:
+            if all((o.out / name).exists() for name in (PREDICTIONS_FILE, HIGHEST_FILE)):
+                log.info("resume: %s and %s exist and are kept (remove them to predict again "
+                         "with %s)", PREDICTIONS_FILE, HIGHEST_FILE, o.classifier)
+            else:
+                need_predictions = True
+                self.classifier = load_classifier(o.classifier, allow_pickle=o.allow_pickle)
+                self._check_classifier()
+        summary, wrote = previous, []
+        if need_merged or need_predictions:
+            wrote = ([MERGED_FILE] if need_merged else []) + (
+                [PREDICTIONS_FILE, HIGHEST_FILE] if need_predictions else [])
+            log.info("resume: writing %s from the final files", ", ".join(wrote))
+            writer = PredictionWriter(o.out) if need_predictions else None
+            on_features = None
+            if writer is not None:
+                on_features = lambda ids, x: writer.add(ids, self.classifier.predict_proba(x))
+            try:
+                rows = out.derive(self.hidden, need_merged, on_features)
+                predictions = writer.close() if writer is not None else None
+            except BaseException as e:
+                if writer is not None:
+                    writer.abort()
+                if isinstance(e, OSError):
+                    raise self._write_failed("writing " + ", ".join(wrote), e) from e
+                raise
+            summary = json.loads(json.dumps(previous))
+            if need_merged:
+                summary["stages"].setdefault("write", {})["merged"] = {"rows_final": rows["merged"]}
+            if predictions is not None:
+                summary["stages"]["classifier"] = predictions
+            try:
+                out.write_summary(summary)
+            except OSError as e:
+                raise self._write_failed("writing summary.json", e) from e
+        message = (f"resume: all {frames:,} frames / {chunks:,} chunks already embedded in "
+                   f"{o.out}; " + (f"wrote the missing {', '.join(wrote)}" if wrote
+                                  else "nothing to do"))
+        return RunResult("complete", o.out, summary, message)
+
+    def _report_resume(self) -> None:
+        """One line: what the interrupted run left, and what is recomputed."""
+        out = self.out
+        if out.parts_removed:
+            log.info("resuming %s: its final files were written and its parts removed, so all "
+                     "%d committed blocks are computed again", self.o.out, len(out.manifest))
+            return
+        frames = sum(r.frames for r in out.blocks.values())
+        text = (f"resuming {self.o.out}: {len(out.blocks)} of {len(out.manifest)} committed "
+                f"blocks complete ({frames:,} frames)")
+        if out.missing:
+            parts = sum(len(models) for models in out.missing.values())
+            listed = ", ".join(f"block {n}: {'+'.join(models)}"
+                               for n, models in sorted(out.missing.items())[:5])
+            text += (f"; {parts} part{'s' if parts != 1 else ''} missing ({listed}"
+                     + (", ..." if len(out.missing) > 5 else "")
+                     + "): recomputed for those models only")
+        log.info("%s; any block not committed yet is computed now", text)
 
     # ------------------------------------------------------------------ streaming
 
@@ -373,32 +524,52 @@ class _Run:
             block = await asyncio.to_thread(next, blocks, None)
             if block is None:
                 break
-            done = self.out.blocks.get(block.number)
+            models = o.models
+            done = self.out.manifest.get(block.number)
             if done is not None:
                 if not done.matches(block.first_index, block.keys):
                     raise OutputError(
                         f"--resume: block {block.number} of the input differs from the "
                         f"interrupted run's (the sample or the prep changed); start a new run")
-                self.blocks_resumed += 1
-                self.counters.frames_resumed += block.size
-                continue
+                missing = self.out.missing.get(block.number)
+                if missing is None:
+                    self.blocks_resumed += 1
+                    self.counters.frames_resumed += block.size
+                    for model in o.models:
+                        self.reused[model] += block.size
+                    continue
+                models = tuple(m for m in o.models if m in missing)
+                self.blocks_repaired += 1
+                for model in o.models:
+                    if model not in models:
+                        self.reused[model] += block.size
+                        self.counters.sequences_done[model] += block.size  # display only
+            else:
+                self.blocks_new += 1
+            await self._ensure_servers()
             # Open a block only when the queue runs low, and hold few blocks in memory.
             while self.open and (len(self.open) >= MAX_OPEN_BLOCKS
                                  or dispatcher.queue.qsize()
                                  >= sum(s.in_flight for s in self.servers)):
                 self.changed.clear()
                 await self.changed.wait()
-            self._open_block(block, dispatcher)
+            self._open_block(block, dispatcher, models)
         self.counters.prep_done = True
+        if o.resume:
+            repaired = (f", {self.blocks_repaired} with parts recomputed"
+                        if self.blocks_repaired else "")
+            log.info("resume: %d blocks were already complete (%d frames)%s, %d computed%s",
+                     self.blocks_resumed, self.counters.frames_resumed, repaired, self.blocks_new,
+                     "" if self.servers else "; no server was needed")
         self.changed.set()
 
-    def _open_block(self, block: Block, dispatcher: Dispatcher) -> None:
+    def _open_block(self, block: Block, dispatcher: Dispatcher, models: Tuple[str, ...]) -> None:
         o = self.o
         self.open[block.number] = _OpenBlock(
-            block, remaining=block.size * len(o.models),
-            embeddings={m: np.empty((block.size, self.hidden[m]), np.float32) for m in o.models})
+            block, models, remaining=block.size * len(models),
+            embeddings={m: np.empty((block.size, self.hidden[m]), np.float32) for m in models})
         per_model = []
-        for model in o.models:
+        for model in models:
             items = block.items[model]
             self.sent[model] += len(items)
             per_model.append(cut_requests(model, block.number, items, o.schedule.token_budget,
@@ -439,13 +610,13 @@ class _Run:
     async def _commit(self, state: _OpenBlock) -> None:
         block = state.block
         tables = {}
-        for model in self.o.models:
+        for model in state.models:
             lengths = [len(item.text) for item in block.items[model]]
             tables[model] = (state.embeddings[model], lengths)
         try:
             async with self.commit_lock:
                 await asyncio.to_thread(self.out.commit, block.number, block.first_index,
-                                        block.keys, tables)
+                                        block.keys, tables, self.o.models)
         except OSError as e:  # e.g. a full disk: end the run, the block stays unfinished
             self.dispatcher.fail(self._write_failed(f"writing block {block.number}", e))
             return
@@ -545,7 +716,8 @@ class _Run:
             "chunk": o.chunk,
             "models": list(o.models),
             "servers": [s.spec.url for s in self.all_servers],
-            "resumed": {"blocks": self.blocks_resumed, "frames": self.counters.frames_resumed},
+            "resumed": {"blocks": self.blocks_resumed, "frames": self.counters.frames_resumed,
+                        "blocks_with_missing_parts": self.blocks_repaired},
             "stages": {
                 "read": {"records_in_file": v.n_records, "records_kept": v.n_kept,
                          "records_skipped": len(v.skipped), "skipped": skipped[:LISTED],
@@ -555,7 +727,7 @@ class _Run:
                          "empty_frames": stats.empty_frames,
                          "chunks_without_frames": stats.chunks_without_frames},
                 "send": {m: {"sequences_in": stats.frames,
-                             "already_done": self.counters.frames_resumed,
+                             "already_done": self.reused[m],
                              "sequences_sent": self.sent[m],
                              "sequences_received": self.received[m],
                              "rejected": sum(1 for r in self.rejected if r[0] == m),

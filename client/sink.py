@@ -10,8 +10,11 @@ Layout of `--out DIR`:
 
 A block's parts are written under a temporary name and renamed; the manifest line is appended
 after the renames, so a block is finished exactly when its manifest line exists. Parts that
-no manifest line names (a crash between rename and append) are deleted on resume.
-Final files are written as `*.partial` and renamed, so nothing partial looks finished.
+no manifest line names (a crash between rename and append) are deleted on resume. A block
+whose manifest line exists but some of whose parts are gone (deleted by hand) is recomputed
+for those models only, and committed again with a second manifest line (the last one wins).
+Final files are written as `*.partial` and renamed, so nothing partial looks finished; once
+they are in place the parts are removed (the manifest stays: the run's bookkeeping).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -137,7 +140,9 @@ class OutputDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.config: Optional[RunConfig] = None
-        self.blocks: Dict[int, BlockRecord] = {}
+        self.manifest: Dict[int, BlockRecord] = {}       # every committed block (resume)
+        self.blocks: Dict[int, BlockRecord] = {}         # committed blocks with all their parts
+        self.missing: Dict[int, Tuple[str, ...]] = {}    # committed blocks -> models without part
         self._lock_fh = None
 
     # ------------------------------------------------------------ opening
@@ -166,7 +171,13 @@ class OutputDir:
                 raise OutputError(f"--resume: {self.path} was started with other options or "
                                   "input; " + "; ".join(problems))
             self.config = stored
-            self.blocks = self._read_manifest()
+            self.manifest = self._read_manifest()
+            for number, record in self.manifest.items():
+                missing = tuple(m for m in record.rows if not self.part_path(m, number).exists())
+                if missing:
+                    self.missing[number] = missing
+                else:
+                    self.blocks[number] = record
             self._drop_orphan_parts()
             return
         self.path.mkdir(parents=True, exist_ok=True)
@@ -205,19 +216,19 @@ class OutputDir:
                     log.warning("ignoring the truncated last line of %s", path)
                     continue
                 raise OutputError(f"{path}:{number}: unreadable manifest line ({e})") from e
-            missing = [m for m in record.rows if not self.part_path(m, record.block).exists()]
-            if missing:
-                log.warning("block %d: parts for %s are missing; it will be recomputed",
-                            record.block, missing)
-                continue
-            blocks[record.block] = record
+            blocks[record.block] = record  # a block committed again: its last line wins
         return blocks
+
+    @property
+    def parts_removed(self) -> bool:
+        """The run wrote its final files and removed its parts (no parts/ left)."""
+        return bool(self.manifest) and not (self.path / PARTS_DIR).exists()
 
     def _drop_orphan_parts(self) -> None:
         parts = self.path / PARTS_DIR
         if not parts.exists():
             return
-        keep = {self.part_path(m, b.block) for b in self.blocks.values() for m in b.rows}
+        keep = {self.part_path(m, b.block) for b in self.manifest.values() for m in b.rows}
         for part in parts.rglob("*"):
             if part.is_file() and part not in keep:
                 part.unlink()
@@ -228,8 +239,13 @@ class OutputDir:
         return self.path / PARTS_DIR / model / f"block-{block:08d}.parquet"
 
     def commit(self, block: int, first_index: int, keys: Sequence[str],
-               tables: Dict[str, Tuple[np.ndarray, List[int]]]) -> BlockRecord:
-        """Write one block: per model, embeddings [n, hidden] and lengths, in `keys` order."""
+               tables: Dict[str, Tuple[np.ndarray, List[int]]],
+               models: Optional[Sequence[str]] = None) -> BlockRecord:
+        """Write one block: per model, embeddings [n, hidden] and lengths, in `keys` order.
+
+        `models`: every model the block has once these parts are written (default: those of
+        `tables`); more when only the missing parts of a committed block were recomputed.
+        """
         import pyarrow.parquet as pq
 
         for model, (embeddings, lengths) in tables.items():
@@ -241,12 +257,14 @@ class OutputDir:
             pq.write_table(table, tmp, compression="none")
             os.replace(tmp, final)
         record = BlockRecord(block, first_index, len(keys), keys[0], keys[-1],
-                             {model: len(keys) for model in tables})
+                             {model: len(keys) for model in (models or tables)})
         with open(self.path / MANIFEST_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(asdict(record)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.blocks[block] = record
+        self.manifest[block] = record
+        self.missing.pop(block, None)
         return record
 
     # ------------------------------------------------------------ finishing
@@ -262,6 +280,36 @@ class OutputDir:
         `on_features(ids, features)` receives each block's merged DNABERT-S + ESM-2 features
         (the classifier). Parts are removed once every final file is in place.
         """
+        import pyarrow.parquet as pq
+
+        def tables():
+            for number in sorted(self.blocks):
+                yield number, {m: pq.read_table(self.part_path(m, number)) for m in models}
+
+        rows = self._write_finals(tables(), models, hidden, merged, on_features)
+        shutil.rmtree(self.path / PARTS_DIR, ignore_errors=True)
+        return rows
+
+    def derive(self, hidden: Dict[str, int], merged: bool,
+               on_features: Optional[Callable[[List[str], np.ndarray], None]] = None,
+               batch_rows: int = 8192) -> Dict[str, int]:
+        """merged.parquet and/or `on_features` from the final per-model files of a finished
+        run (its parts are gone); the per-model files are only read. Returns rows written."""
+        import pyarrow.parquet as pq
+
+        readers = {m: pq.ParquetFile(self.final_path(m)) for m in MERGE_ORDER}
+
+        def tables():
+            batches = {m: r.iter_batches(batch_size=batch_rows) for m, r in readers.items()}
+            for number, chunk in enumerate(_aligned(batches)):
+                yield f"rows from {number * batch_rows}", chunk
+
+        return self._write_finals(tables(), (), hidden, merged, on_features)
+
+    def _write_finals(self, tables, models: Sequence[str], hidden: Dict[str, int], merged: bool,
+                      on_features) -> Dict[str, int]:
+        """Write `<model>.parquet` for `models` and merged.parquet (`merged`) from (label,
+        {model: table}) in frame order, all as *.partial renamed at the end."""
         import pyarrow.parquet as pq
 
         meta = {"sample": self.config.sample, "chunk": str(self.config.chunk)}
@@ -284,21 +332,20 @@ class OutputDir:
                 schema = embedding_schema(width, {**meta, "models": ",".join(MERGE_ORDER),
                                                   "hidden": str(width)})
                 writers["merged"] = pq.ParquetWriter(temps["merged"], schema)
-            for number in sorted(self.blocks):
-                tables = {m: pq.read_table(self.part_path(m, number)) for m in models}
+            for label, block in tables:
                 for model in models:
-                    table = tables[model].replace_schema_metadata(writers[model].schema.metadata)
+                    table = block[model].replace_schema_metadata(writers[model].schema.metadata)
                     writers[model].write_table(table)
                     rows[model] += table.num_rows
                 if not need_features:
                     continue
-                ids = tables[MERGE_ORDER[0]].column("id").to_pylist()
+                ids = block[MERGE_ORDER[0]].column("id").to_pylist()
                 for model in MERGE_ORDER[1:]:
-                    if tables[model].column("id").to_pylist() != ids:
-                        raise OutputError(f"block {number}: the models' frame ids differ")
-                features = np.hstack([_vectors(tables[m]) for m in MERGE_ORDER])
+                    if block[model].column("id").to_pylist() != ids:
+                        raise OutputError(f"block {label}: the models' frame ids differ")
+                features = np.hstack([_vectors(block[m]) for m in MERGE_ORDER])
                 if merged:
-                    lengths = tables[MERGE_ORDER[0]].column("length").to_numpy()
+                    lengths = block[MERGE_ORDER[0]].column("length").to_numpy()
                     writers["merged"].write_table(
                         embedding_table(ids, features, lengths, writers["merged"].schema))
                     rows["merged"] += len(ids)
@@ -316,11 +363,48 @@ class OutputDir:
                 if tmp.exists():
                     tmp.unlink()
             raise
-        shutil.rmtree(self.path / PARTS_DIR, ignore_errors=True)
         return rows
+
+    def final_rows(self, name: str, hidden: Optional[int] = None) -> Optional[int]:
+        """Rows of the final file `name` (a model or "merged") from its footer; None when it
+        is absent, unreadable, or its embeddings are not `hidden` wide."""
+        import pyarrow.parquet as pq
+
+        path = self.path / MERGED_FILE if name == "merged" else self.final_path(name)
+        try:
+            footer = pq.ParquetFile(path)
+            if hidden is not None and footer.schema_arrow.field("embedding").type.list_size != hidden:
+                return None
+            return footer.metadata.num_rows
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
 
     def write_summary(self, summary: dict) -> None:
         _write_json_atomic(self.path / SUMMARY_FILE, summary)
+
+
+def _aligned(batches: Dict[str, Iterator]) -> Iterator[Dict[str, object]]:
+    """Tables of equal row counts, one per name, from record-batch iterators of equal totals."""
+    import pyarrow as pa
+
+    pending = {name: None for name in batches}
+    while True:
+        for name, it in batches.items():
+            while pending[name] is None or pending[name].num_rows == 0:
+                batch = next(it, None)
+                if batch is None:
+                    pending[name] = None
+                    break
+                pending[name] = pa.Table.from_batches([batch])
+        ended = [name for name, table in pending.items() if table is None]
+        if ended:
+            if len(ended) != len(pending):
+                raise OutputError(f"the final files differ in rows: {', '.join(ended)} ended "
+                                  "before the others")
+            return
+        n = min(table.num_rows for table in pending.values())
+        yield {name: table.slice(0, n) for name, table in pending.items()}
+        pending = {name: table.slice(n) for name, table in pending.items()}
 
 
 def _vectors(table) -> np.ndarray:

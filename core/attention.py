@@ -14,6 +14,9 @@ and reused by every layer. Paths, fastest first:
     distance of positions). No [B, heads, L, L] bias, no gather/scatter. Compiled once
     (module-level, dynamic shapes) on CUDA; the same function runs eagerly on CPU (slow,
     dense math: tests only);
+  * "triton": ALiBi (or no bias) on the packed stream, CUDA: our own Triton kernel
+    (kernels_attention.py) walks each sequence's keys with an online softmax and adds the bias
+    from in-sequence positions; no padding, no masks, q/k/v read out of the fused projection;
   * "padded": everything else (CPU, fp32, ALiBi): scatter the packed tokens into
     [B, L] slots, SDPA with a key-padding mask plus the optional ALiBi bias, gather back.
     The GEMMs around attention stay packed; only this step sees padding, and
@@ -44,7 +47,7 @@ def _varlen_attn():
     return varlen_attn
 
 
-BACKENDS = ("auto", "flash", "padded", "flex")
+BACKENDS = ("auto", "flash", "padded", "flex", "triton")
 FLEX_BLOCK = 128          # tokens per FlexAttention block (its default sparse block size)
 FLEX_BLOCKS = (32, 64, 128)  # `flex_block` choices; < 128 is opt-in (short sequences: less masked work)
 ALIBI_AUTO_BACKEND = "padded"
@@ -188,6 +191,17 @@ class PackedAttention:
         self.flex_block = flex_block
         if backend == "flex" and not flex_available():
             raise ValueError("the flex path needs torch.nn.attention.flex_attention (torch >= 2.5)")
+        if backend == "triton":
+            from . import kernels_attention
+            if not kernels_attention.available(device):
+                raise ValueError("the triton attention path needs the triton package and a CUDA device "
+                                 "(or TRITON_INTERPRET=1)")
+            if head_dim is not None:
+                kernels_attention.check_head_dim(head_dim)
+            self._triton_fn = kernels_attention.alibi_varlen_attention
+            # No bias = zero slopes: the same kernel, plain softmax attention.
+            self.slopes = (alibi_slopes.to(device=device, dtype=torch.float32) if alibi_slopes is not None
+                           else torch.zeros(1, dtype=torch.float32, device=device))
         self.backend = backend
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = max_seqlen
@@ -258,6 +272,9 @@ class PackedAttention:
         if self.backend == "flash":
             return self._flash(*qkv.unbind(1))
         total, _, heads, head_dim = qkv.shape
+        if self.backend == "triton":
+            slopes = self.slopes if self.slopes.numel() == heads else self.slopes.expand(heads).contiguous()
+            return self._triton_fn(qkv, self.cu_seqlens, self.max_seqlen, slopes, self._scale(head_dim))
         if self.backend == "flex":
             if total != self.padded_total:
                 raise ValueError(f"flex attention expects the padded stream of {self.padded_total} tokens, "

@@ -358,6 +358,11 @@ class ESM2(nn.Module):
 
     forward = forward_packed
 
+    def supports_triton_kernels(self) -> bool:
+        """Whether kernels_rotary takes this model's head_dim (the runtime asks before choosing)."""
+        from . import kernels_rotary
+        return kernels_rotary.supports(self.config.head_dim)
+
     def enable_compile(self) -> None:
         """Run each layer's element-wise work through torch.compile (CUDA fast path)."""
         self._layer_head = compile_function(layer_head_fusable)

@@ -68,6 +68,13 @@ def available(device) -> bool:
     return (device.type == "cuda" or interpret) and triton_importable()
 
 
+def supports(head_dim: int) -> bool:
+    """Whether the kernel takes this head_dim: even, with a power-of-2 half (ESM-2 8M..3B: 16..64;
+    not the 35M model's 24)."""
+    half = head_dim // 2
+    return head_dim % 2 == 0 and half > 0 and half & (half - 1) == 0
+
+
 def _rows(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     """x [..., heads, head_dim] as a [N, heads, head_dim] view with a unit last stride (copy if needed)."""
     if x.stride(-1) != 1:
@@ -93,7 +100,7 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ")
     heads, head_dim = q.shape[-2], q.shape[-1]
     half = head_dim // 2
-    if head_dim % 2 or half & (half - 1):
+    if not supports(head_dim):
         raise ValueError(f"head_dim {head_dim}: the kernel needs an even head_dim with a power-of-2 half")
     q3, k3 = _rows(q, heads, head_dim), _rows(k, heads, head_dim)
     n = q3.shape[0]

@@ -62,11 +62,13 @@ def mean_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, skip_first:
     seq = sequence_index(cu_seqlens, total)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     sums = torch.zeros(batch, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    if skip_first == skip_last == 0:   # every token counts: no boolean index (a device sync + copy)
-        sums.index_add_(0, seq, hidden.float())
-    else:
+    rows = hidden.float()
+    if skip_first or skip_last:
+        # Excluded tokens (ESM-2's BOS/EOS) are zeroed rather than dropped: a boolean index would
+        # make the host wait for the device (its output size) once per forward.
         pos = positions_in_sequence(cu_seqlens, total, seq)
         keep = (pos >= skip_first) & (pos < lengths[seq] - skip_last)
-        sums.index_add_(0, seq[keep], hidden[keep].float())
+        rows = rows * keep[:, None]   # not in place: float() of a float32 hidden is hidden itself
+    sums.index_add_(0, seq, rows)
     counts = (lengths - skip_first - skip_last).clamp(min=1).to(torch.float32)
     return sums / counts[:, None]

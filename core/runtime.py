@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 DEVICES_HELP = "auto | cpu | cuda | cuda:N"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOO_LONG_POLICIES = ("error", "truncate")
-ATTENTION_CHOICES = ("auto", "padded", "flex")
+ATTENTION_CHOICES = ("auto", "padded", "flex", "triton")
+KERNEL_CHOICES = ("auto", "triton", "torch")
 
 CPU_TOKEN_BUDGET = 8192      # fixed on CPU: large packs only add cache misses there
 MIN_TOKEN_BUDGET = 1024
@@ -66,7 +67,12 @@ class RuntimeConfig:
     attention: attention for encoders with a bias (DNABERT-S's ALiBi): "padded" (SDPA over
         per-pack [B, L] slots), "flex" (FlexAttention on the packed stream, CUDA; 9% faster in
         perf/RESULTS.md, not yet the default: pack lengths vary more in serving than in the
-        benchmark, and each new one may compile) or "auto" (= padded for now).
+        benchmark, and each new one may compile), "triton" (our varlen ALiBi kernel,
+        kernels_attention.py) or "auto" (= triton where `kernels` allows it, else padded).
+    kernels: our hand-written Triton kernels (core/kernels_*.py: ESM-2's rotary, DNABERT-S's
+        attention and GLU): "auto" (used on CUDA when the triton package imports), "triton"
+        (required: an error at load where they cannot run) or "torch" (never; the PyTorch/Inductor
+        path, e.g. to rule the kernels out when something looks wrong).
     """
 
     device: str = "auto"
@@ -76,6 +82,7 @@ class RuntimeConfig:
     too_long: str = "error"
     compile: Optional[bool] = None
     attention: str = "auto"
+    kernels: str = "auto"
 
     def __post_init__(self):
         dev = self.device
@@ -93,6 +100,8 @@ class RuntimeConfig:
             raise ValueError(f"compile must be True, False or None (auto), got {self.compile!r}")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
 
 
 @dataclass
@@ -177,8 +186,14 @@ class Embedder:
         self.device = resolve_device(config.device)
         self.dtype = choose_dtype(self.device) if config.dtype == "auto" else DTYPES[config.dtype]
         self.encoder = encoder.to(device=self.device, dtype=self.dtype).eval()
+        self.triton_kernels = self._choose_kernels(config.kernels)
+        impl = "triton" if self.triton_kernels else "torch"
+        for name in ("rotary_impl", "glu_impl"):   # ESM-2 has the first, DNABERT-S the second
+            if hasattr(encoder, name):
+                setattr(encoder, name, impl)
         if hasattr(encoder, "attention_backend"):
-            encoder.attention_backend = config.attention
+            auto = "triton" if self.triton_kernels else "auto"
+            encoder.attention_backend = auto if config.attention == "auto" else config.attention
         want_compile = self.device.type == "cuda" if config.compile is None else config.compile
         self.compiled = bool(want_compile and hasattr(encoder, "enable_compile"))
         if self.compiled:
@@ -198,9 +213,23 @@ class Embedder:
         self.before_forward: Optional[Callable[[PackedBatch], None]] = None
         self._pin = self.device.type == "cuda"
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="embed-pack") if self._pin else None
-        log.info("%s on %s, dtype %s, token budget %d (%s), max_length %s (%s), compiled %s",
+        log.info("%s on %s, dtype %s, token budget %d (%s), max_length %s (%s), compiled %s, triton kernels %s",
                  type(encoder).__name__, self.device, str(self.dtype).replace("torch.", ""), self.token_budget,
-                 how, self.max_length, config.too_long, self.compiled)
+                 how, self.max_length, config.too_long, self.compiled, self.triton_kernels)
+
+    def _choose_kernels(self, policy: str) -> bool:
+        """Whether the encoder runs our Triton kernels (RuntimeConfig.kernels on this device)."""
+        if policy == "torch":
+            return False
+        from . import kernels_attention, kernels_glu, kernels_rotary
+        runnable = all(k.available(self.device) for k in (kernels_attention, kernels_glu, kernels_rotary))
+        fits = getattr(self.encoder, "supports_triton_kernels", lambda: False)()
+        if policy == "triton" and not (runnable and fits):
+            why = ("the triton package is not installed" if not kernels_rotary.triton_importable()
+                   else f"they need CUDA (device {self.device})" if not runnable
+                   else f"{type(self.encoder).__name__}'s sizes do not fit their tiles")
+            raise ValueError(f"kernels='triton' requested but {why}")
+        return bool(runnable and fits and (policy == "triton" or self.device.type == "cuda"))
 
     # ---- prep (CPU) -------------------------------------------------------------------------
     def tokenize(self, sequences: Sequence[str]) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -16,14 +17,36 @@ import numpy as np
 
 from .errors import EmbedCoreError, InvalidSequenceError, SequenceTooLargeError
 
-# Custom metrics (Prometheus COUNTERs) and the EmbedStats field each one follows.
+# Custom metrics (Prometheus COUNTERs) and the field each one follows: an EmbedStats field
+# (the core's counts) or a PhaseSeconds field (wall time per phase of execute, kept here).
 METRICS = {
     "embed_sequences_total": ("sequences", "Sequences embedded"),
     "embed_tokens_total": ("tokens", "Tokens (specials included) run through the encoder"),
     "embed_forward_passes_total": ("forward_passes", "Encoder forward passes"),
     "embed_failures_total": ("failures", "Sequences rejected (bad input) or too large for the device"),
+    "embed_prep_seconds_total": (
+        "prep_seconds", "Wall seconds in execute decoding request tensors and tokenizing"),
+    "embed_compute_seconds_total": (
+        "compute_seconds", "Wall seconds in the encoder call (packing, forwards, pooling, copy to host)"),
 }
 METRIC_LABELS = ("model", "gpu", "instance")
+
+
+@dataclasses.dataclass
+class PhaseSeconds:
+    """Cumulative wall seconds one model instance spent per phase of execute.
+
+    Triton's compute_infer time is the whole execute; this splits it, so a slow instance
+    shows whether the host work around the encoder or the encoder call itself is the cost.
+    What is in neither phase (building the response tensors) is execute minus both.
+    """
+
+    prep_seconds: float = 0.0      # decoding the SEQUENCE tensors + tokenizing
+    compute_seconds: float = 0.0   # Embedder.embed_tokens; it ends with the device->host copy,
+                                   # so this is device time plus host work the device did not hide
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class RequestError(EmbedCoreError):
@@ -58,7 +81,8 @@ def _optional_int(params: dict, key: str) -> Optional[int]:
 
 
 def runtime_options(params: dict, device: str):
-    """RuntimeConfig from the config parameters dtype, token_budget, max_length, too_long, attention."""
+    """RuntimeConfig from the config parameters dtype, token_budget, max_length, too_long, attention,
+    kernels (absent ones keep RuntimeConfig's defaults)."""
     from .runtime import RuntimeConfig
 
     return RuntimeConfig(
@@ -68,6 +92,7 @@ def runtime_options(params: dict, device: str):
         max_length=_optional_int(params, "max_length"),
         too_long=params.get("too_long", "error").strip() or "error",
         attention=params.get("attention", "auto").strip() or "auto",
+        kernels=params.get("kernels", "auto").strip() or "auto",
     )
 
 
@@ -136,15 +161,19 @@ def decode_sequences(array: Optional[np.ndarray]) -> Union[list, RequestError]:
     return sequences
 
 
-def embed_requests(embedder, requests: Sequence[Union[list, Exception]]) -> list:
+def embed_requests(embedder, requests: Sequence[Union[list, Exception]],
+                   phases: Optional[PhaseSeconds] = None) -> list:
     """Each request's [n, hidden] float32 rows, or its error; one core call for all of them.
 
     A request whose input is already an error, or that holds any invalid sequence, gets
     that error and the others still succeed. A sequence too large for the device even
-    alone fails only its own request.
+    alone fails only its own request. `phases`, when given, gets the seconds spent
+    tokenizing (prep) and in the encoder call (compute) added.
     """
+    phases = phases if phases is not None else PhaseSeconds()
     results: list = list(requests)
     tokens, owners = [], []  # owners: (request index, first row, row count)
+    started = time.perf_counter()
     for k, sequences in enumerate(requests):
         if isinstance(sequences, Exception):  # a malformed request: bad input, counted as such
             embedder.stats.failures += 1
@@ -156,8 +185,13 @@ def embed_requests(embedder, requests: Sequence[Union[list, Exception]]) -> list
             continue
         owners.append((k, len(tokens), len(ids)))
         tokens.extend(ids)
+    tokenized = time.perf_counter()
+    phases.prep_seconds += tokenized - started
     failures: dict = {}
-    rows = embedder.embed_tokens(tokens, failures=failures)
+    try:
+        rows = embedder.embed_tokens(tokens, failures=failures)
+    finally:  # a failed call still took the instance's time
+        phases.compute_seconds += time.perf_counter() - tokenized
     for k, start, n in owners:
         bad = sorted(i for i in failures if start <= i < start + n)
         if bad:
@@ -178,13 +212,20 @@ def is_client_error(err: BaseException) -> bool:
 
 @dataclasses.dataclass
 class MetricDeltas:
-    """Turns the Embedder's cumulative stats into increments for Prometheus counters."""
+    """Turns cumulative counts (EmbedStats, PhaseSeconds) into increments for Prometheus counters."""
 
     last: dict = dataclasses.field(default_factory=dict)
 
-    def take(self, stats) -> dict:
-        """{metric name: increment since the previous call} (only positive increments)."""
-        now = stats.as_dict()
+    def take(self, *sources) -> dict:
+        """{metric name: increment since the previous call} (only positive increments).
+
+        `sources` are objects with `as_dict()` (the Embedder's stats, the PhaseSeconds);
+        each METRICS field is read from whichever of them has it. Pass the same sources on
+        every call: a field absent from one call would be counted again in full on the next.
+        """
+        now = {}
+        for source in sources:
+            now.update(source.as_dict())
         out = {}
         for name, (field, _) in METRICS.items():
             delta = now.get(field, 0) - self.last.get(field, 0)

@@ -6,6 +6,7 @@ three lines of configuration. It converts Triton requests to strings and back; t
 tokenizing, packing, forward and checks are the core's (`serving`, `models`).
 """
 import json
+import time
 
 from . import models, serving
 
@@ -56,19 +57,25 @@ def triton_model_class(pb_utils, kind: str):
                 for name, (_, text) in serving.METRICS.items()
             }
             self.counters = {name: family.Metric(labels=labels) for name, family in self.families.items()}
+            # Wall seconds per phase of execute (embed_prep/compute_seconds_total); the warmup
+            # is not in them, it ran before.
+            self.phases = serving.PhaseSeconds()
             self.deltas = serving.MetricDeltas()
-            self.deltas.take(self.embedder.stats)
+            self.deltas.take(self.embedder.stats, self.phases)
 
         def execute(self, requests):
+            started = time.perf_counter()
             inputs = []
             for request in requests:
                 tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
                 inputs.append(self.serving.decode_sequences(None if tensor is None else tensor.as_numpy()))
+            # Decoding is host work before the encoder, as tokenizing is: both count as prep.
+            self.phases.prep_seconds += time.perf_counter() - started
             try:
-                results = self.serving.embed_requests(self.embedder, inputs)
+                results = self.serving.embed_requests(self.embedder, inputs, self.phases)
             except Exception as err:  # a server fault: every request of this batch learns it
                 results = [err] * len(requests)
-            for name, value in self.deltas.take(self.embedder.stats).items():
+            for name, value in self.deltas.take(self.embedder.stats, self.phases).items():
                 self.counters[name].increment(value)
             return [self._response(result) for result in results]
 

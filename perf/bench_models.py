@@ -2,9 +2,8 @@
 
     python perf/bench_models.py --out perf/results/bench_models.json        # H200: ~3-5 minutes
     python perf/bench_models.py --small                                     # CPU smoke check: seconds
-    python perf/bench_models.py --attention padded,flex --profile --skip-vanilla   # the fast paths, kernels
-    python perf/bench_models.py --attention padded,flex,flex64 --esm-rotary torch,triton --skip-vanilla
-                                             # opt-in variants: 64-token flex blocks, Triton rotary
+    python perf/bench_models.py --attention padded,flex64,triton,auto --esm-rotary torch,auto \
+        --skip-vanilla --profile                # each kernel's share, top kernels, GPU idle time
 
 For each model, on the same synthetic workload (ESM-2: protein frames of 40-170 residues, mean
 ~100; DNABERT-S: 300-bp chunks = 55-135 BPE tokens, random token ids):
@@ -13,10 +12,10 @@ For each model, on the same synthetic workload (ESM-2: protein frames of 40-170 
   (b) plain fast path: ESM-2: transformers EsmModel bf16 SDPA, length-sorted batches;
                  DNABERT-S: our forward_padded bf16 (SDPA with the ALiBi bias), length-sorted;
   (c) ours:      embed_core Embedder bf16: packed, no padding, token budget from free memory;
-                 on CUDA first eager (c_eager), then compiled: ESM-2 (c), DNABERT-S one run per
-                 `--attention` backend (c_padded, c_flex, c_flex64 ...), ESM-2 one per `--esm-rotary`
-                 (c, c_triton); the best compiled run is "(c)"
-                 in the ratios and targets. `--profile` prints each (c) run's top CUDA kernels.
+                 on CUDA first eager (c_eager), then compiled: one run per `--attention` entry for
+                 DNABERT-S (c = defaults, c_padded, c_flex64, c_triton ...) and per `--esm-rotary`
+                 entry for ESM-2 (c, c_torch, c_triton); the best compiled run is "(c)" in the
+                 ratios and targets. `--profile` prints each (c) run's top CUDA kernels.
 Every path mean-pools (ESM-2 without BOS/EOS, DNABERT-S over all tokens) and copies the
 embeddings to the host, as a server would. tokens/s counts real tokens (specials included,
 padding not). ESM-2's transformers model gets our weights, so the run also reports the cosine
@@ -31,6 +30,7 @@ import importlib.util
 import json
 import logging
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,8 +42,8 @@ ESM2_3B = dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=40, i
 ESM2_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
 DNABERT_S_FULL = dict(vocab_size=4096, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072)
-DNABERT_S_SMALL = dict(vocab_size=512, hidden_size=96, num_hidden_layers=2, num_attention_heads=12,
-                       intermediate_size=192)
+DNABERT_S_SMALL = dict(vocab_size=512, hidden_size=192, num_hidden_layers=2, num_attention_heads=12,
+                       intermediate_size=384)   # head_dim 16: the smallest the Triton attention kernel takes
 TARGETS = {"esm2_c_over_b": 1.5, "dnabert_s_c_tokens_per_s": 2.0e6}
 
 
@@ -140,7 +140,8 @@ def measure(name: str, fn, work: list, warm: list, device: torch.device) -> tupl
     warm_s = time.perf_counter() - t0
     graphs_warm = compiled_graphs()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        # No empty_cache() here: a server keeps the allocator's blocks between requests, and
+        # returning them first would time cudaMalloc calls no server makes.
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
@@ -271,38 +272,47 @@ def bench_esm2(core, args, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def attention_variant(name: str) -> tuple:
-    """--attention entry -> ((c) key, RuntimeConfig.attention, DNABERT-S attributes, label).
-    "flexN" = "flex" with N-token FlexAttention blocks (`flex_block`; "flex" = the default 128)."""
+    """--attention entry -> ((c) key, RuntimeConfig overrides, DNABERT-S attributes, label).
+
+    "auto": the runtime's defaults (on CUDA with triton: our attention and GLU kernels), key "c".
+    Any other entry pins the attention and keeps the GLU on the torch path (kernels="torch"), so
+    each kernel's share shows: "flexN" = "flex" with N-token FlexAttention blocks (`flex_block`;
+    "flex" = the default 128), "triton" = our attention kernel alone."""
     from embed_core.attention import FLEX_BLOCK
-    if name.startswith("flex") and name != "flex":
-        block = int(name[4:])
-        return f"c_{name}", "flex", {"flex_block": block}, f", attention flex, {block}-token blocks"
-    key = "c" if name == "auto" else f"c_{name}"
-    return key, name, {"flex_block": FLEX_BLOCK}, f", attention {name}"
+    if name == "auto":
+        return "c", {}, {"flex_block": FLEX_BLOCK}, ", defaults"
+    block = int(name[4:]) if name.startswith("flex") and name != "flex" else FLEX_BLOCK
+    attention = "flex" if name.startswith("flex") else name
+    label = f", attention {attention}" + (f", {block}-token blocks" if block != FLEX_BLOCK else "") + ", torch GLU"
+    return f"c_{name}", {"attention": attention, "kernels": "torch"}, {"flex_block": block}, label
 
 
 def rotary_variant(name: str, device: torch.device) -> tuple:
-    """--esm-rotary entry -> ((c) key, None, ESM2 attributes, label), or a reason it cannot run here."""
+    """--esm-rotary entry -> ((c) key, RuntimeConfig overrides, ESM2 attributes, label), or a reason
+    it cannot run here. "auto": the runtime's defaults (key c); "triton" = RuntimeConfig(kernels="triton"),
+    "torch" = kernels="torch"."""
     if name == "triton":
         from embed_core import kernels_rotary
         if not kernels_rotary.available(device):
             why = ("the triton package is not installed" if not kernels_rotary.triton_importable()
                    else f"needs CUDA (or TRITON_INTERPRET=1), device is {device.type}")
             return f"skip: {why}"
-        return "c_triton", None, {"rotary_impl": "triton"}, ", rotary triton kernel"
-    return "c", None, {"rotary_impl": "torch"}, ""
+        return "c_triton", {"kernels": "triton"}, {}, ", rotary triton kernel"
+    if name == "torch":
+        return "c_torch", {"kernels": "torch"}, {}, ", rotary torch (Inductor)"
+    return "c", {}, {}, ", defaults"
 
 
 def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_b=None, variants=(None,)):
     """(c): the Embedder under the runtime's policy; on CUDA with a compilable encoder also eager, first.
 
-    `variants`: the (c) runs, each (key, RuntimeConfig.attention or None, encoder attributes to set,
+    `variants`: the (c) runs, each (key, RuntimeConfig overrides, encoder attributes to set,
     label suffix) (see attention_variant / rotary_variant); None = the encoder's defaults, key "c".
     Returns (the last embedder, the output of the fastest (c) run, its key). A run that fails is
     reported and skipped, so one broken variant does not cost the others.
     """
-    def embedder_for(compile_, attention=None):
-        extra = {} if attention is None else {"attention": attention}
+    def embedder_for(compile_, overrides=None):
+        extra = dict(overrides or {})
         return core.Embedder(model, tokenizer, core.RuntimeConfig(
             device=str(device), dtype=name_of(dtype), token_budget=args.token_budget, compile=compile_, **extra))
 
@@ -317,7 +327,7 @@ def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_
         if out_b is not None:
             runs[key]["min_cos_b"] = cosine_rows(out, out_b)
         if args.profile and device.type == "cuda":
-            profile(f"({key}) {label}", embedder, work, device)
+            profile(f"({key}) {label}", embedder, work, device, trace_dir=args.trace_dir)
         return out
 
     policy = {"auto": None, "on": True, "off": False}[args.compile]
@@ -328,13 +338,13 @@ def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_
     best, out_best, embedder = None, None, None
     defaults_ = {}
     for variant in variants:
-        key, attention, attrs, label = variant or ("c", None, {}, "")
+        key, overrides, attrs, label = variant or ("c", {}, {}, "")
         for name, value in attrs.items():
             defaults_.setdefault(name, getattr(model, name))
         for name, value in {**defaults_, **attrs}.items():   # each run: its attributes, the rest default
             setattr(model, name, value)
-        # The attention choice goes through the RuntimeConfig: Embedder sets attention_backend from it.
-        embedder = embedder_for(policy, attention)
+        # Kernel choices go through the RuntimeConfig (Embedder sets the encoder's attributes from it).
+        embedder = embedder_for(policy, overrides)
         how = "compiled" if embedder.compiled else "eager"
         out = run_one(key, f"ours: Embedder {name_of(dtype)} packed, {how}{label} (budget {embedder.token_budget})",
                       embedder)
@@ -355,9 +365,11 @@ KERNEL_CLASSES = (  # (label, substrings of CUDA kernel names), first match wins
 )
 
 
-def profile(title: str, embedder, work: list, device: torch.device, rows: int = 9) -> None:
+def profile(title: str, embedder, work: list, device: torch.device, rows: int = 9,
+            trace_dir: Path = None) -> None:
     """The top CUDA kernels of one (c) run over a slice of the workload (torch.profiler), as a short
-    table: share of kernel time, total ms, calls, name; plus a one-line split by kernel class."""
+    table: share of kernel time, total ms, calls, name; a one-line split by kernel class; the GPU's
+    idle time and longest gaps; with `trace_dir`, the Chrome trace as <key>.json.gz there."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -386,6 +398,41 @@ def profile(title: str, embedder, work: list, device: torch.device, rows: int = 
     print("  " + " | ".join(f"{lbl} {us / total:.0%}" for lbl, us in sorted(classes.items(), key=lambda kv: -kv[1])))
     for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:rows]:
         print(f"  {us / total:5.1%} {us / 1e3:8.1f} ms {calls:6d}x  {name[:88]}")
+    print_gpu_idle(prof.events())
+    if trace_dir is not None:
+        import gzip
+        import shutil
+        import tempfile
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        key = re.sub(r"[^A-Za-z0-9_.-]+", "_", title.split(")")[0].strip("( "))
+        target = trace_dir / f"trace_{type(embedder.encoder).__name__}_{key}.json.gz"
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            prof.export_chrome_trace(tmp.name)
+            with open(tmp.name, "rb") as src, gzip.open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        print(f"  trace: {target}")
+
+
+def print_gpu_idle(events, rows: int = 5) -> None:
+    """How long the GPU had no kernel running inside the profiled span, and the longest such gaps
+    with the kernel that ended each (where the host made the device wait)."""
+    from torch.autograd import DeviceType
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type == DeviceType.CUDA)
+    if not spans:
+        return
+    gaps, busy_end, last_name = [], spans[0][0], spans[0][2]
+    for start, end, name in spans:
+        if start > busy_end:
+            gaps.append((start - busy_end, last_name, name))
+        if end > busy_end:
+            busy_end, last_name = end, name
+    span = busy_end - spans[0][0]
+    idle = sum(g for g, _, _ in gaps)
+    print(f"  GPU idle {idle / 1e3:.1f} ms of {span / 1e3:.1f} ms ({idle / max(span, 1e-9):.1%}) in {len(gaps)} gaps; "
+          f"longest:")
+    for gap, before, after in sorted(gaps, reverse=True)[:rows]:
+        print(f"    {gap / 1e3:7.2f} ms after {before[:50]} -> {after[:50]}")
 
 
 def summarize(model, dims, build_s, work, vanilla_work, runs, out_a, out_b, out_c, embedder, c_key="c") -> dict:
@@ -498,15 +545,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dna-sorted-tokens", type=int, default=65536, help="(b) padded tokens per batch")
     p.add_argument("--attention", default="auto",
                    help="DNABERT-S (c): comma-separated attention backends to run, each a separate (c) run "
-                        "(auto | padded | flex | flex32 | flex64 | flex128; flexN: N-token FlexAttention blocks, "
-                        "flex = flex128), e.g. padded,flex,flex64")
-    p.add_argument("--esm-rotary", default="torch",
-                   help="ESM-2 (c): comma-separated rotary implementations, each a separate (c) run: torch "
-                        "(key c), triton (c_triton: the hand-written kernel, kernels_rotary.py; needs the triton "
-                        "package and CUDA, else skipped with the reason printed)")
+                        "(auto | padded | flex | flex32 | flex64 | flex128 | triton; auto: the runtime's "
+                        "defaults, on CUDA our attention + GLU kernels; the others pin the attention with the "
+                        "torch GLU: flexN = N-token FlexAttention blocks, flex = flex128, triton = our varlen "
+                        "ALiBi kernel), e.g. padded,flex64,triton,auto")
+    p.add_argument("--esm-rotary", default="auto",
+                   help="ESM-2 (c): comma-separated rotary implementations, each a separate (c) run: auto "
+                        "(key c: the runtime's defaults), torch (c_torch: fused by Inductor), triton (c_triton: "
+                        "the hand-written kernel, kernels_rotary.py; needs the triton package and CUDA, else "
+                        "skipped with the reason printed)")
     p.add_argument("--skip-vanilla", action="store_true",
                    help="skip the slow fp32 vanilla runs (a) (same as --esm-vanilla-seqs 0 --dna-vanilla-seqs 0)")
     p.add_argument("--profile", action="store_true", help="print each (c) run's top CUDA kernels (torch.profiler)")
+    p.add_argument("--trace-dir", type=Path, default=None,
+                   help="with --profile: write each profiled (c) run's Chrome trace here (<key>.json.gz)")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     return p
 
@@ -520,13 +572,13 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.skip_vanilla:
         args.esm_vanilla_seqs = args.dna_vanilla_seqs = 0
     flex_blocks = [f"flex{n}" for n in (32, 64, 128)]   # attention.FLEX_BLOCKS (core not imported yet)
-    bad = [b for b in args.attention.split(",") if b.strip() not in ["auto", "padded", "flex"] + flex_blocks]
+    bad = [b for b in args.attention.split(",") if b.strip() not in ["auto", "padded", "flex", "triton"] + flex_blocks]
     if bad:
-        raise SystemExit(f"bench_models: --attention takes auto, padded, flex, {', '.join(flex_blocks)} "
+        raise SystemExit(f"bench_models: --attention takes auto, padded, flex, triton, {', '.join(flex_blocks)} "
                          f"(comma-separated), got {bad}")
-    bad = [r for r in args.esm_rotary.split(",") if r.strip() not in ("torch", "triton")]
+    bad = [r for r in args.esm_rotary.split(",") if r.strip() not in ("auto", "torch", "triton")]
     if bad:
-        raise SystemExit(f"bench_models: --esm-rotary takes torch, triton (comma-separated), got {bad}")
+        raise SystemExit(f"bench_models: --esm-rotary takes auto, torch, triton (comma-separated), got {bad}")
     if args.small:
         args.esm_vanilla_batch = min(args.esm_vanilla_batch, 8)
         args.dna_vanilla_batch = min(args.dna_vanilla_batch, 16)

@@ -20,10 +20,15 @@ Steps, in one process tree:
     baseline);
  7. one table: frames/s; tokens/s per GPU per model (embed_tokens_total over each model's execution
     time from Triton's batch statistics, and over the wall time); GPU utilization
-    (nv_gpu_utilization, mean over the embedding phase); queue vs compute per request; the
-    in-process ceiling; the transformers baseline; overhead = 1 - e2e/in-process; 1M reads
-    extrapolated; PASS/FAIL against the targets. OUT gets e2e.json (every figure), a PNG of
+    (nv_gpu_utilization, mean over the embedding phase); queue vs compute per request; where the
+    model instances spent their execute time (embed_prep_seconds_total, embed_compute_seconds_total
+    vs Triton's compute_infer); the in-process ceiling; the transformers baseline; overhead = 1 -
+    e2e/in-process; 1M reads extrapolated; PASS/FAIL against the targets. OUT gets e2e.json (every figure), a PNG of
     tokens/s per GPU over the run, and the client's and the server's logs.
+
+Server knobs for experiments: --instances-per-gpu N (instance_group count of the GPU configs) and
+--model-param MODEL:KEY=VALUE (a config parameter, e.g. dnabert_s:attention=flex; the in-process
+baseline takes the RuntimeConfig choices among them too, so both sides run the same kernels).
 
 Exit codes: 0 the run completed (targets PASS or FAIL are printed; --strict: 4 when one FAILs),
 1 the run failed (server, client, counts), 2 usage, 3 a required module is missing.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -85,7 +91,8 @@ ALL_FIGURES = (
     *(f"{m}_{k}" for m in ("esm2", "dnabert_s") for k in (
         "tokens", "sequences_server", "tokens_per_s_per_gpu_wall", "tokens_per_s_per_gpu_mixed", "busy_s",
         "busy_fraction", "requests", "executions", "queue_ms_per_request", "compute_ms_per_request",
-        "queue_fraction")),
+        "queue_fraction", "server_prep_s", "server_compute_s", "server_execute_s")),
+    "dnabert_s_alone_server_prep_s", "dnabert_s_alone_server_compute_s", "dnabert_s_alone_server_execute_s",
     "gpu_util_mean", "gpu_util_samples",
     "inprocess_esm2_tokens_per_s", "inprocess_dnabert_s_tokens_per_s", "inprocess_frames_per_s", "inprocess_frames",
     "hf_esm2_tokens_per_s", "hf_esm2_frames", "inprocess_over_hf_esm2",
@@ -344,9 +351,12 @@ def write_checkpoints(args, dims: dict, device, workdir: Path) -> tuple:
     del model
     bm.free_memory(device)
     seconds["dnabert_s"] = time.perf_counter() - t0
+    # --small runs the CPU configs: there --instances-per-gpu sets the CPU instances, so the knob
+    # is exercised by the smoke run too.
     repo = assemble_repository(workdir / "repository", paths, symlink=True,
                                embedding_dims={m: dims[m]["hidden_size"] for m in MODELS},
-                               cpu_instances=1 if args.small else None)
+                               cpu_instances=args.instances_per_gpu if args.small else None,
+                               gpu_instances=args.instances_per_gpu, parameters=args.model_params)
     return repo, seconds
 
 
@@ -354,7 +364,8 @@ def write_checkpoints(args, dims: dict, device, workdir: Path) -> tuple:
 
 _LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
-COUNTERS = ("embed_tokens_total", "embed_sequences_total", "embed_forward_passes_total", "embed_failures_total")
+COUNTERS = ("embed_tokens_total", "embed_sequences_total", "embed_forward_passes_total", "embed_failures_total",
+            "embed_prep_seconds_total", "embed_compute_seconds_total")
 NV_COUNTERS = ("nv_inference_request_success", "nv_inference_count", "nv_inference_exec_count",
                "nv_inference_queue_duration_us", "nv_inference_compute_input_duration_us",
                "nv_inference_compute_infer_duration_us", "nv_inference_compute_output_duration_us",
@@ -397,19 +408,36 @@ def http_get(url: str, timeout: float = 5.0) -> Optional[bytes]:
         return None
 
 
-def model_busy_seconds(http_url: str, model: str) -> Optional[float]:
-    """Seconds the model's instances spent executing (sum over Triton's batch_stats: compute input +
-    infer + output, one count per execution whatever its requests), or None when unavailable."""
+def model_exec_seconds(http_url: str, model: str) -> Optional[dict]:
+    """Seconds the model's instances spent executing, from Triton's batch_stats (one count per
+    execution whatever its requests, summed over instances): {"busy": compute input + infer +
+    output, "execute": compute infer alone, i.e. the Python model's execute call}, or None when
+    unavailable."""
     body = http_get(f"{http_url}/v2/models/{model}/stats")
     if body is None:
         return None
     try:
         stats = json.loads(body)["model_stats"][0]
-        ns = sum(b[k]["ns"] for b in stats.get("batch_stats", [])
-                 for k in ("compute_input", "compute_infer", "compute_output"))
-        return ns / 1e9
+        ns = {k: sum(b[k]["ns"] for b in stats.get("batch_stats", []))
+              for k in ("compute_input", "compute_infer", "compute_output")}
+        return {"busy": sum(ns.values()) / 1e9, "execute": ns["compute_infer"] / 1e9}
     except (ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+def exec_delta(before: Optional[dict], after: Optional[dict]) -> dict:
+    """model_exec_seconds after - before, each None when either reading is missing."""
+    if before is None or after is None:
+        return {"busy": None, "execute": None}
+    return {k: after[k] - before[k] for k in before}
+
+
+def phase_seconds(first: dict, last: dict, model: str) -> dict:
+    """{"prep": s, "compute": s} the model's instances counted between two samples
+    (embed_prep_seconds_total, embed_compute_seconds_total, summed over instances and GPUs)."""
+    return {name: sum(v for (m, _), v in _delta(first, last, "embed", f"embed_{name}_seconds_total").items()
+                      if m == model)
+            for name in ("prep", "compute")}
 
 
 class Sampler:
@@ -558,9 +586,10 @@ def embedding_window(samples: List[dict]) -> tuple:
     return samples[start]["t"], samples[end]["t"]
 
 
-def server_figures(samples: List[dict], busy: Dict[str, Optional[float]], summary: dict, frames: int,
-                   reads: int, client_s: float) -> dict:
-    """Figures of the Triton run (sampled counters, Triton statistics, the client's summary)."""
+def server_figures(samples: List[dict], executed: Dict[str, dict], summary: dict, frames: int,
+                   reads: int, client_s: float, instances_per_gpu: int = 1) -> dict:
+    """Figures of the Triton run (sampled counters, Triton statistics per model from exec_delta, the
+    client's summary)."""
     first, last = samples[0], samples[-1]
     tokens = _delta(first, last, "embed", "embed_tokens_total")
     sequences = _delta(first, last, "embed", "embed_sequences_total")
@@ -577,9 +606,14 @@ def server_figures(samples: List[dict], busy: Dict[str, Optional[float]], summar
         f[f"{m}_tokens"] = int(model_tokens)
         f[f"{m}_sequences_server"] = int(sum(v for (model, _), v in sequences.items() if model == m))
         f[f"{m}_tokens_per_s_per_gpu_wall"] = model_tokens / send_s / n_gpus if send_s else None
-        b = busy.get(m)   # summed over the model's instances (one per GPU)
+        b = executed[m]["busy"]   # summed over the model's instances (instances_per_gpu per GPU)
         f[f"{m}_busy_s"] = b
-        f[f"{m}_busy_fraction"] = b / (send_s * n_gpus) if b and send_s else None
+        f[f"{m}_busy_fraction"] = b / (send_s * n_gpus * instances_per_gpu) if b and send_s else None
+        # Where the instances' execute time went: prep + compute (our counters) vs Triton's execute.
+        phases = phase_seconds(first, last, m)
+        f[f"{m}_server_prep_s"] = phases["prep"]
+        f[f"{m}_server_compute_s"] = phases["compute"]
+        f[f"{m}_server_execute_s"] = executed[m]["execute"]
         # Both models' instances share each GPU, so an execution's time includes the other model's
         # kernels running beside it: a lower bound on the model alone (DNABERT-S: see the pass alone).
         f[f"{m}_tokens_per_s_per_gpu_mixed"] = model_tokens / b if b else None
@@ -632,10 +666,10 @@ def dnabert_pass(args, sample: Path, server: Server, workdir: Path, out_dir: Pat
     mixed run nearly every DNABERT-S execution overlaps an ESM-2 one on the same GPU, so its own
     speed through the server is measured here. A few seconds."""
     before = http_get(server.metrics_url)
-    busy0 = model_busy_seconds(server.http_url, "dnabert_s")
+    exec0 = model_exec_seconds(server.http_url, "dnabert_s")
     rc, summary, seconds, client_out = run_client(args, sample, server, workdir, out_dir, extra_path,
                                                   models=("dnabert_s",), tag="client_dnabert_s")
-    busy1 = model_busy_seconds(server.http_url, "dnabert_s")
+    exec1 = model_exec_seconds(server.http_url, "dnabert_s")
     after = http_get(server.metrics_url)
     if rc != 0 or before is None or after is None:
         raise Failure(f"the DNABERT-S pass failed (embed-client exit {rc}, log "
@@ -643,10 +677,14 @@ def dnabert_pass(args, sample: Path, server: Server, workdir: Path, out_dir: Pat
     a, b = (parse_metrics(x.decode("utf-8", errors="replace")) for x in (before, after))
     tokens = sum(v for (m, _), v in _delta(a, b, "embed", "embed_tokens_total").items() if m == "dnabert_s")
     sequences = sum(v for (m, _), v in _delta(a, b, "embed", "embed_sequences_total").items() if m == "dnabert_s")
-    busy = busy1 - busy0 if busy0 is not None and busy1 is not None else None
+    executed = exec_delta(exec0, exec1)
+    busy = executed["busy"]
+    phases = phase_seconds(a, b, "dnabert_s")
     send_s = float(summary.get("send_elapsed_s") or 0) or None
     stages = summary.get("stages", {})
     return {"seconds": seconds, "send_s": send_s, "tokens": int(tokens), "busy_s": busy,
+            "server_prep_s": phases["prep"], "server_compute_s": phases["compute"],
+            "server_execute_s": executed["execute"],
             "tokens_per_s_per_gpu": tokens / busy if busy else None,
             "tokens_per_s_per_gpu_wall": tokens / send_s / n_gpus if send_s else None,
             "counts": {"client_in": stages.get("send", {}).get("dnabert_s", {}).get("sequences_in"),
@@ -655,6 +693,34 @@ def dnabert_pass(args, sample: Path, server: Server, workdir: Path, out_dir: Pat
 
 
 # ---------------------------------------------------------------------------------- baselines
+
+
+def inprocess_overrides(params: dict) -> dict:
+    """The --model-param entries of one model that the in-process baseline takes too: those naming a
+    RuntimeConfig field whose value is a name (attention, kernels, dtype, too_long; not device), looked
+    up at run time so fields the core adds later pass through. Numeric ones (token_budget,
+    max_length: "auto" or a number in the config) set the server only; an empty value means the
+    default on both sides."""
+    from embed_core.runtime import RuntimeConfig
+    named = {f.name for f in dataclasses.fields(RuntimeConfig) if isinstance(f.default, str) and f.name != "device"}
+    return {k: v for k, v in params.items() if k in named and v}
+
+
+def model_params_problem(model_params: dict) -> Optional[str]:
+    """Why the --model-param values cannot run (a key the model's configs lack, a value the core
+    refuses), or None; checked before anything slow starts."""
+    from embed_core.runtime import RuntimeConfig
+    from embed_server.repository import check_parameters
+    try:
+        check_parameters(model_params, MODELS)
+    except ValueError as e:
+        return f"--model-param: {e}"
+    for model, params in model_params.items():
+        try:
+            RuntimeConfig(**inprocess_overrides(params))
+        except ValueError as e:
+            return f"--model-param {model}: {e}"
+    return None
 
 
 def inprocess_baseline(args, dims: dict, device, frames: list, log_fn) -> dict:
@@ -676,8 +742,9 @@ def inprocess_baseline(args, dims: dict, device, frames: list, log_fn) -> dict:
     for m in MODELS:
         t0 = time.perf_counter()
         model = build_model(m, dims[m], device, seeds[m])
+        overrides = inprocess_overrides(args.model_params.get(m, {}))   # the server's kernel choices
         embedder = Embedder(model, tokenizers[m](), RuntimeConfig(device=str(device),
-                                                                  max_length=DEFAULT_MAX_LENGTH[m]))
+                                                                  max_length=DEFAULT_MAX_LENGTH[m], **overrides))
         embedder.warmup()
         sequences = [getattr(f, field[m]) for f in frames]
         embedder.embed(sequences[:max(16, len(sequences) // 20)])   # warm: kernels for these lengths
@@ -693,7 +760,7 @@ def inprocess_baseline(args, dims: dict, device, frames: list, log_fn) -> dict:
         out["models"][m] = {"sequences": len(sequences), "tokens": int(tokens), "seconds": seconds,
                             "tokens_per_s": tokens / seconds, "setup_s": setup_s,
                             "token_budget": embedder.token_budget, "compiled": embedder.compiled,
-                            "dtype": bm.name_of(embedder.dtype),
+                            "dtype": bm.name_of(embedder.dtype), "runtime_overrides": overrides,
                             "forward_passes": after["forward_passes"] - before["forward_passes"],
                             "finite": bool(np.isfinite(rows).all())}
         out.setdefault("rows", {})[m] = rows[:args.check_rows]
@@ -786,6 +853,17 @@ def _n(v, fmt="{:,.0f}", none="-") -> str:
     return none if v is None else fmt.format(v)
 
 
+def _phases(f: dict, prefix: str) -> str:
+    """ "prep | compute | execute" seconds of one model's instances (figures <prefix>server_*_s)."""
+    return " | ".join(_n(f.get(f"{prefix}server_{k}_s"), "{:,.2f}") for k in ("prep", "compute", "execute"))
+
+
+def model_params_text(model_params: dict) -> str:
+    """{model: {key: value}} as the MODEL:KEY=VALUE words of --model-param ("defaults" when none)."""
+    words = [f"{m}:{k}={v}" for m, kv in sorted(model_params.items()) for k, v in kv.items()]
+    return " ".join(words) or "defaults"
+
+
 def print_table(report: dict) -> None:
     f, w, c = report["figures"], report["workload"], report["config"]
     ph = report["phases"]
@@ -795,6 +873,8 @@ def print_table(report: dict) -> None:
         f"== e2e: {gpus} x {c['device']}, {w['reads']:,} reads -> {w['frames']:,} frames "
         f"({w['frames_per_kept_chunk']:.2f} per kept {w['chunk']}-bp chunk, residues {w['residues_min']}-"
         f"{w['residues_max']} mean {w['residues_mean']:.0f}), {c['models_desc']}",
+        f"server: {c.get('instances_per_gpu', 1)} instance(s) per model per GPU; config parameters: "
+        f"{model_params_text(c.get('model_params') or {})}",
         "phases (s): " + " | ".join(f"{k} {v:.0f}" for k, v in ph.items() if v is not None),
         f"{'figure':48} {'value':>18}   target",
     ]
@@ -813,12 +893,14 @@ def print_table(report: dict) -> None:
     row("DNABERT-S tokens/s per GPU (alone, / exec time)", _n(f.get("dnabert_s_tokens_per_s_per_gpu")),
         "dnabert_s_tokens_per_s_per_gpu")
     row("DNABERT-S alone, tokens/s per GPU over wall", _n(f.get("dnabert_s_alone_tokens_per_s_per_gpu_wall")))
+    row("DNABERT-S alone: prep | compute | execute s", _phases(f, "dnabert_s_alone_"))
     for m, name in (("esm2", "ESM-2"), ("dnabert_s", "DNABERT-S")):
         row(f"mixed run {name}: tokens/s per GPU wall | exec",
             f"{_n(f.get(f'{m}_tokens_per_s_per_gpu_wall'))} | {_n(f.get(f'{m}_tokens_per_s_per_gpu_mixed'))}")
         row(f"mixed run {name}: busy | queue ms | compute ms",
             f"{_n(f.get(f'{m}_busy_fraction'), '{:.0%}')} | {_n(f.get(f'{m}_queue_ms_per_request'), '{:,.0f}')} | "
             f"{_n(f.get(f'{m}_compute_ms_per_request'), '{:,.0f}')}")
+        row(f"mixed run {name}: prep | compute | execute s", _phases(f, f"{m}_"))
     row("GPU utilization, mean over embedding", _n(f.get("gpu_util_mean"), "{:.1%}"), "gpu_util_mean")
     row("in-process ESM-2 tokens/s (ceiling)", _n(f.get("inprocess_esm2_tokens_per_s")))
     row("in-process DNABERT-S tokens/s (ceiling)", _n(f.get("inprocess_dnabert_s_tokens_per_s")))
@@ -835,6 +917,9 @@ def print_table(report: dict) -> None:
     lines.append("counts (prepped = client in = client out = server): " + "; ".join(
         f"{m} {_n(v.get('prepped'))} = {_n(v.get('client_in'))} = {_n(v.get('client_out'))} = "
         f"{_n(v.get('server'))}" for m, v in counts.items()) + f"  -> {'match' if report.get('counts_match') else 'MISMATCH'}")
+    lines.append("prep | compute | execute s: the server instances' embed_prep_seconds_total (decode + tokenize), "
+                 "embed_compute_seconds_total (encoder call, to the host) and Triton's compute_infer (the whole "
+                 "execute), summed over instances; execute - prep - compute = responses + Python backend")
     cos = report.get("cosine", {})
     if cos:
         lines.append("min cosine over the first rows: " + ", ".join(f"{k} {_n(v, '{:.5f}')}" for k, v in cos.items()))
@@ -981,6 +1066,9 @@ def defaults(args) -> argparse.Namespace:
         args.check_rows = 64 if args.small else 2000
     if args.interval is None:
         args.interval = 0.25 if args.small else 1.0
+    args.model_params = {}
+    for model, key, value in args.model_param:   # (model, key, value) from parse_model_param; last wins
+        args.model_params.setdefault(model, {})[key] = value
     return args
 
 
@@ -1008,6 +1096,13 @@ def run(args) -> int:
         report["notes"].append(str(e))
         save()
         return 3
+    problem = model_params_problem(args.model_params)
+    if problem:
+        print(f"e2e: usage: {problem}", file=sys.stderr, flush=True)
+        report["status"] = "usage error"
+        report["notes"].append(problem)
+        save()
+        return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="e2e-"))
     workdir.mkdir(parents=True, exist_ok=True)
     args.workdir_path = workdir
@@ -1022,8 +1117,21 @@ def run(args) -> int:
         "device": device_name, "small": args.small, "gpus_visible": torch.cuda.device_count(),
         "gpus_requested": args.gpus, "dims": dims, "esm_writer": args.esm_writer,
         "client_args": list(args.client_arg), "workdir": str(workdir),
+        "instances_per_gpu": args.instances_per_gpu, "model_params": args.model_params,
+        "inprocess_overrides": {m: inprocess_overrides(args.model_params.get(m, {})) for m in MODELS},
         "models_desc": "demo-size models (CPU)" if args.small else "ESM-2 3B + DNABERT-S real size, random weights"})
+    for m, params in sorted(args.model_params.items()):
+        server_only = sorted(set(params) - set(report["config"]["inprocess_overrides"][m]))
+        if server_only and not args.skip_baselines:
+            report["notes"].append(f"{m}: {', '.join(server_only)} set on the server only; the in-process "
+                                   "baseline keeps its defaults there")
+    if args.instances_per_gpu > 1:
+        report["notes"].append(f"{args.instances_per_gpu} instances per GPU: execution-time figures (busy s, "
+                               "tokens/s per exec time, server execute s) sum the instances, which overlap on "
+                               "a GPU; the wall figures are per GPU")
     sw = report["config"]["software"]
+    log(f"server: {args.instances_per_gpu} instance(s) per model per GPU; config parameters: "
+        f"{model_params_text(args.model_params)}")
     log(f"{device_name + ' x' + str(torch.cuda.device_count()) if device.type == 'cuda' else 'CPU'}; python {sw['python']} torch "
         f"{sw['torch']} numpy {sw['numpy']}; stub numpy {sw['stub_numpy']}; transformers {sw['transformers']}; "
         f"pyarrow {sw['pyarrow']}; tritonclient {sw['tritonclient']}"
@@ -1052,18 +1160,19 @@ def run(args) -> int:
         log(f"server ready in {report['phases']['server_start']:.0f} s (log {server.log_path})")
 
         t0 = time.monotonic()
-        busy0 = {m: model_busy_seconds(server.http_url, m) for m in MODELS}
+        exec0 = {m: model_exec_seconds(server.http_url, m) for m in MODELS}
         sampler = Sampler(server.metrics_url, args.interval, t0).start()
         rc, summary, client_s, client_out = run_client(args, sample, server, workdir, out_dir, extra_path)
         sampler.stop()
-        busy1 = {m: model_busy_seconds(server.http_url, m) for m in MODELS}
+        exec1 = {m: model_exec_seconds(server.http_url, m) for m in MODELS}
         phase("client", t0)
-        busy = {m: (busy1[m] - busy0[m]) if busy0[m] is not None and busy1[m] is not None else None for m in MODELS}
+        executed = {m: exec_delta(exec0[m], exec1[m]) for m in MODELS}
         if rc != 0:
             raise Failure(f"embed-client exited with code {rc} (log {out_dir / 'e2e_client.log'}):\n"
                           + tail(out_dir / "e2e_client.log", 20))
         log(f"client: {summary.get('status')} in {client_s:.0f} s (send {summary.get('send_elapsed_s', 0):.0f} s)")
-        sf = server_figures(sampler.samples, busy, summary, len(frames), args.reads, client_s)
+        sf = server_figures(sampler.samples, executed, summary, len(frames), args.reads, client_s,
+                            args.instances_per_gpu)
         report["figures"].update(sf["figures"])
         report["per_gpu_tokens"] = sf["per_gpu_tokens"]
         report["window"] = sf["window"]
@@ -1086,6 +1195,8 @@ def run(args) -> int:
             f = report["figures"]
             f["dnabert_s_tokens_per_s_per_gpu"] = dna["tokens_per_s_per_gpu"]
             f["dnabert_s_alone_tokens_per_s_per_gpu_wall"] = dna["tokens_per_s_per_gpu_wall"]
+            for key in ("server_prep_s", "server_compute_s", "server_execute_s"):
+                f[f"dnabert_s_alone_{key}"] = dna[key]
             report["counts"]["dnabert_s alone"] = {"prepped": len(frames), **dna["counts"]}
             report["counts_match"] = all(len(set(v.values())) == 1 for v in report["counts"].values())
             log(f"DNABERT-S alone: {dna['tokens']:,} tokens, send {dna['send_s'] or 0:.1f} s, "
@@ -1234,6 +1345,27 @@ def logging_quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def parse_model_param(text: str) -> tuple:
+    """--model-param MODEL:KEY=VALUE -> (model, key, value); whether the key exists is checked in run()."""
+    model, colon, setting = text.partition(":")
+    key, equals, value = setting.partition("=")
+    if not colon or not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected MODEL:KEY=VALUE (e.g. dnabert_s:attention=flex), got {text!r}")
+    if model not in MODELS:
+        raise argparse.ArgumentTypeError(f"model must be one of {', '.join(MODELS)}, got {model!r} in {text!r}")
+    return model, key.strip(), value.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1266,6 +1398,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ESM-2 checkpoint: fast = bf16 safetensors (model dtype), core = embed_core's fp32 writer")
     p.add_argument("--startup-timeout", type=float, default=420.0, help="seconds for the server to load both models")
     p.add_argument("--interval", type=float, default=None, help="seconds between /metrics samples [1; small 0.25]")
+    p.add_argument("--instances-per-gpu", type=positive_int, default=1, metavar="N",
+                   help="model instances of each model per GPU (instance_group count of the GPU configs; "
+                   "with --small: CPU instances)")
+    p.add_argument("--model-param", action="append", default=[], type=parse_model_param, metavar="MODEL:KEY=VALUE",
+                   help="set a config parameter of a model, repeatable (e.g. dnabert_s:attention=flex); the "
+                   "in-process baseline takes the RuntimeConfig choices among them (attention, kernels, dtype) too")
     p.add_argument("--client-arg", action="append", default=[],
                    help="extra embed-client argument, repeatable (e.g. --client-arg=--max-in-flight=16)")
     p.add_argument("--workdir", type=Path, default=None,

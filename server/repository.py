@@ -59,6 +59,36 @@ def set_instance_count(pbtxt: str, count: int) -> str:
     return text
 
 
+def parameter_keys(pbtxt: str) -> list:
+    """The keys of a model config's `parameters`, in file order."""
+    return re.findall(r'key:\s*"([^"]*)"', pbtxt)
+
+
+def check_parameters(parameters: Mapping[str, Mapping[str, str]], models, src: Optional[PathLike] = None) -> None:
+    """Raises ValueError unless every {model: {key: value}} names one of `models` and a parameter
+    that model's configs already have (a typo would otherwise leave the default in force, silently).
+
+    `checkpoint` is refused: assemble_repository points it at the checkpoint it places.
+    """
+    src = Path(src) if src is not None else source_repository()
+    for model, values in parameters.items():
+        if model not in models:
+            raise ValueError(f"parameters for model {model!r}, which is not among the models assembled "
+                             f"({', '.join(models)})")
+        if "checkpoint" in values:
+            raise ValueError(f"model {model}: parameter 'checkpoint' is set by assemble_repository "
+                             "(pass the checkpoint itself)")
+        for config in CONFIG_FILES:
+            path = src / model / config
+            if not path.exists():
+                continue
+            known = parameter_keys(path.read_text())
+            for key in values:
+                if key not in known:
+                    raise ValueError(f"model {model} has no config parameter {key!r} (in {config}; "
+                                     f"it has: {', '.join(known)})")
+
+
 def _place(src: Path, dst: Path, symlink: bool) -> None:
     if symlink:
         os.symlink(src.resolve(), dst, target_is_directory=src.is_dir())
@@ -76,15 +106,22 @@ def assemble_repository(
     symlink: bool = False,
     overwrite: bool = False,
     cpu_instances: Optional[int] = None,
+    gpu_instances: Optional[int] = None,
+    parameters: Optional[Mapping[str, Mapping[str, str]]] = None,
 ) -> Path:
     """Write `out/<model>/` for each model in `checkpoints` ({model: checkpoint path}).
 
     embedding_dims ({model: hidden size}) writes the exact EMBEDDING dims into the configs
     instead of -1; symlink links the checkpoints instead of copying them (for large ones;
     a link does not survive a container mount of `out` alone); cpu_instances sets the
-    instance count of configs/cpu.pbtxt (GPU configs keep one instance per GPU).
+    instance count of configs/cpu.pbtxt; gpu_instances that of config.pbtxt, i.e. instances
+    per GPU (default one); parameters ({model: {key: value}}) sets config parameters the
+    configs already have, in both files (ValueError naming the model and key otherwise,
+    raised before anything is written).
     """
     src = Path(src) if src is not None else source_repository()
+    parameters = parameters or {}
+    check_parameters(parameters, list(checkpoints), src)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for model, checkpoint in checkpoints.items():
@@ -110,5 +147,9 @@ def assemble_repository(
                 text = set_output_dims(text, "EMBEDDING", embedding_dims[model])
             if cpu_instances is not None and config == "configs/cpu.pbtxt":
                 text = set_instance_count(text, cpu_instances)
+            if gpu_instances is not None and config == "config.pbtxt":
+                text = set_instance_count(text, gpu_instances)
+            for key, value in parameters.get(model, {}).items():
+                text = set_parameter(text, key, str(value))
             path.write_text(text)
     return out

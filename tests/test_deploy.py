@@ -149,7 +149,7 @@ def test_grafana_provisioning_matches_dashboard():
     for metric in ("embed_tokens_total", "embed_sequences_total", "nv_gpu_utilization", "nv_gpu_memory_used_bytes",
                    "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
                    "nv_inference_count", "nv_inference_exec_count", "embed_failures_total",
-                   "nv_inference_request_failure"):
+                   "nv_inference_request_failure", "embed_prep_seconds_total", "embed_compute_seconds_total"):
         assert metric in exprs, f"the dashboard has no panel on {metric}"
     assert "by (model, gpu)" in exprs  # per-GPU throughput
 

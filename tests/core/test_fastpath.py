@@ -217,6 +217,88 @@ def test_esm2_rotary_impl_default_and_errors():
             model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
 
 
+# --------------------------------------------------------------------------- dnabert-s: Triton attention
+
+
+def _triton_attention_or_skip(device: str):
+    """kernels_attention, or a visible skip (as _triton_rotary_or_skip)."""
+    pytest.importorskip("triton", reason="triton is not installed (optional; CI has none)")
+    from embed_core import kernels_attention
+    if not kernels_attention.available(device):
+        pytest.skip(f"the Triton attention kernel cannot run on {device}: set TRITON_INTERPRET=1 to test on CPU")
+    return kernels_attention
+
+
+def naive_alibi_attention(qkv: torch.Tensor, lengths, slopes: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per sequence, float64, the formula itself: softmax(q k^T * scale - slope_h * |i - j|) v."""
+    out, start = [], 0
+    for n in lengths:
+        q, k, v = (qkv[start:start + n, i].double().transpose(0, 1) for i in range(3))   # [heads, n, d]
+        pos = torch.arange(n, device=qkv.device)
+        bias = -slopes.double()[:, None, None] * (pos[None, :] - pos[:, None]).abs()
+        out.append((torch.softmax(q @ k.transpose(1, 2) * scale + bias, -1) @ v).transpose(0, 1))
+        start += n
+    return torch.cat(out)
+
+
+# Block edges of the kernel (64), a single token, sequences spanning 1-4 key steps.
+KERNEL_PACKS = [[64, 64, 1], [1], [3, 70, 130, 65, 200, 2], [17] * 9]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["fp32", "half"])
+@pytest.mark.parametrize("lengths", KERNEL_PACKS)
+def test_triton_alibi_attention_equals_naive(device, precision, lengths):
+    kernels_attention = _triton_attention_or_skip(device)
+    # half: bf16 on CUDA (production); fp16 under the CPU interpreter, whose bf16 dot is broken
+    # (triton 3.6: garbage for bf16 operands, right for fp16).
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16 if device == "cuda" else torch.float16
+    heads, head_dim = 4, 16
+    g = torch.Generator().manual_seed(sum(lengths))
+    qkv = torch.randn(sum(lengths), 3, heads, head_dim, generator=g).to(device, dtype)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
+    slopes = torch.tensor([0.5, 0.25, 0.0625, 0.0], device=device)   # the last head: no bias
+    ref = naive_alibi_attention(qkv, lengths, slopes, head_dim ** -0.5)
+    out = kernels_attention.alibi_varlen_attention(qkv, cu, max(lengths), slopes, head_dim ** -0.5)
+    assert out.dtype == dtype and out.shape == (sum(lengths), heads, head_dim)
+    error = ((out.double() - ref).norm() / ref.norm()).item()
+    assert error < (1e-6 if dtype == torch.float32 else 1e-2), error
+
+
+def test_triton_alibi_attention_refuses_head_dims_its_tiles_cannot_hold():
+    from embed_core import kernels_attention
+    for head_dim in (8, 24):
+        with pytest.raises(ValueError, match="power-of-2 head_dim >= 16"):
+            kernels_attention.check_head_dim(head_dim)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dnabert_s_triton_attention_equals_padded(device):
+    """attention "triton" through the whole packed forward, fp32, against the padded SDPA path."""
+    _triton_attention_or_skip(device)
+    config = DnabertSConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=96)
+    model = random_dnabert_s(config, seed=6).to(device)
+    with torch.inference_mode():
+        for i, lengths in enumerate(PACKS):
+            batch = packed_batch(lengths, config.vocab_size, seed=30 + i).to(device)
+            model.attention_backend = "padded"
+            ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            model.attention_backend = "triton"
+            out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_triton_attention_backend_refused_without_the_kernel():
+    from embed_core import kernels_attention
+    if kernels_attention.available("cpu"):
+        pytest.skip("the kernel can run here (TRITON_INTERPRET=1): nothing to refuse")
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="triton attention path needs"):
+        attention.PackedAttention(cu, 5, 5, torch.float32, alibi_slopes=torch.ones(4), head_dim=16,
+                                  backend="triton")
+
+
 # --------------------------------------------------------------------------- compiled (slow)
 
 

@@ -1,8 +1,10 @@
 """perf/e2e.py --small end to end on CPU (its own real tritonserver, demo-size models, a few hundred
 reads): the JSON carries every figure and target, the counts match (frames prepped = frames the
 client read = embeddings written = sequences the server counted, per model), the embeddings the
-server returned equal the in-process ones. And perf/compare.py: a figure 15% worse is flagged, 5%
-worse passes; totals of runs on different GPU counts are not compared."""
+server returned equal the in-process ones, the server's per-phase seconds fit in Triton's execute
+time, --model-param reaches the repository and the in-process baseline. And perf/compare.py: a
+figure 15% worse is flagged, 5% worse passes; totals of runs on different GPU counts are not
+compared."""
 from __future__ import annotations
 
 import importlib
@@ -29,8 +31,11 @@ def test_e2e_small_end_to_end(tmp_path):
     pytest.importorskip("transformers", reason="the plain baseline needs transformers")
     e2e = load("e2e")
     out = tmp_path / "out"
+    # attention=padded is the CPU default (same work), token_budget a server-only parameter: both pass
+    # through without changing what is measured.
     command = [sys.executable, str(ROOT / "perf" / "e2e.py"), "--small", "--reads", "200", "--out", str(out),
-               "--workdir", str(tmp_path / "work")]
+               "--workdir", str(tmp_path / "work"), "--model-param", "dnabert_s:attention=padded",
+               "--model-param", "dnabert_s:token_budget=4096"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, f"e2e.py exited {run.returncode}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     report = json.loads((out / "e2e.json").read_text())
@@ -61,6 +66,26 @@ def test_e2e_small_end_to_end(tmp_path):
     assert figures["esm2_sequences_server"] == figures["dnabert_s_sequences_server"] == frames
     assert figures["esm2_tokens"] == report["workload"]["esm2_tokens"]   # residues + BOS/EOS per frame
 
+    # Where the instances' execute time went: decode+tokenize and the encoder call, both inside
+    # Triton's own execute time (compute_infer), per model and for the DNABERT-S pass alone.
+    for prefix in ("esm2_", "dnabert_s_", "dnabert_s_alone_"):
+        prep, compute, execute = (figures[f"{prefix}server_{k}_s"] for k in ("prep", "compute", "execute"))
+        assert 0 < prep and 0 < compute and prep + compute <= execute, (prefix, prep, compute, execute)
+    assert "prep | compute | execute s" in run.stdout
+
+    # --model-param: in both configs of the repository, recorded, and the in-process baseline runs the
+    # same attention (a RuntimeConfig choice) but not the server-only token budget.
+    config = report["config"]
+    assert config["model_params"] == {"dnabert_s": {"attention": "padded", "token_budget": "4096"}}
+    assert config["inprocess_overrides"] == {"esm2": {}, "dnabert_s": {"attention": "padded"}}
+    assert config["instances_per_gpu"] == 1
+    assert report["inprocess"]["models"]["dnabert_s"]["runtime_overrides"] == {"attention": "padded"}
+    for name in ("config.pbtxt", "configs/cpu.pbtxt"):
+        text = (tmp_path / "work" / "repository" / "dnabert_s" / name).read_text()
+        assert '"padded"' in text and '"4096"' in text, name
+    assert "dnabert_s:attention=padded dnabert_s:token_budget=4096" in run.stdout
+    assert any("token_budget set on the server only" in note for note in report["notes"])
+
     # Same weights and same math on every path (fp32 on CPU).
     assert all(v is not None and v > 0.999 for v in report["cosine"].values()), report["cosine"]
     assert (out / "e2e_tokens_per_gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -70,6 +95,23 @@ def test_e2e_small_end_to_end(tmp_path):
     # The run's own JSON is a valid baseline for compare.py, and it equals itself.
     compare = load("compare")
     assert compare.main([str(out / "e2e.json"), "--baseline", str(out / "e2e.json")]) == 0
+
+
+@pytest.mark.parametrize("option, words", [
+    ("dnabert_s:atention=flex", ["dnabert_s", "'atention'"]),     # a key the configs lack
+    ("dnabert_s:attention=sparse", ["dnabert_s", "attention", "'sparse'"]),  # a value the core refuses
+    ("esm3:dtype=float32", ["esm3"]),                              # not a model
+    ("dnabert_s=flex", ["MODEL:KEY=VALUE"]),
+])
+def test_e2e_refuses_a_bad_model_param_with_exit_2(tmp_path, option, words):
+    """Before anything slow (sample, checkpoints, server) starts."""
+    command = [sys.executable, str(ROOT / "perf" / "e2e.py"), "--small", "--out", str(tmp_path / "out"),
+               "--model-param", option]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2, run.stdout + run.stderr
+    for word in words:
+        assert word in run.stderr, (word, run.stderr)
+    assert not (tmp_path / "out" / "e2e_tritonserver.log").exists()
 
 
 def _figures(path: Path, **figures) -> Path:

@@ -83,6 +83,21 @@ def model_stats(server, model):
     return int(stats["inference_stats"]["success"]["count"]), int(stats["execution_count"])
 
 
+def model_stats_once_counted(server, model, requests, timeout_s=10.0):
+    """model_stats once Triton counts at least `requests` successful requests (or after timeout_s).
+
+    Triton can count a request in its statistics after the client already has the answer (seen:
+    2 of 30 requests not yet counted when read right after the last answer), so a test reading the
+    statistics right after its requests waits for them; a count that never arrives still fails.
+    """
+    deadline = time.monotonic() + timeout_s
+    stats = model_stats(server, model)
+    while stats[0] < requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stats = model_stats(server, model)
+    return stats
+
+
 def read_metrics(server):
     """{(metric, model, gpu, instance): value} for our embed_* counters."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -186,9 +201,35 @@ def test_both_cpu_instances_work_and_counters_add_up(embed_server, reference, ma
         assert sum(delta("embed_forward_passes_total").values()) >= 1
         assert sum(delta("embed_failures_total").values()) == 0
         assert {key[2] for key in after if key[1] == model} == {"cpu"}
-        requests, executions = (a - b for a, b in zip(model_stats(embed_server, model), stats_before[model]))
+        counted = model_stats_once_counted(embed_server, model, stats_before[model][0] + len(sent[model]) // 3)
+        requests, executions = (a - b for a, b in zip(counted, stats_before[model]))
         assert requests == len(sent[model]) // 3
         assert executions < requests, "the dynamic batcher never merged two requests"
+
+
+PHASE_COUNTERS = ("embed_prep_seconds_total", "embed_compute_seconds_total")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_phase_seconds_fit_in_the_wall_time_of_the_requests(embed_server, make_sequences, model):
+    """Every instance exports embed_prep_seconds_total and embed_compute_seconds_total; both grow
+    with requests, and what they grew by is no more than the wall time of those requests. The
+    requests go one at a time, so at most one execute runs at any moment across the instances and
+    the sum over instances is bounded by the wall time (seconds counted twice, or in the wrong
+    unit, would break it)."""
+    before = read_metrics(embed_server)
+    for name in PHASE_COUNTERS:
+        assert {key[3] for key in before if key[0] == name and key[1] == model} == {f"{model}_0_0", f"{model}_0_1"}
+    requests = split(make_sequences(model, 40, seed=23, hi=300 if model == "dnabert_s" else 120), [8])
+    started = time.perf_counter()
+    for seqs in requests:
+        infer_grpc(embed_server, model, seqs)
+    wall = time.perf_counter() - started
+    after = read_metrics(embed_server)
+    grown = {name: sum(after[key] - before.get(key, 0.0) for key in after if key[0] == name and key[1] == model)
+             for name in PHASE_COUNTERS}
+    assert all(v > 0 for v in grown.values()), grown
+    assert grown["embed_prep_seconds_total"] + grown["embed_compute_seconds_total"] <= wall, (grown, wall)
 
 
 # ------------------------------------------------------------------ bad requests
@@ -242,7 +283,7 @@ def test_a_bad_request_fails_alone_within_a_batch(embed_server, reference, make_
         requests[i] = requests[i][:1] + ["", "x" * 3] + requests[i][1:]  # "" is invalid for both
     requests_before, executions_before = model_stats(embed_server, model)
     answers = send_concurrently(lambda seqs: infer_grpc(embed_server, model, seqs), requests, threads=12)
-    requests_after, executions_after = model_stats(embed_server, model)
+    requests_after, executions_after = model_stats_once_counted(embed_server, model, requests_before + len(requests))
     core = reference(model)
     for i, (seqs, got) in enumerate(zip(requests, answers)):
         if i % bad_every == 0:

@@ -131,6 +131,28 @@ def test_metric_deltas_follow_the_stats(embedder):
     assert deltas.take(embedder.stats) == {}
 
 
+def test_phase_seconds_split_the_wall_time_and_become_counters(embedder):
+    """embed_requests adds its tokenizing (prep) and encoder (compute) seconds to the PhaseSeconds;
+    together they are within the call's own wall time, and MetricDeltas turns them (floats) into
+    increments of embed_prep/compute_seconds_total beside the EmbedStats counters."""
+    import time
+
+    phases = serving.PhaseSeconds()
+    deltas = serving.MetricDeltas()
+    deltas.take(embedder.stats, phases)
+    started = time.perf_counter()
+    serving.embed_requests(embedder, [["MKTAY" * 20, "MKL"], ["ACDEFG"]], phases)
+    wall = time.perf_counter() - started
+    assert phases.prep_seconds > 0 and phases.compute_seconds > 0
+    assert phases.prep_seconds + phases.compute_seconds <= wall
+    got = deltas.take(embedder.stats, phases)
+    assert got["embed_prep_seconds_total"] == phases.prep_seconds
+    assert got["embed_compute_seconds_total"] == phases.compute_seconds
+    assert got["embed_sequences_total"] == 3
+    assert deltas.take(embedder.stats, phases) == {}
+    assert {field for field, _ in serving.METRICS.values()} <= set(embedder.stats.as_dict()) | set(phases.as_dict())
+
+
 # ------------------------------------------------------------------ the repository
 
 
@@ -161,6 +183,49 @@ def test_assemble_repository_with_a_fair_esm_file(tmp_path, demo_checkpoints):
         assemble_repository(tmp_path / "repo", {"esm2": demo_checkpoints / "esm2_fair.pt"})
     linked = assemble_repository(tmp_path / "repo", {"esm2": demo_checkpoints / "esm2"}, symlink=True, overwrite=True)
     assert (linked / "esm2" / "checkpoint").is_symlink()
+
+
+def _parameter(pbtxt: str, key: str) -> str:
+    import re
+
+    match = re.search(r'key:\s*"' + key + r'"\s*value:\s*\{\s*string_value:\s*"([^"]*)"', pbtxt)
+    return match.group(1) if match else None
+
+
+def test_assemble_repository_sets_gpu_instances_and_parameters(tmp_path, demo_checkpoints):
+    import re
+
+    checkpoints = {m: demo_checkpoints / m for m in ("esm2", "dnabert_s")}
+    repo = assemble_repository(tmp_path / "repo", checkpoints, gpu_instances=3, cpu_instances=2,
+                               parameters={"dnabert_s": {"attention": "flex", "token_budget": "4096"}})
+    for model in ("esm2", "dnabert_s"):
+        gpu = (repo / model / "config.pbtxt").read_text()
+        cpu = (repo / model / "configs" / "cpu.pbtxt").read_text()
+        assert re.search(r"count:\s*3\s*kind:\s*KIND_GPU", gpu), gpu
+        assert re.search(r"count:\s*2\s*kind:\s*KIND_CPU", cpu), cpu
+        for text in (gpu, cpu):
+            assert _parameter(text, "checkpoint") == "checkpoint"
+            if model == "dnabert_s":
+                assert _parameter(text, "attention") == "flex" and _parameter(text, "token_budget") == "4096"
+            else:  # parameters are per model
+                assert _parameter(text, "token_budget") == "auto"
+    plain = assemble_repository(tmp_path / "plain", {"esm2": demo_checkpoints / "esm2"})
+    assert re.search(r"count:\s*1\s*kind:\s*KIND_GPU", (plain / "esm2" / "config.pbtxt").read_text())
+
+
+@pytest.mark.parametrize("parameters, words", [
+    ({"dnabert_s": {"atention": "flex"}}, ["dnabert_s", "'atention'", "attention"]),  # a typo: the keys it has
+    ({"esm2": {"attention": "flex"}}, ["esm2", "'attention'"]),                        # DNABERT-S only
+    ({"dnabert_s": {"checkpoint": "x"}}, ["dnabert_s", "checkpoint"]),
+    ({"nope": {"dtype": "float32"}}, ["'nope'"]),
+])
+def test_assemble_repository_refuses_unknown_parameters_before_writing(tmp_path, demo_checkpoints, parameters, words):
+    out = tmp_path / "repo"
+    with pytest.raises(ValueError) as info:
+        assemble_repository(out, {m: demo_checkpoints / m for m in ("esm2", "dnabert_s")}, parameters=parameters)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------ the launcher
