@@ -14,7 +14,7 @@ import math
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -218,31 +218,18 @@ class DnabertPooler(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
 
-def attention_output(context: torch.Tensor, x: torch.Tensor, dense_w, dense_b, ln1_w, ln1_b,
-                     eps: float) -> torch.Tensor:
-    """Output projection + residual + post-LN (DnabertSelfOutput): [T, H] -> [T, H]."""
-    return F.layer_norm(F.linear(context, dense_w, dense_b) + x, (x.shape[-1],), ln1_w, ln1_b, eps)
-
-
-def glu_gelu_torch(h: torch.Tensor, glu_w) -> torch.Tensor:
-    """The gated projection and its activation: gelu(h Wg^T) * (h Wv^T), [T, H] -> [T, I]."""
-    g = F.linear(h, glu_w)                                                       # [T, 2I]
-    inter = glu_w.shape[0] // 2
-    return F.gelu(g[..., :inter]) * g[..., inter:]
-
-
-def mlp_output(a: torch.Tensor, h: torch.Tensor, wo_w, wo_b, ln2_w, ln2_b, eps: float) -> torch.Tensor:
-    """Down projection + residual + post-LN (the rest of DnabertGluMlp): [T, I] -> [T, H]."""
-    return F.layer_norm(F.linear(a, wo_w, wo_b) + h, (h.shape[-1],), ln2_w, ln2_b, eps)
-
-
 def layer_tail(context: torch.Tensor, x: torch.Tensor, dense_w, dense_b, ln1_w, ln1_b, glu_w, wo_w, wo_b,
                ln2_w, ln2_b, eps: float) -> torch.Tensor:
     """Everything of a layer after attention, as one pure function (so one compiled graph serves
     all layers): output projection + residual + post-LN, then GLU MLP + residual + post-LN.
-    The same math as DnabertSelfOutput and DnabertGluMlp."""
-    h = attention_output(context, x, dense_w, dense_b, ln1_w, ln1_b, eps)
-    return mlp_output(glu_gelu_torch(h, glu_w), h, wo_w, wo_b, ln2_w, ln2_b, eps)
+    The same math as DnabertSelfOutput and DnabertGluMlp. (A hand-written Triton kernel fusing
+    the GLU GEMM with GELU x gate ran at 450 TFLOP/s against cuBLAS's 685 and lost overall:
+    perf/RESULTS.md, 2026-11-28.)"""
+    hidden, inter = x.shape[-1], wo_w.shape[1]
+    h = F.layer_norm(F.linear(context, dense_w, dense_b) + x, (hidden,), ln1_w, ln1_b, eps)   # [T, H]
+    g = F.linear(h, glu_w)                                                                     # [T, 2I]
+    a = F.gelu(g[..., :inter]) * g[..., inter:]                                                # [T, I]
+    return F.layer_norm(F.linear(a, wo_w, wo_b) + h, (hidden,), ln2_w, ln2_b, eps)            # [T, H]
 
 
 class DnabertS(nn.Module):
@@ -262,16 +249,11 @@ class DnabertS(nn.Module):
         self._slopes = alibi_slopes(config.num_attention_heads)
         self._slopes_on: dict[torch.device, torch.Tensor] = {}
         self._layer_tail = layer_tail  # eager; enable_compile() swaps in the compiled one
-        # The two halves around the GLU, for glu_impl "triton" (compiled too by enable_compile()).
-        self._attention_output, self._mlp_output = attention_output, mlp_output
         self._compiled = False
         # Attention of forward_packed: "auto" (attention.py's choice), "padded" or "flex".
         self.attention_backend = "auto"
         # FlexAttention's sparse block in tokens (128; 64 or 32 opt-in, see attention.FLEX_BLOCKS).
         self.flex_block = FLEX_BLOCK
-        # GLU of forward_packed: "torch" (GEMM, then GELU x gate fused by Inductor when compiled) or
-        # "triton" (kernels_glu: one kernel, the [T, 2I] product never stored; CUDA + triton).
-        self.glu_impl = "torch"
 
     def alibi_slopes_tensor(self, device: torch.device) -> torch.Tensor:
         """[heads] float32 slopes on `device` (cached per device)."""
@@ -284,17 +266,14 @@ class DnabertS(nn.Module):
         return self.forward_packed(input_ids, cu_seqlens, max_seqlen)
 
     def supports_triton_kernels(self) -> bool:
-        """Whether kernels_attention and kernels_glu take this model's sizes (the runtime asks first)."""
-        from . import kernels_attention, kernels_glu
-        return (kernels_attention.supports(self.config.head_dim)
-                and kernels_glu.supports(self.config.hidden_size, self.config.intermediate_size))
+        """Whether kernels_attention takes this model's head_dim (the runtime asks first)."""
+        from . import kernels_attention
+        return kernels_attention.supports(self.config.head_dim)
 
     def enable_compile(self) -> None:
         """Run each layer's element-wise tail (and, with the "flex" attention backend, the
         attention) through torch.compile (CUDA fast path)."""
         self._layer_tail = compile_function(layer_tail)
-        self._attention_output = compile_function(attention_output)
-        self._mlp_output = compile_function(mlp_output)
         self._compiled = True
 
     def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
@@ -317,36 +296,14 @@ class DnabertS(nn.Module):
             input_ids = torch.cat((input_ids, input_ids.new_zeros(attend.padded_total - total)))
         x = self.embeddings(input_ids)                                       # [T, H]
         eps = self.config.layer_norm_eps
-        glu = self._glu_kernel(input_ids.device)
         for layer in self.encoder.layer:
             qkv = layer.attention.self.Wqkv(x).view(-1, 3, heads, head_dim)  # [T, 3, heads, d]
             context = attend.attend_qkv(qkv).reshape(x.shape)                # [T, H]
             out, mlp = layer.attention.output, layer.mlp
-            if glu is None:
-                x = self._layer_tail(context, x, out.dense.weight, out.dense.bias, out.LayerNorm.weight,
-                                     out.LayerNorm.bias, mlp.gated_layers.weight, mlp.wo.weight, mlp.wo.bias,
-                                     mlp.layernorm.weight, mlp.layernorm.bias, eps)
-            else:
-                h = self._attention_output(context, x, out.dense.weight, out.dense.bias, out.LayerNorm.weight,
-                                           out.LayerNorm.bias, eps)
-                x = self._mlp_output(glu(h, mlp.gated_layers.weight), h, mlp.wo.weight, mlp.wo.bias,
-                                     mlp.layernorm.weight, mlp.layernorm.bias, eps)
+            x = self._layer_tail(context, x, out.dense.weight, out.dense.bias, out.LayerNorm.weight,
+                                 out.LayerNorm.bias, mlp.gated_layers.weight, mlp.wo.weight, mlp.wo.bias,
+                                 mlp.layernorm.weight, mlp.layernorm.bias, eps)
         return x[:total]
-
-    def _glu_kernel(self, device: torch.device) -> Optional[Callable]:
-        """kernels_glu.glu_gelu for glu_impl "triton", None for "torch"; a clear error otherwise."""
-        if self.glu_impl == "torch":
-            return None
-        if self.glu_impl != "triton":
-            raise ValueError(f"unknown glu_impl {self.glu_impl!r} (torch or triton)")
-        from . import kernels_glu
-        if not kernels_glu.available(device):
-            raise RuntimeError(f"glu_impl 'triton' needs the triton package and a CUDA device "
-                               f"(or TRITON_INTERPRET=1), not {torch.device(device).type}")
-        if not kernels_glu.supports(self.config.hidden_size, self.config.intermediate_size):
-            raise ValueError(f"glu_impl 'triton': hidden {self.config.hidden_size} / intermediate "
-                             f"{self.config.intermediate_size} do not fit the kernel's tiles")
-        return kernels_glu.glu_gelu
 
     def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L], attention_mask [B, L] bool -> [B, L, hidden], pads set to 0 as the original.

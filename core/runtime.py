@@ -70,7 +70,7 @@ class RuntimeConfig:
         benchmark, and each new one may compile), "triton" (our varlen ALiBi kernel,
         kernels_attention.py) or "auto" (= triton where `kernels` allows it, else padded).
     kernels: our hand-written Triton kernels (core/kernels_*.py: ESM-2's rotary, DNABERT-S's
-        attention and GLU): "auto" (used on CUDA when the triton package imports), "triton"
+        attention): "auto" (used on CUDA when the triton package imports), "triton"
         (required: an error at load where they cannot run) or "torch" (never; the PyTorch/Inductor
         path, e.g. to rule the kernels out when something looks wrong).
     """
@@ -188,9 +188,8 @@ class Embedder:
         self.encoder = encoder.to(device=self.device, dtype=self.dtype).eval()
         self.triton_kernels = self._choose_kernels(config.kernels)
         impl = "triton" if self.triton_kernels else "torch"
-        for name in ("rotary_impl", "glu_impl"):   # ESM-2 has the first, DNABERT-S the second
-            if hasattr(encoder, name):
-                setattr(encoder, name, impl)
+        if hasattr(encoder, "rotary_impl"):      # ESM-2
+            encoder.rotary_impl = impl
         if hasattr(encoder, "attention_backend"):
             auto = "triton" if self.triton_kernels else "auto"
             encoder.attention_backend = auto if config.attention == "auto" else config.attention
@@ -221,8 +220,8 @@ class Embedder:
         """Whether the encoder runs our Triton kernels (RuntimeConfig.kernels on this device)."""
         if policy == "torch":
             return False
-        from . import kernels_attention, kernels_glu, kernels_rotary
-        runnable = all(k.available(self.device) for k in (kernels_attention, kernels_glu, kernels_rotary))
+        from . import kernels_attention, kernels_rotary
+        runnable = all(k.available(self.device) for k in (kernels_attention, kernels_rotary))
         fits = getattr(self.encoder, "supports_triton_kernels", lambda: False)()
         if policy == "triton" and not (runnable and fits):
             why = ("the triton package is not installed" if not kernels_rotary.triton_importable()

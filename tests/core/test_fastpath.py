@@ -25,7 +25,8 @@ slow = pytest.mark.skipif(not SLOW, reason="compiles with Inductor (tens of seco
 needs_flex = pytest.mark.skipif(not attention.flex_available(), reason="torch has no flex_attention")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-DNA = DnabertSConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+# head_dim 16: the smallest that Inductor's CUDA flex_attention and our attention kernel take.
+DNA = DnabertSConfig(vocab_size=64, hidden_size=96, num_hidden_layers=2, num_attention_heads=6,
                      intermediate_size=96)
 ESM = Esm2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
 
@@ -299,6 +300,48 @@ def test_triton_attention_backend_refused_without_the_kernel():
                                   backend="triton")
 
 
+# --------------------------------------------------------------------------- runtime: kernels policy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dnabert_s_all_triton_kernels_equal_torch_path(device):
+    """The runtime's kernels="triton" (the attention kernel) through Embedder, fp32, against
+    kernels="torch" with padded attention: < 1e-5, rows in input order."""
+    _triton_attention_or_skip(device)
+    from embed_core import Embedder, RuntimeConfig
+    config = DnabertSConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=128)
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(5, 64, size=int(n)) for n in (40, 3, 130, 64, 1, 77)]
+    outs = {}
+    for kernels in ("torch", "triton"):
+        model = random_dnabert_s(config, seed=8)
+        embedder = Embedder(model, None, RuntimeConfig(device=device, dtype="float32", kernels=kernels,
+                                                       compile=False))
+        assert embedder.triton_kernels == (kernels == "triton")
+        assert model.attention_backend == ("triton" if kernels == "triton" else "auto")
+        outs[kernels] = embedder.embed_tokens(arrays)
+        embedder.close()
+    np.testing.assert_allclose(outs["triton"], outs["torch"], rtol=0, atol=1e-5)
+
+
+def test_kernels_policy_on_cpu_without_the_interpreter():
+    """kernels="auto" on CPU: the torch path; kernels="triton" where they cannot run: a clear error."""
+    from embed_core import Embedder, RuntimeConfig
+    model = random_dnabert_s(DnabertSConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, intermediate_size=128))
+    embedder = Embedder(model, None, RuntimeConfig(device="cpu", compile=False))
+    assert not embedder.triton_kernels and model.attention_backend == "auto"
+    embedder.close()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="kernels='triton' requested but"):
+            Embedder(model, None, RuntimeConfig(device="cpu", kernels="triton", compile=False))
+    narrow = random_dnabert_s(DnabertSConfig(vocab_size=64, hidden_size=48, num_hidden_layers=1,
+                                             num_attention_heads=6, intermediate_size=96))
+    assert not narrow.supports_triton_kernels()   # head_dim 8: the attention kernel's tiles do not fit
+    assert random_dnabert_s(DNA).supports_triton_kernels()
+
+
 # --------------------------------------------------------------------------- compiled (slow)
 
 
@@ -345,14 +388,17 @@ def test_compiled_esm2_equals_eager(device, rotary):
 @slow
 @needs_flex
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 flex vs padded needs CUDA (the production path)")
-def test_flex_bf16_close_to_padded_on_cuda():
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_bf16_fast_attention_close_to_padded_on_cuda(backend):
+    if backend == "triton":
+        _triton_attention_or_skip("cuda")
     model = random_dnabert_s(DNA, seed=7).to("cuda", torch.bfloat16)
     model.enable_compile()
     batch = packed_batch([55, 135, 90, 100, 77] * 30, DNA.vocab_size, seed=30).to("cuda")
     with torch.inference_mode():
         model.attention_backend = "padded"
         ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen).float()
-        model.attention_backend = "flex"
+        model.attention_backend = backend
         out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen).float()
     cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
     assert cos.min() > 0.999, cos.min()

@@ -1,0 +1,145 @@
+"""Times our Triton attention kernel's tilings against the torch path it replaces, at DNABERT-S's shapes.
+
+    python3 perf/bench_kernels.py --out $OUT/bench_kernels.json      # one GPU, ~1 minute
+
+On one packed stream of `--tokens` tokens (DNA chunks of 55-135 BPE tokens, as in bench_models):
+  * attention (12 heads x 64, ALiBi): kernels_attention.alibi_varlen_attention per tiling, against
+    the padded SDPA path (attention.PackedAttention "padded") on the same qkv;
+Each row: median microseconds (CUDA events, warm, 20 repeats), ns per token, the relative error
+against the torch path. The fastest correct tiling is marked; core/kernels_attention.py's defaults
+should be it (the constants there name what this script measured). (A fused GLU+GELU kernel was
+timed here too on 2026-11-28 and dropped: 21 ns/token against 14 for cuBLAS's GEMM alone and ~19
+for GEMM + Inductor's GELU x gate inside the model; perf/RESULTS.md.)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ATTENTION_TILINGS = [(64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4), (128, 128, 8), (32, 32, 2)]
+
+
+def import_core():
+    try:
+        import embed_core
+        return embed_core
+    except ImportError:
+        core = Path(__file__).resolve().parents[1] / "core"
+        spec = importlib.util.spec_from_file_location("embed_core", core / "__init__.py",
+                                                      submodule_search_locations=[str(core)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["embed_core"] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+def time_us(fn, repeats: int = 20) -> float:
+    """Median microseconds of fn() over `repeats` runs after 3 warm-ups (CUDA events)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return float(np.median(times))
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def bench_attention(core, tokens: int, device, rows: list) -> None:
+    from embed_core import kernels_attention
+    from embed_core.attention import PackedAttention
+    from embed_core.dnabert_s import alibi_slopes
+    heads, head_dim = 12, 64
+    rng = np.random.default_rng(0)
+    lengths = []
+    while sum(lengths) < tokens:
+        lengths.append(int(rng.integers(55, 136)))
+    lengths = sorted(lengths)
+    total, max_len = sum(lengths), max(lengths)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
+    qkv = torch.randn(total, 3, heads, head_dim, device=device, dtype=torch.bfloat16)
+    slopes = torch.tensor(alibi_slopes(heads), device=device)
+    scale = head_dim ** -0.5
+    padded = PackedAttention(cu, max_len, total, torch.bfloat16, alibi_slopes=slopes, head_dim=head_dim,
+                             backend="padded")
+    ref = padded.attend_qkv(qkv)
+    us = time_us(lambda: padded.attend_qkv(qkv))
+    rows.append({"kernel": "attention", "variant": "torch: padded SDPA + ALiBi bias", "us": us,
+                 "ns_per_token": us * 1e3 / total, "rel_error": 0.0})
+    for block_m, block_n, warps in ATTENTION_TILINGS:
+        run = lambda: kernels_attention.alibi_varlen_attention(qkv, cu, max_len, slopes, scale,  # noqa: E731
+                                                               block_m=block_m, block_n=block_n, num_warps=warps)
+        try:
+            err = rel_error(run(), ref)
+            us = time_us(run)
+        except Exception as exc:  # noqa: BLE001 (a benchmark reports and goes on)
+            rows.append({"kernel": "attention", "variant": f"triton {block_m}x{block_n} w{warps}",
+                         "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        rows.append({"kernel": "attention", "variant": f"triton {block_m}x{block_n} w{warps}", "us": us,
+                     "ns_per_token": us * 1e3 / total, "rel_error": err,
+                     "tiling": {"block_m": block_m, "block_n": block_n, "num_warps": warps}})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=131072, help="tokens in the packed stream (a full pack)")
+    p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA GPU (the kernels' speed is what it measures)")
+        return 2
+    core = import_core()
+    device = torch.device("cuda")
+    rows: list = []
+    for tokens in sorted({args.tokens, 32768}):
+        part: list = []
+        bench_attention(core, tokens, device, part)
+        for row in part:
+            row["tokens"] = tokens
+        rows += part
+    print(f"\nbench_kernels on {torch.cuda.get_device_name(device)}")
+    print(f"{'tokens':>7} {'kernel':9} {'variant':48} {'us':>9} {'ns/token':>9} {'rel.err':>8}")
+    for (tokens, kernel), group in _groups(rows):
+        ok = [r for r in group if "us" in r and r["rel_error"] < 2e-2]
+        best = min(ok, key=lambda r: r["us"]) if ok else None
+        for r in group:
+            if "error" in r:
+                print(f"{tokens:7d} {kernel:9} {r['variant'][:48]:48} FAILED {r['error'][:80]}")
+                continue
+            mark = " *" if r is best else ""
+            print(f"{tokens:7d} {kernel:9} {r['variant'][:48]:48} {r['us']:9.1f} {r['ns_per_token']:9.2f} "
+                  f"{r['rel_error']:8.1e}{mark}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                                        "rows": rows}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _groups(rows):
+    keys = []
+    for r in rows:
+        key = (r["tokens"], r["kernel"])
+        if key not in keys:
+            keys.append(key)
+    return [(k, [r for r in rows if (r["tokens"], r["kernel"]) == k]) for k in keys]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
