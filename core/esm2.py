@@ -291,6 +291,10 @@ class ESM2(nn.Module):
     pool_skip_first = 1  # mean over residues: BOS and EOS excluded
     pool_skip_last = 1
     ROTARY_IMPLS = ("torch", "triton")
+    # With the Triton rotary, eager ran 98,777 tokens/s and compiled 96,657 (ESM-2 3B, H200,
+    # perf/RESULTS.md 2026-11-28): Inductor's LayerNorms were slower than ATen's. The runtime's
+    # default (compile=None) then stays eager: faster, and no compile warm-up.
+    compile_with_kernels = False
     rotary_impl = "torch"
     """Rotary of forward_packed: "torch" (apply_rotary eager, rotate_fused inside the compiled
     head) or "triton" (opt-in, experimental: the head without rotary, then kernels_rotary's one

@@ -63,7 +63,9 @@ class RuntimeConfig:
     too_long: "error" rejects longer sequences; "truncate" keeps their first max_length letters
         and reports each one in `Embedder.last_truncated`.
     compile: torch.compile the encoder's hot per-layer functions (its `enable_compile()`, where it
-        has one); None = on CUDA only. The first forwards then take longer (compilation).
+        has one); None = on CUDA only, and not where the encoder runs our kernels and says compiling
+        then gains nothing (`compile_with_kernels = False`: ESM-2). The first forwards then take
+        longer (compilation).
     attention: attention for encoders with a bias (DNABERT-S's ALiBi): "padded" (SDPA over
         per-pack [B, L] slots), "flex" (FlexAttention on the packed stream, CUDA; 9% faster in
         perf/RESULTS.md, not yet the default: pack lengths vary more in serving than in the
@@ -194,6 +196,8 @@ class Embedder:
             auto = "triton" if self.triton_kernels else "auto"
             encoder.attention_backend = auto if config.attention == "auto" else config.attention
         want_compile = self.device.type == "cuda" if config.compile is None else config.compile
+        if config.compile is None and self.triton_kernels and not getattr(encoder, "compile_with_kernels", True):
+            want_compile = False   # the encoder measured eager + our kernels faster than compiled
         self.compiled = bool(want_compile and hasattr(encoder, "enable_compile"))
         if self.compiled:
             encoder.enable_compile()

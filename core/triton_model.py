@@ -48,7 +48,8 @@ def triton_model_class(pb_utils, kind: str):
             pb_utils.Logger.log_info(
                 f"{self.model_name} ({args['model_instance_name']}): {path} on {e.device}, "
                 f"dtype {str(e.dtype).replace('torch.', '')}, token budget {e.token_budget}, "
-                f"max_length {e.max_length} ({e.config.too_long})"
+                f"max_length {e.max_length} ({e.config.too_long}), compiled {e.compiled}, "
+                f"triton kernels {e.triton_kernels}"
             )
             labels = {"model": self.model_name, "gpu": gpu, "instance": args["model_instance_name"]}
             # The families must outlive their metrics (device/NOTES.md): keep both on self.

@@ -355,7 +355,7 @@ def write_checkpoints(args, dims: dict, device, workdir: Path) -> tuple:
     # is exercised by the smoke run too.
     repo = assemble_repository(workdir / "repository", paths, symlink=True,
                                embedding_dims={m: dims[m]["hidden_size"] for m in MODELS},
-                               cpu_instances=args.instances_per_gpu if args.small else None,
+                               cpu_instances=(args.instances_per_gpu or 1) if args.small else None,
                                gpu_instances=args.instances_per_gpu, parameters=args.model_params)
     return repo, seconds
 
@@ -587,7 +587,7 @@ def embedding_window(samples: List[dict]) -> tuple:
 
 
 def server_figures(samples: List[dict], executed: Dict[str, dict], summary: dict, frames: int,
-                   reads: int, client_s: float, instances_per_gpu: int = 1) -> dict:
+                   reads: int, client_s: float, instances: Optional[Dict[str, int]] = None) -> dict:
     """Figures of the Triton run (sampled counters, Triton statistics per model from exec_delta, the
     client's summary)."""
     first, last = samples[0], samples[-1]
@@ -606,9 +606,10 @@ def server_figures(samples: List[dict], executed: Dict[str, dict], summary: dict
         f[f"{m}_tokens"] = int(model_tokens)
         f[f"{m}_sequences_server"] = int(sum(v for (model, _), v in sequences.items() if model == m))
         f[f"{m}_tokens_per_s_per_gpu_wall"] = model_tokens / send_s / n_gpus if send_s else None
-        b = executed[m]["busy"]   # summed over the model's instances (instances_per_gpu per GPU)
+        b = executed[m]["busy"]   # summed over the model's instances (instances[m] per GPU)
         f[f"{m}_busy_s"] = b
-        f[f"{m}_busy_fraction"] = b / (send_s * n_gpus * instances_per_gpu) if b and send_s else None
+        model_instances = (instances or {}).get(m, 1)
+        f[f"{m}_busy_fraction"] = b / (send_s * n_gpus * model_instances) if b and send_s else None
         # Where the instances' execute time went: prep + compute (our counters) vs Triton's execute.
         phases = phase_seconds(first, last, m)
         f[f"{m}_server_prep_s"] = phases["prep"]
@@ -660,8 +661,22 @@ def timeline(samples: List[dict]) -> list:
              "util": s["util"]} for s in samples]
 
 
+def configured_instances(repo: Path, small: bool) -> Dict[str, int]:
+    """{model: instances per GPU (CPU instances with --small)} as the assembled configs say."""
+    config = "configs/cpu.pbtxt" if small else "config.pbtxt"
+    out = {}
+    for m in MODELS:
+        found = re.search(r"instance_group\s*\[\s*\{[^}]*?count:\s*(\d+)", (repo / m / config).read_text())
+        out[m] = int(found.group(1)) if found else 1
+    return out
+
+
+def instances_text(instances: Dict[str, int]) -> str:
+    return ", ".join(f"{m} {n}" for m, n in instances.items()) or "-"
+
+
 def dnabert_pass(args, sample: Path, server: Server, workdir: Path, out_dir: Path, extra_path,
-                 n_gpus: int) -> dict:
+                 n_gpus: int, instances: int = 1) -> dict:
     """DNABERT-S alone through Triton (embed-client --models dnabert_s on the same sample): in the
     mixed run nearly every DNABERT-S execution overlaps an ESM-2 one on the same GPU, so its own
     speed through the server is measured here. A few seconds."""
@@ -685,7 +700,9 @@ def dnabert_pass(args, sample: Path, server: Server, workdir: Path, out_dir: Pat
     return {"seconds": seconds, "send_s": send_s, "tokens": int(tokens), "busy_s": busy,
             "server_prep_s": phases["prep"], "server_compute_s": phases["compute"],
             "server_execute_s": executed["execute"],
-            "tokens_per_s_per_gpu": tokens / busy if busy else None,
+            # Several instances per GPU execute at once: their busy times overlap, so wall time it is.
+            "tokens_per_s_per_gpu": (tokens / busy if busy else None) if instances == 1
+            else (tokens / send_s / n_gpus if send_s else None),
             "tokens_per_s_per_gpu_wall": tokens / send_s / n_gpus if send_s else None,
             "counts": {"client_in": stages.get("send", {}).get("dnabert_s", {}).get("sequences_in"),
                        "client_out": stages.get("write", {}).get("dnabert_s", {}).get("rows_final"),
@@ -873,7 +890,7 @@ def print_table(report: dict) -> None:
         f"== e2e: {gpus} x {c['device']}, {w['reads']:,} reads -> {w['frames']:,} frames "
         f"({w['frames_per_kept_chunk']:.2f} per kept {w['chunk']}-bp chunk, residues {w['residues_min']}-"
         f"{w['residues_max']} mean {w['residues_mean']:.0f}), {c['models_desc']}",
-        f"server: {c.get('instances_per_gpu', 1)} instance(s) per model per GPU; config parameters: "
+        f"server: instances per GPU {instances_text(c.get('instances') or {})}; config parameters: "
         f"{model_params_text(c.get('model_params') or {})}",
         "phases (s): " + " | ".join(f"{k} {v:.0f}" for k, v in ph.items() if v is not None),
         f"{'figure':48} {'value':>18}   target",
@@ -1117,7 +1134,7 @@ def run(args) -> int:
         "device": device_name, "small": args.small, "gpus_visible": torch.cuda.device_count(),
         "gpus_requested": args.gpus, "dims": dims, "esm_writer": args.esm_writer,
         "client_args": list(args.client_arg), "workdir": str(workdir),
-        "instances_per_gpu": args.instances_per_gpu, "model_params": args.model_params,
+        "instances_per_gpu": args.instances_per_gpu, "model_params": args.model_params, "instances": {},
         "inprocess_overrides": {m: inprocess_overrides(args.model_params.get(m, {})) for m in MODELS},
         "models_desc": "demo-size models (CPU)" if args.small else "ESM-2 3B + DNABERT-S real size, random weights"})
     for m, params in sorted(args.model_params.items()):
@@ -1125,12 +1142,9 @@ def run(args) -> int:
         if server_only and not args.skip_baselines:
             report["notes"].append(f"{m}: {', '.join(server_only)} set on the server only; the in-process "
                                    "baseline keeps its defaults there")
-    if args.instances_per_gpu > 1:
-        report["notes"].append(f"{args.instances_per_gpu} instances per GPU: execution-time figures (busy s, "
-                               "tokens/s per exec time, server execute s) sum the instances, which overlap on "
-                               "a GPU; the wall figures are per GPU")
+
     sw = report["config"]["software"]
-    log(f"server: {args.instances_per_gpu} instance(s) per model per GPU; config parameters: "
+    log(f"server: instances per GPU {args.instances_per_gpu or 'as configured'}; config parameters: "
         f"{model_params_text(args.model_params)}")
     log(f"{device_name + ' x' + str(torch.cuda.device_count()) if device.type == 'cuda' else 'CPU'}; python {sw['python']} torch "
         f"{sw['torch']} numpy {sw['numpy']}; stub numpy {sw['stub_numpy']}; transformers {sw['transformers']}; "
@@ -1148,6 +1162,11 @@ def run(args) -> int:
 
         t0 = time.monotonic()
         repo, ck_seconds = write_checkpoints(args, dims, device, workdir)
+        instances = report["config"]["instances"] = configured_instances(repo, args.small)
+        if any(n > 1 for n in instances.values()):
+            report["notes"].append(f"instances per GPU {instances_text(instances)}: execution-time figures of a "
+                                   "model with several (busy s, tokens/s per exec time, server execute s) sum "
+                                   "instances that overlap on a GPU; its target figure is then tokens over wall time")
         report["config"]["checkpoint_seconds"] = ck_seconds
         phase("checkpoints", t0)
         log("checkpoints: " + ", ".join(f"{m} {s:.0f} s" for m, s in ck_seconds.items()) + f" -> {repo}")
@@ -1172,7 +1191,7 @@ def run(args) -> int:
                           + tail(out_dir / "e2e_client.log", 20))
         log(f"client: {summary.get('status')} in {client_s:.0f} s (send {summary.get('send_elapsed_s', 0):.0f} s)")
         sf = server_figures(sampler.samples, executed, summary, len(frames), args.reads, client_s,
-                            args.instances_per_gpu)
+                            report["config"]["instances"])
         report["figures"].update(sf["figures"])
         report["per_gpu_tokens"] = sf["per_gpu_tokens"]
         report["window"] = sf["window"]
@@ -1189,7 +1208,8 @@ def run(args) -> int:
         save()
         if not args.skip_dnabert_pass:
             t0 = time.monotonic()
-            dna = dnabert_pass(args, sample, server, workdir, out_dir, extra_path, int(report["figures"]["gpus"]))
+            dna = dnabert_pass(args, sample, server, workdir, out_dir, extra_path, int(report["figures"]["gpus"]),
+                               report["config"]["instances"].get("dnabert_s", 1))
             phase("dnabert_s_alone", t0)
             report["dnabert_s_alone"] = dna
             f = report["figures"]
@@ -1398,9 +1418,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ESM-2 checkpoint: fast = bf16 safetensors (model dtype), core = embed_core's fp32 writer")
     p.add_argument("--startup-timeout", type=float, default=420.0, help="seconds for the server to load both models")
     p.add_argument("--interval", type=float, default=None, help="seconds between /metrics samples [1; small 0.25]")
-    p.add_argument("--instances-per-gpu", type=positive_int, default=1, metavar="N",
+    p.add_argument("--instances-per-gpu", type=positive_int, default=None, metavar="N",
                    help="model instances of each model per GPU (instance_group count of the GPU configs; "
-                   "with --small: CPU instances)")
+                   "with --small: CPU instances) [default: as model_repository/ configures them]")
     p.add_argument("--model-param", action="append", default=[], type=parse_model_param, metavar="MODEL:KEY=VALUE",
                    help="set a config parameter of a model, repeatable (e.g. dnabert_s:attention=flex); the "
                    "in-process baseline takes the RuntimeConfig choices among them (attention, kernels, dtype) too")

@@ -78,7 +78,8 @@ def test_e2e_small_end_to_end(tmp_path):
     config = report["config"]
     assert config["model_params"] == {"dnabert_s": {"attention": "padded", "token_budget": "4096"}}
     assert config["inprocess_overrides"] == {"esm2": {}, "dnabert_s": {"attention": "padded"}}
-    assert config["instances_per_gpu"] == 1
+    assert config["instances_per_gpu"] is None                    # not given: as the configs say ...
+    assert config["instances"] == {"esm2": 1, "dnabert_s": 1}      # ... which --small sets to 1 CPU instance
     assert report["inprocess"]["models"]["dnabert_s"]["runtime_overrides"] == {"attention": "padded"}
     for name in ("config.pbtxt", "configs/cpu.pbtxt"):
         text = (tmp_path / "work" / "repository" / "dnabert_s" / name).read_text()
