@@ -17,11 +17,11 @@ the kernel can run there (CUDA, or any device with TRITON_INTERPRET=1: tests).
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional
 
 import torch
+
+from .triton_support import can_run_on, lazy_kernel
 
 # Tiling measured by perf/bench_kernels.py on an H200 (2026-11-28, 131,072 tokens of 55-135-token
 # chunks, 12 x 64 heads): 64x32 with 4 warps 3.42 ns/token, 64x64 3.47, 128x64 4.14, 128x128 6.01;
@@ -32,14 +32,9 @@ NUM_WARPS = 4
 LOG2E = 1.4426950408889634
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel():
-    """The jitted kernel, or None without triton (imported on first use only)."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
+@lazy_kernel
+def _kernel(triton, tl):
+    """The jitted kernel (`_kernel()` builds it on first use; None without triton)."""
 
     @triton.jit
     def alibi_varlen_kernel(qkv_ptr, out_ptr, cu_ptr, slopes_ptr, qk_scale, heads,
@@ -86,16 +81,8 @@ def _kernel():
     return alibi_varlen_kernel
 
 
-def triton_importable() -> bool:
-    return _kernel() is not None
-
-
-def available(device) -> bool:
-    """Whether `alibi_varlen_attention` can run on `device`: triton importable and CUDA (or the
-    interpreter, TRITON_INTERPRET=1)."""
-    device = torch.device(device)
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return (device.type == "cuda" or interpret) and triton_importable()
+# Where the kernel can run (CUDA, or Triton's interpreter): triton_support's answer for all kernels.
+available = can_run_on
 
 
 def supports(head_dim: int) -> bool:

@@ -10,21 +10,16 @@ says whether the kernel can run there (CUDA, or any device with TRITON_INTERPRET
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import Tuple
 
 import torch
 
+from .triton_support import can_run_on, lazy_kernel
 
-@functools.lru_cache(maxsize=None)
-def _kernel():
-    """The jitted kernel, or None without triton (imported on first use only)."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
+
+@lazy_kernel
+def _kernel(triton, tl):
+    """The jitted kernel (`_kernel()` builds it on first use; None without triton)."""
 
     @triton.jit
     def rotary_qk_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, H,
@@ -57,15 +52,8 @@ def _kernel():
     return rotary_qk_kernel
 
 
-def triton_importable() -> bool:
-    return _kernel() is not None
-
-
-def available(device) -> bool:
-    """Whether `rotary_qk` can run on `device`: triton importable and CUDA (or the interpreter)."""
-    device = torch.device(device)
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return (device.type == "cuda" or interpret) and triton_importable()
+# Where the kernel can run (CUDA, or Triton's interpreter): triton_support's answer for all kernels.
+available = can_run_on
 
 
 def supports(head_dim: int) -> bool:

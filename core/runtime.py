@@ -224,11 +224,11 @@ class Embedder:
         """Whether the encoder runs our Triton kernels (RuntimeConfig.kernels on this device)."""
         if policy == "torch":
             return False
-        from . import kernels_attention, kernels_rotary
-        runnable = all(k.available(self.device) for k in (kernels_attention, kernels_rotary))
+        from . import triton_support
+        runnable = triton_support.can_run_on(self.device)
         fits = getattr(self.encoder, "supports_triton_kernels", lambda: False)()
         if policy == "triton" and not (runnable and fits):
-            why = ("the triton package is not installed" if not kernels_rotary.triton_importable()
+            why = ("the triton package is not installed" if triton_support.import_triton() is None
                    else f"they need CUDA (device {self.device})" if not runnable
                    else f"{type(self.encoder).__name__}'s sizes do not fit their tiles")
             raise ValueError(f"kernels='triton' requested but {why}")

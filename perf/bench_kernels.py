@@ -26,17 +26,11 @@ ATTENTION_TILINGS = [(64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 32, 4), (128,
 
 
 def import_core():
-    try:
-        import embed_core
-        return embed_core
-    except ImportError:
-        core = Path(__file__).resolve().parents[1] / "core"
-        spec = importlib.util.spec_from_file_location("embed_core", core / "__init__.py",
-                                                      submodule_search_locations=[str(core)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["embed_core"] = module
-        spec.loader.exec_module(module)
-        return module
+    """embed_core, installed or from this checkout (bench_models.import_core)."""
+    spec = importlib.util.spec_from_file_location("bench_models", Path(__file__).resolve().parent / "bench_models.py")
+    bench_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_models)
+    return bench_models.import_core()
 
 
 def time_us(fn, repeats: int = 20) -> float:

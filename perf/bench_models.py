@@ -316,9 +316,9 @@ def rotary_variant(name: str, device: torch.device) -> tuple:
     it cannot run here. "auto": the runtime's defaults (key c); "triton" = RuntimeConfig(kernels="triton"),
     "torch" = kernels="torch"."""
     if name == "triton":
-        from embed_core import kernels_rotary
+        from embed_core import kernels_rotary, triton_support
         if not kernels_rotary.available(device):
-            why = ("the triton package is not installed" if not kernels_rotary.triton_importable()
+            why = ("the triton package is not installed" if triton_support.import_triton() is None
                    else f"needs CUDA (or TRITON_INTERPRET=1), device is {device.type}")
             return f"skip: {why}"
         return "c_triton", {"kernels": "triton"}, {}, ", rotary triton kernel"
