@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from embed_core.dnabert_s import (
+    check_dna_batch,
     IUPAC_LETTERS, DnabertS, DnabertSConfig, DnabertTokenizer, alibi_slopes, load_dnabert_s,
     published_state_dict, random_dna, random_dnabert_s, train_demo_tokenizer, write_hf_checkpoint,
 )
@@ -259,6 +261,20 @@ def test_empty_and_batch_errors(demo_tokenizer):
     seqs = random_dna(5, 50, seed=9)
     assert [a.tolist() for a in demo_tokenizer.encode_batch(seqs)] == [demo_tokenizer.encode(s).tolist() for s in seqs]
 
+
+
+@pytest.mark.parametrize("bad, index, problem", [
+    (["ACGT", "", "ACGT"], 1, "empty sequence"),
+    (["ACGT", "acgtn", "ACGTé"], 2, "invalid letter 'é' at position 5"),
+    (["ACGT", "ACXT"], 1, "invalid letter 'X' at position 3"),
+    (["ACGT", 7], 1, "expected a DNA string"),
+])
+def test_batch_check_names_the_first_bad_sequence(bad, index, problem):
+    """The one-pass batch check (a server request) reports what the per-sequence check does."""
+    with pytest.raises(InvalidSequenceError, match=re.escape(problem)) as err:
+        check_dna_batch(bad)
+    assert err.value.index == index
+    assert check_dna_batch(["acgtn", "RYKM"]) == ["ACGTN", "RYKM"]
 
 def test_demo_tokenizer_has_published_structure(tmp_path, demo_tokenizer_path):
     again = train_demo_tokenizer(tmp_path / "tokenizer.json", vocab_size=SMALL.vocab_size)
