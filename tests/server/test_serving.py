@@ -43,6 +43,10 @@ def test_parameters_become_a_runtime_config():
     assert serving.runtime_options({"attention": "flex"}, "cpu").attention == "flex"
     with pytest.raises(ValueError, match="attention"):
         serving.runtime_options({"attention": "sparse"}, "cpu")
+    assert config.kernels == "auto"
+    assert serving.runtime_options({"kernels": "torch"}, "cpu").kernels == "torch"
+    with pytest.raises(ValueError, match="kernels"):
+        serving.runtime_options({"kernels": "cuda"}, "cpu")
 
 
 def test_the_attention_parameter_reaches_the_encoder():
