@@ -21,7 +21,9 @@ from .triton_support import can_run_on, lazy_kernel
 def _kernel(triton, tl):
     """The jitted kernel (`_kernel()` builds it on first use; None without triton)."""
 
-    @triton.jit
+    # T (tokens in the pack) changes with every pack: not specialised on (Triton would compile a
+    # second variant the first time a pack's T is a multiple of 16, mid-serving).
+    @triton.jit(do_not_specialize=["T"])
     def rotary_qk_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, H,
                          q_st, q_sh, k_st, k_sh, qo_st, qo_sh, ko_st, ko_sh, c_st, s_st,
                          HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):

@@ -243,7 +243,7 @@ def naive_alibi_attention(qkv: torch.Tensor, lengths, slopes: torch.Tensor, scal
 
 
 # Block edges of the kernel (64), a single token, sequences spanning 1-4 key steps.
-KERNEL_PACKS = [[64, 64, 1], [1], [3, 70, 130, 65, 200, 2], [17] * 9]
+KERNEL_PACKS = [[64, 64, 1], [1], [3, 70, 130, 65, 200, 2], [17] * 9, [5, 450]]
 
 
 @pytest.mark.parametrize("device", DEVICES)
