@@ -72,7 +72,8 @@ class RuntimeConfig:
         benchmark, and each new one may compile), "triton" (our varlen ALiBi kernel,
         kernels_attention.py) or "auto" (= triton where `kernels` allows it, else padded).
     kernels: our hand-written Triton kernels (core/kernels_*.py: ESM-2's rotary, DNABERT-S's
-        attention): "auto" (used on CUDA when the triton package imports), "triton"
+        attention): "auto" (used on CUDA when the triton package imports; if they fail at
+        `warmup()`, a warning and the PyTorch path instead), "triton"
         (required: an error at load where they cannot run) or "torch" (never; the PyTorch/Inductor
         path, e.g. to rule the kernels out when something looks wrong).
     """
@@ -188,13 +189,7 @@ class Embedder:
         self.device = resolve_device(config.device)
         self.dtype = choose_dtype(self.device) if config.dtype == "auto" else DTYPES[config.dtype]
         self.encoder = encoder.to(device=self.device, dtype=self.dtype).eval()
-        self.triton_kernels = self._choose_kernels(config.kernels)
-        impl = "triton" if self.triton_kernels else "torch"
-        if hasattr(encoder, "rotary_impl"):      # ESM-2
-            encoder.rotary_impl = impl
-        if hasattr(encoder, "attention_backend"):
-            auto = "triton" if self.triton_kernels else "auto"
-            encoder.attention_backend = auto if config.attention == "auto" else config.attention
+        self.use_triton_kernels(self._choose_kernels(config.kernels))
         want_compile = self.device.type == "cuda" if config.compile is None else config.compile
         if config.compile is None and self.triton_kernels and not getattr(encoder, "compile_with_kernels", True):
             want_compile = False   # the encoder measured eager + our kernels faster than compiled
@@ -219,6 +214,15 @@ class Embedder:
         log.info("%s on %s, dtype %s, token budget %d (%s), max_length %s (%s), compiled %s, triton kernels %s",
                  type(encoder).__name__, self.device, str(self.dtype).replace("torch.", ""), self.token_budget,
                  how, self.max_length, config.too_long, self.compiled, self.triton_kernels)
+
+    def use_triton_kernels(self, on: bool) -> None:
+        """Points the encoder at our Triton kernels (on) or at the PyTorch path (off)."""
+        self.triton_kernels = bool(on)
+        if hasattr(self.encoder, "rotary_impl"):      # ESM-2
+            self.encoder.rotary_impl = "triton" if on else "torch"
+        if hasattr(self.encoder, "attention_backend"):
+            auto = "triton" if on else "auto"
+            self.encoder.attention_backend = auto if self.config.attention == "auto" else self.config.attention
 
     def _choose_kernels(self, policy: str) -> bool:
         """Whether the encoder runs our Triton kernels (RuntimeConfig.kernels on this device)."""
@@ -383,7 +387,18 @@ class Embedder:
         """Runs two small synthetic packs so compilation and kernel selection happen at load, not on the
         first request; the counters stay at zero. Token id 0 is valid in every vocabulary."""
         arrays = [np.zeros(n, dtype=np.int64) for n in lengths]
-        self.embed_tokens(arrays)
+        try:
+            self.embed_tokens(arrays)
+        except Exception as err:  # noqa: BLE001 (re-raised unless the kernels were only "auto")
+            if not self.triton_kernels or self.config.kernels != "auto" or isinstance(err, torch.cuda.OutOfMemoryError):
+                raise
+            # kernels="auto" must not cost the model: e.g. Triton cannot build its launcher
+            # without a C compiler. Serve on the PyTorch path and say why.
+            log.warning("our Triton kernels failed at warm-up (%s: %s); continuing without them "
+                        "(set the kernels parameter to torch to skip them, or triton to make this an error)",
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            self.use_triton_kernels(False)
+            self.embed_tokens(arrays)
         self.embed_tokens(arrays[::2])
         self.stats = EmbedStats()
 

@@ -342,6 +342,31 @@ def test_kernels_policy_on_cpu_without_the_interpreter():
     assert random_dnabert_s(DNA).supports_triton_kernels()
 
 
+def test_auto_kernels_failing_at_warmup_fall_back_to_torch(caplog):
+    """kernels="auto" picked our kernels (as on CUDA) but they cannot run (here: no interpreter,
+    as with a GPU host lacking a C compiler): warm-up says so and the model serves on the torch
+    path, same embeddings. kernels="triton" would have refused at load instead."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the kernels can run here (TRITON_INTERPRET=1): nothing fails")
+    from embed_core import Embedder, RuntimeConfig
+    rng = np.random.default_rng(4)
+    arrays = [rng.integers(5, 64, size=int(n)) for n in (40, 3, 77)]
+    reference = Embedder(random_dnabert_s(DNA, seed=9), None, RuntimeConfig(device="cpu", dtype="float32"))
+    expected = reference.embed_tokens(arrays)
+    model = random_dnabert_s(DNA, seed=9)
+    embedder = Embedder(model, None, RuntimeConfig(device="cpu", dtype="float32"))
+    embedder.use_triton_kernels(True)          # what "auto" does on CUDA
+    assert model.attention_backend == "triton"
+    with caplog.at_level("WARNING", logger="embed_core.runtime"):
+        embedder.warmup()
+    assert "Triton kernels failed at warm-up" in caplog.text
+    assert not embedder.triton_kernels and model.attention_backend == "auto"
+    assert embedder.stats.sequences == 0
+    np.testing.assert_allclose(embedder.embed_tokens(arrays), expected, rtol=0, atol=1e-6)
+    for e in (reference, embedder):
+        e.close()
+
+
 # --------------------------------------------------------------------------- compiled (slow)
 
 
