@@ -355,7 +355,8 @@ def write_checkpoints(args, dims: dict, device, workdir: Path) -> tuple:
     # is exercised by the smoke run too.
     repo = assemble_repository(workdir / "repository", paths, symlink=True,
                                embedding_dims={m: dims[m]["hidden_size"] for m in MODELS},
-                               cpu_instances=(args.instances_per_gpu or 1) if args.small else None,
+                               cpu_instances=(args.instances_per_gpu if isinstance(args.instances_per_gpu, int)
+                                              else 1) if args.small else None,
                                gpu_instances=args.instances_per_gpu, parameters=args.model_params)
     return repo, seconds
 
@@ -1367,6 +1368,19 @@ def logging_quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
+def instance_counts(text: str):
+    """--instances-per-gpu: N (every model) or MODEL=N[,MODEL=N] (those models; others as configured)."""
+    if "=" not in text:
+        return positive_int(text)
+    counts = {}
+    for part in text.split(","):
+        model, _, value = part.partition("=")
+        if model.strip() not in MODELS:
+            raise argparse.ArgumentTypeError(f"unknown model {model.strip()!r} in {text!r} (models: {', '.join(MODELS)})")
+        counts[model.strip()] = positive_int(value.strip())
+    return counts
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -1420,9 +1434,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ESM-2 checkpoint: fast = bf16 safetensors (model dtype), core = embed_core's fp32 writer")
     p.add_argument("--startup-timeout", type=float, default=420.0, help="seconds for the server to load both models")
     p.add_argument("--interval", type=float, default=None, help="seconds between /metrics samples [1; small 0.25]")
-    p.add_argument("--instances-per-gpu", type=positive_int, default=None, metavar="N",
-                   help="model instances of each model per GPU (instance_group count of the GPU configs; "
-                   "with --small: CPU instances) [default: as model_repository/ configures them]")
+    p.add_argument("--instances-per-gpu", type=instance_counts, default=None, metavar="N|MODEL=N,...",
+                   help="model instances per GPU (instance_group count of the GPU configs): N for every model, "
+                   "or per model, e.g. dnabert_s=3 (with --small: CPU instances, N only) "
+                   "[default: as model_repository/ configures them]")
     p.add_argument("--model-param", action="append", default=[], type=parse_model_param, metavar="MODEL:KEY=VALUE",
                    help="set a config parameter of a model, repeatable (e.g. dnabert_s:attention=flex); the "
                    "in-process baseline takes the RuntimeConfig choices among them (attention, kernels, dtype) too")

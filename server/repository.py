@@ -106,7 +106,7 @@ def assemble_repository(
     symlink: bool = False,
     overwrite: bool = False,
     cpu_instances: Optional[int] = None,
-    gpu_instances: Optional[int] = None,
+    gpu_instances: Union[None, int, Mapping[str, int]] = None,
     parameters: Optional[Mapping[str, Mapping[str, str]]] = None,
 ) -> Path:
     """Write `out/<model>/` for each model in `checkpoints` ({model: checkpoint path}).
@@ -115,7 +115,7 @@ def assemble_repository(
     instead of -1; symlink links the checkpoints instead of copying them (for large ones;
     a link does not survive a container mount of `out` alone); cpu_instances sets the
     instance count of configs/cpu.pbtxt; gpu_instances that of config.pbtxt, i.e. instances
-    per GPU (default one); parameters ({model: {key: value}}) sets config parameters the
+    per GPU, for every model (an int) or per model ({model: count}; others keep theirs); parameters ({model: {key: value}}) sets config parameters the
     configs already have, in both files (ValueError naming the model and key otherwise,
     raised before anything is written).
     """
@@ -147,8 +147,9 @@ def assemble_repository(
                 text = set_output_dims(text, "EMBEDDING", embedding_dims[model])
             if cpu_instances is not None and config == "configs/cpu.pbtxt":
                 text = set_instance_count(text, cpu_instances)
-            if gpu_instances is not None and config == "config.pbtxt":
-                text = set_instance_count(text, gpu_instances)
+            count = gpu_instances.get(model) if isinstance(gpu_instances, Mapping) else gpu_instances
+            if count is not None and config == "config.pbtxt":
+                text = set_instance_count(text, count)
             for key, value in parameters.get(model, {}).items():
                 text = set_parameter(text, key, str(value))
             path.write_text(text)

@@ -160,3 +160,17 @@ def test_baseline_json_and_figure_names_agree():
     baseline = json.loads((ROOT / "perf" / "baseline.json").read_text())
     assert set(compare.FIGURES) <= set(baseline["figures"])
     assert compare.main([str(ROOT / "perf" / "baseline.json")]) == 0   # nulls: nothing compared, nothing worse
+
+
+@pytest.mark.parametrize("value, words", [
+    ("0", ["whole number >= 1"]),
+    ("esm3=2", ["unknown model 'esm3'"]),
+    ("dnabert_s=two", ["whole number >= 1"]),
+])
+def test_e2e_refuses_bad_instance_counts_with_exit_2(tmp_path, value, words):
+    command = [sys.executable, str(ROOT / "perf" / "e2e.py"), "--small", "--out", str(tmp_path / "out"),
+               "--instances-per-gpu", value]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2, run.stdout + run.stderr
+    for word in words:
+        assert word in run.stderr, (word, run.stderr)

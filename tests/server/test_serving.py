@@ -213,6 +213,10 @@ def test_assemble_repository_sets_gpu_instances_and_parameters(tmp_path, demo_ch
                 assert _parameter(text, "attention") == "flex" and _parameter(text, "token_budget") == "4096"
             else:  # parameters are per model
                 assert _parameter(text, "token_budget") == "auto"
+    # Per model: only the named model's GPU count changes.
+    repo = assemble_repository(tmp_path / "repo2", checkpoints, gpu_instances={"dnabert_s": 3})
+    assert re.search(r"count:\s*3\s*kind:\s*KIND_GPU", (repo / "dnabert_s" / "config.pbtxt").read_text())
+    assert re.search(r"count:\s*1\s*kind:\s*KIND_GPU", (repo / "esm2" / "config.pbtxt").read_text())
     plain = assemble_repository(tmp_path / "plain", {"esm2": demo_checkpoints / "esm2"})
     assert re.search(r"count:\s*1\s*kind:\s*KIND_GPU", (plain / "esm2" / "config.pbtxt").read_text())
 
