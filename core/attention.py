@@ -51,9 +51,10 @@ BACKENDS = ("auto", "flash", "padded", "flex", "triton")
 FLEX_BLOCK = 128          # tokens per FlexAttention block (its default sparse block size)
 FLEX_BLOCKS = (32, 64, 128)  # `flex_block` choices; < 128 is opt-in (short sequences: less masked work)
 ALIBI_AUTO_BACKEND = "padded"
-"""What "auto" picks for ALiBi (DNABERT-S): "padded". FlexAttention measured 9% faster on an
-H200 (perf/RESULTS.md) but is chosen explicitly (RuntimeConfig.attention, the model config's
-`attention` parameter) until serving shows it does not recompile for new pack lengths."""
+"""What PackedAttention's own "auto" picks for ALiBi (DNABERT-S): "padded", which runs anywhere.
+The runtime chooses "triton" instead where our kernels are on (RuntimeConfig.kernels; on an H200
+3.4 vs 19.9 ns per token and layer, perf/RESULTS.md); FlexAttention (also faster than padded, slower
+than ours) stays an explicit choice."""
 
 
 _flex_attention_fn = None  # torch's flex_attention once _flex() has run (a plain global: Dynamo reads it)

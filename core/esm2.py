@@ -297,8 +297,9 @@ class ESM2(nn.Module):
     compile_with_kernels = False
     rotary_impl = "torch"
     """Rotary of forward_packed: "torch" (apply_rotary eager, rotate_fused inside the compiled
-    head) or "triton" (opt-in, experimental: the head without rotary, then kernels_rotary's one
-    launch for q and k; needs the triton package and CUDA, or TRITON_INTERPRET=1 for tests)."""
+    head) or "triton" (the head without rotary, then kernels_rotary's one launch for q and k;
+    needs the triton package and CUDA, or TRITON_INTERPRET=1 for tests). The runtime sets it
+    from RuntimeConfig.kernels ("auto": triton on CUDA)."""
 
     def __init__(self, config: Esm2Config):
         super().__init__()

@@ -66,11 +66,10 @@ class RuntimeConfig:
         has one); None = on CUDA only, and not where the encoder runs our kernels and says compiling
         then gains nothing (`compile_with_kernels = False`: ESM-2). The first forwards then take
         longer (compilation).
-    attention: attention for encoders with a bias (DNABERT-S's ALiBi): "padded" (SDPA over
-        per-pack [B, L] slots), "flex" (FlexAttention on the packed stream, CUDA; 9% faster in
-        perf/RESULTS.md, not yet the default: pack lengths vary more in serving than in the
-        benchmark, and each new one may compile), "triton" (our varlen ALiBi kernel,
-        kernels_attention.py) or "auto" (= triton where `kernels` allows it, else padded).
+    attention: attention for encoders with a bias (DNABERT-S's ALiBi): "triton" (our varlen ALiBi
+        kernel, kernels_attention.py; CUDA), "padded" (SDPA over per-pack [B, L] slots; anywhere),
+        "flex" (FlexAttention on the packed stream, CUDA; opt-in: faster than padded, slower than
+        ours, perf/RESULTS.md) or "auto" (= triton where `kernels` allows it, else padded).
     kernels: our hand-written Triton kernels (core/kernels_*.py: ESM-2's rotary, DNABERT-S's
         attention): "auto" (used on CUDA when the triton package imports; if they fail at
         `warmup()`, a warning and the PyTorch path instead), "triton"
