@@ -12,11 +12,13 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
 
+import os  # noqa: E402
 import random  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import gevent  # noqa: E402
-from gevent import GreenletExit  # noqa: E402
+from gevent import GreenletExit, monkey  # noqa: E402
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import User, constant_throughput, events, task  # noqa: E402
@@ -48,6 +50,25 @@ def _stop_timer(environment, **_kwargs):
     if options is None or isinstance(environment.runner, WorkerRunner) or options.run_time:
         return
     gevent.spawn_later(options.stop_after, environment.runner.quit)
+
+
+@events.quit.add_listener
+def _exit_even_if_shutdown_hangs(exit_code, **_kwargs):
+    """Locust has printed and saved its results when `quit` fires; the interpreter's own shutdown
+    then joins leftover threads, and once (CI, 2026-11-28) it hung there for minutes after the
+    results were out (grpc's gevent integration). A real OS thread (not a greenlet: the original
+    `_thread.start_new_thread`, which gevent's patched threading does not replace for us) ends the
+    process 15 s later if it is still alive; a normal exit comes first and takes it along."""
+    start_os_thread = monkey.get_original("_thread", "start_new_thread")
+    os_sleep = monkey.get_original("time", "sleep")
+
+    def watchdog():
+        os_sleep(15)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+
+    start_os_thread(watchdog, ())
 
 
 class EmbeddingUser(User):
