@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from .errors import (ClassifierError, IncompleteError, InputError, InterruptedRu
                      ServerError, ServerUnavailableError)
 from .progress import Counters, MetricsPoller, Progress
 from .schedule import SPECIAL_TOKENS, Block, Item, Request, ScheduleConfig, blocks_of, cut_requests, interleave
-from .sink import MERGE_ORDER, MERGED_FILE, SUMMARY_FILE, OutputDir, RunConfig
+from .sink import MERGE_ORDER, MERGED_FILE, SUMMARY_FILE, OutputDir, RunConfig, require_same_run
 from .transport import Dispatcher, Server, ServerSpec, TransportConfig
 from .virnucpro import PrepStats, prepare
 
@@ -255,10 +255,7 @@ class _Run:
         """Connect for --resume: the servers' widths must be the interrupted run's."""
         await self._connect()
         config = self.out.config
-        problems = config.mismatches(dataclasses.replace(config, hidden=dict(self.hidden)))
-        if problems:
-            raise OutputError(f"--resume: {self.o.out} was started with other options or "
-                              "input; " + "; ".join(problems))
+        require_same_run(config, dataclasses.replace(config, hidden=dict(self.hidden)), self.o.out)
 
     async def _ensure_servers(self) -> None:
         """A --resume run contacts the servers when its first block needs computing."""
@@ -383,19 +380,11 @@ class _Run:
             wrote = ([MERGED_FILE] if need_merged else []) + (
                 [PREDICTIONS_FILE, HIGHEST_FILE] if need_predictions else [])
             log.info("resume: writing %s from the final files", ", ".join(wrote))
-            writer = PredictionWriter(o.out) if need_predictions else None
-            on_features = None
-            if writer is not None:
-                on_features = lambda ids, x: writer.add(ids, self.classifier.predict_proba(x))
             try:
-                rows = out.derive(self.hidden, need_merged, on_features)
-                predictions = writer.close() if writer is not None else None
-            except BaseException as e:
-                if writer is not None:
-                    writer.abort()
-                if isinstance(e, OSError):
-                    raise self._write_failed("writing " + ", ".join(wrote), e) from e
-                raise
+                rows, predictions = self._with_predictions(
+                    need_predictions, lambda on_features: out.derive(self.hidden, need_merged, on_features))
+            except OSError as e:
+                raise self._write_failed("writing " + ", ".join(wrote), e) from e
             summary = json.loads(json.dumps(previous))
             if need_merged:
                 summary["stages"].setdefault("write", {})["merged"] = {"rows_final": rows["merged"]}
@@ -490,6 +479,20 @@ class _Run:
             self._summary_after_error(status, str(error))
             raise error
         return self._finish()
+
+    def _with_predictions(self, predict: bool, write: Callable) -> tuple:
+        """(write(on_features), the classifier's counts or None): with `predict`, every block's
+        merged features also go through the classifier into the prediction files, which are
+        removed again when anything fails (the error goes on to the caller)."""
+        if not predict:
+            return write(None), None
+        writer = PredictionWriter(self.o.out)
+        try:
+            rows = write(lambda ids, x: writer.add(ids, self.classifier.predict_proba(x)))
+            return rows, writer.close()
+        except BaseException:
+            writer.abort()
+            raise
 
     def _write_failed(self, what: str, error: OSError) -> OutputWriteError:
         return OutputWriteError(f"{what} in {self.o.out} failed: {error}; once fixed, continue "
@@ -652,17 +655,11 @@ class _Run:
             message += "; no final files written"
             self._summary_after_error("incomplete", message)
             raise IncompleteError(message)
-        writer = None
         try:
-            on_features = None
-            if self.classifier is not None:
-                writer = PredictionWriter(o.out)
-                on_features = lambda ids, x: writer.add(ids, self.classifier.predict_proba(x))
-            final_rows = self.out.finalize(o.models, self.hidden, o.merged, on_features)
-            predictions = writer.close() if writer is not None else None
+            final_rows, predictions = self._with_predictions(
+                self.classifier is not None,
+                lambda on_features: self.out.finalize(o.models, self.hidden, o.merged, on_features))
         except BaseException as e:
-            if writer is not None:
-                writer.abort()
             self._summary_after_error("failed", f"writing the final files failed: {e}")
             if isinstance(e, OSError):
                 raise self._write_failed("writing the final files", e) from e

@@ -134,6 +134,13 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def require_same_run(stored: RunConfig, config: RunConfig, path) -> None:
+    """OutputError when a --resume's `config` differs from the interrupted run's `stored` one."""
+    problems = stored.mismatches(config)
+    if problems:
+        raise OutputError(f"--resume: {path} was started with other options or input; " + "; ".join(problems))
+
+
 class OutputDir:
     """One run's output directory: opened fresh or for resume, then committed block by block."""
 
@@ -166,10 +173,7 @@ class OutputDir:
         if resume:
             self._lock()
             stored = RunConfig.from_json(json.loads(run_file.read_text()))
-            problems = stored.mismatches(config)
-            if problems:
-                raise OutputError(f"--resume: {self.path} was started with other options or "
-                                  "input; " + "; ".join(problems))
+            require_same_run(stored, config, self.path)
             self.config = stored
             self.manifest = self._read_manifest()
             for number, record in self.manifest.items():

@@ -37,6 +37,8 @@ def _kernel(triton, tl):
         c = tl.load(cos_ptr + t * c_st + d, mask=t_ok, other=0.0).to(tl.float32)   # [BT, 1, HALF]
         s = tl.load(sin_ptr + t * s_st + d, mask=t_ok, other=0.0).to(tl.float32)
 
+        # q and k written out twice on purpose: a shared @triton.jit helper fails under the
+        # interpreter the CPU tests use (closure NameError), and this is the form measured on the H200.
         q_off = t * q_st + h * q_sh + d
         q1 = tl.load(q_ptr + q_off, mask=m, other=0.0).to(tl.float32)
         q2 = tl.load(q_ptr + q_off + HALF, mask=m, other=0.0).to(tl.float32)

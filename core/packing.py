@@ -72,3 +72,14 @@ def mean_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, skip_first:
     sums.index_add_(0, seq, rows)
     counts = (lengths - skip_first - skip_last).clamp(min=1).to(torch.float32)
     return sums / counts[:, None]
+
+
+def mean_pool_padded(hidden: torch.Tensor, mask: torch.Tensor, skip_first: int = 0,
+                     skip_last: int = 0) -> torch.Tensor:
+    """`mean_pool_packed` for a right-padded batch: hidden [B, L, H], mask [B, L] bool -> [B, H]
+    float32 (the ONNX export and the benchmarks' padded paths; plain tensor ops, traceable)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)[None, :]                 # [1, L]
+    lengths = mask.sum(dim=1, keepdim=True)                                              # [B, 1]
+    keep = mask & (positions >= skip_first) & (positions < lengths - skip_last)
+    weights = keep.to(torch.float32).unsqueeze(-1)                                       # [B, L, 1]
+    return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)

@@ -61,18 +61,32 @@ def resolve_source(source: str, cache_dir: Optional[Path] = None) -> Path:
         ) from None
 
 
-def validate_checkpoint(kind: str, path: Path) -> ValidCheckpoint:
-    """Load `path` fully with the model core and embed a probe; ExportError naming the problem."""
-    import numpy as np
-    import torch
-    from embed_core import CheckpointError, Embedder, RuntimeConfig, load_model
+def check_out_dir(out: Path, force: bool) -> None:
+    """ExportError when `out` exists and is not an empty folder, unless `force` (it will be replaced)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ExportError(f"{out} exists and is not empty (use --force to replace it)")
+
+
+def load_checked(kind: str, path: Path):
+    """load_model(kind, path) with its failures as ExportError naming the checkpoint."""
+    from embed_core import CheckpointError, load_model
 
     try:
-        encoder, tokenizer = load_model(kind, path)
+        return load_model(kind, path)
     except CheckpointError as err:
         raise ExportError(f"{kind} checkpoint {path} is not valid: {err}") from None
     except (OSError, ValueError) as err:
         raise ExportError(f"{kind} checkpoint {path} cannot be loaded: {type(err).__name__}: {err}") from None
+
+
+def validate_checkpoint(kind: str, path: Path) -> ValidCheckpoint:
+    """Load `path` fully with the model core and embed a probe; ExportError naming the problem."""
+    import numpy as np
+    import torch
+    from embed_core import Embedder, RuntimeConfig
+
+    encoder, tokenizer = load_checked(kind, path)
     with torch.no_grad():
         bad = [name for name, tensor in encoder.state_dict().items()
                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .checkpoints import ExportError, ValidCheckpoint, resolve_source, validate_checkpoint
+from .checkpoints import ExportError, ValidCheckpoint, check_out_dir, resolve_source, validate_checkpoint
 
 SOURCE_HELP = ("a local Hugging Face folder{pt}, or a hub id (org/name) downloaded with huggingface_hub "
                "when online")
@@ -86,7 +86,7 @@ def _build(args: argparse.Namespace) -> int:
         raise ExportError("nothing to export: give --esm2 and/or --dnabert-s (or a subcommand: demo, onnx)")
     if args.out is None:
         raise ExportError("--out is required")
-    _check_out(args.out, args.force)
+    check_out_dir(args.out, args.force)
     valid = {}
     for kind, source in sources.items():
         path = resolve_source(source, args.cache_dir)
@@ -101,7 +101,7 @@ def _build(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from embed_core.demo import write_demo_checkpoints
 
-    _check_out(args.out, args.force)
+    check_out_dir(args.out, args.force)
     with tempfile.TemporaryDirectory(prefix="embed-export-demo-") as tmp:
         write_demo_checkpoints(Path(tmp))
         esm2 = Path(tmp) / ("esm2" if args.esm2_format == "hf" else "esm2_fair.pt")
@@ -133,11 +133,6 @@ def _onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ExportError(f"{out} exists and is not empty (use --force to replace it)")
-
-
 def _report(checkpoint: ValidCheckpoint) -> None:
     print(f"embed-export: {checkpoint.kind}: OK, hidden size {checkpoint.hidden_size}, "
           f"{checkpoint.parameters / 1e6:.1f}M parameters", flush=True)
@@ -154,7 +149,7 @@ def write_repository(out: Path, valid: dict, link: bool = False, force: bool = F
         assemble_repository(staging / "repo", {k: c.path for k, c in valid.items()},
                             embedding_dims={k: c.hidden_size for k, c in valid.items()}, symlink=link)
         if out.exists():
-            _check_out(out, force)
+            check_out_dir(out, force)
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         (staging / "repo").rename(out)
     except (OSError, ValueError) as err:

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .checkpoints import ExportError
+from .checkpoints import ExportError, check_out_dir, load_checked
 
 ONNX_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 PROTOBUF_LIMIT = 2**31 - 1           # one ModelProto; larger models keep tensors outside it
@@ -40,6 +40,8 @@ class OnnxResult:
 def _pooled_module(encoder):
     import torch
 
+    from embed_core.packing import mean_pool_padded
+
     class PooledEncoder(torch.nn.Module):
         """forward_padded + the model's mean pooling (ESM-2 skips BOS/EOS, DNABERT-S skips none)."""
 
@@ -52,11 +54,7 @@ def _pooled_module(encoder):
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             mask = attention_mask > 0                                            # [B, L]
             hidden = self.encoder.forward_padded(input_ids, mask)                # [B, L, H]
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]  # [1, L]
-            lengths = mask.sum(dim=1, keepdim=True)                              # [B, 1]
-            keep = mask & (positions >= self.skip_first) & (positions < lengths - self.skip_last)
-            weights = keep.to(hidden.dtype).unsqueeze(-1)                        # [B, L, 1]
-            return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # [B, H]
+            return mean_pool_padded(hidden, mask, self.skip_first, self.skip_last)  # [B, H]
 
     return PooledEncoder().eval()
 
@@ -102,19 +100,15 @@ def export_onnx(kind: str, checkpoint: Path, out_dir: Path, opset: int = MIN_OPS
     import numpy as np
     import onnx
     import torch
-    from embed_core import CheckpointError, Embedder, RuntimeConfig, load_model
+    from embed_core import Embedder, RuntimeConfig
 
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} < {MIN_OPSET}: LayerNormalization and the attention ops need >= 17")
     if external_data not in ("auto", "always", "never"):
         raise ExportError(f"external_data must be auto, always or never, got {external_data!r}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} exists and is not empty (use --force to replace it)")
-    try:
-        encoder, tokenizer = load_model(kind, checkpoint)
-    except CheckpointError as err:
-        raise ExportError(f"{kind} checkpoint {checkpoint} is not valid: {err}") from None
+    check_out_dir(out_dir, overwrite)
+    encoder, tokenizer = load_checked(kind, checkpoint)
     encoder = encoder.float().eval()
     pad_id = _pad_id(tokenizer)
     sequences = verification_sequences(kind)

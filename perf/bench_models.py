@@ -104,14 +104,6 @@ def pad(token_arrays: list, pad_id: int) -> tuple:
     return torch.from_numpy(ids), torch.from_numpy(np.arange(lengths.max())[None] < lengths[:, None])
 
 
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor, skip_first: int, skip_last: int) -> torch.Tensor:
-    """[B, L, H] -> [B, H] float32, mean over real tokens minus skip_first/skip_last of each."""
-    lengths = mask.sum(1, keepdim=True)
-    pos = torch.arange(mask.shape[1], device=mask.device)[None]
-    keep = (pos >= skip_first) & (pos < lengths - skip_last)
-    return (hidden.float() * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
-
-
 # ---------------------------------------------------------------------------------- running
 
 
@@ -162,13 +154,15 @@ def measure(name: str, fn, work: list, warm: list, device: torch.device) -> tupl
 
 def padded_runner(forward, pad_id: int, skip: tuple, batches_of, device: torch.device):
     """fn(token_arrays) -> pooled [N, H]: padded batches (index lists from batches_of), input order."""
+    from embed_core.packing import mean_pool_padded   # import_core() has run
+
     def run(token_arrays):
         out = None
         with torch.inference_mode():
             for idx in batches_of(token_arrays):
                 ids, mask = pad([token_arrays[i] for i in idx], pad_id)
                 ids, mask = ids.to(device), mask.to(device)
-                pooled = masked_mean(forward(ids, mask), mask, *skip).cpu().numpy()
+                pooled = mean_pool_padded(forward(ids, mask), mask, *skip).cpu().numpy()
                 if out is None:
                     out = np.empty((len(token_arrays), pooled.shape[1]), np.float32)
                 out[idx] = pooled

@@ -664,12 +664,9 @@ def timeline(samples: List[dict]) -> list:
 
 def configured_instances(repo: Path, small: bool) -> Dict[str, int]:
     """{model: instances per GPU (CPU instances with --small)} as the assembled configs say."""
+    from embed_server.repository import instance_count
     config = "configs/cpu.pbtxt" if small else "config.pbtxt"
-    out = {}
-    for m in MODELS:
-        found = re.search(r"instance_group\s*\[\s*\{[^}]*?count:\s*(\d+)", (repo / m / config).read_text())
-        out[m] = int(found.group(1)) if found else 1
-    return out
+    return {m: instance_count((repo / m / config).read_text()) for m in MODELS}
 
 
 def instances_text(instances: Dict[str, int]) -> str:

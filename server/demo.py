@@ -100,14 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _merged_width(repo: Path) -> int:
     """DNABERT-S width + ESM-2 width, read from the repository's configs (written by embed-export)."""
-    import re
+    from .repository import output_dims
 
-    width = 0
-    for model in ("dnabert_s", "esm2"):
-        text = (repo / model / "config.pbtxt").read_text()
-        dims = re.search(r'name:\s*"EMBEDDING".*?dims:\s*\[\s*(-?\d+)', text, re.S)
-        width += int(dims.group(1))
-    return width
+    return sum(output_dims((repo / model / "config.pbtxt").read_text(), "EMBEDDING") for model in ("dnabert_s", "esm2"))
 
 
 def show(out: Path) -> None:

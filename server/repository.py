@@ -42,18 +42,39 @@ def set_parameter(pbtxt: str, key: str, value: str) -> str:
     return text
 
 
+def _output_dims_pattern(output: str) -> re.Pattern:
+    return re.compile(r'(name:\s*"' + re.escape(output) + r'"[^}]*?dims:\s*\[)([^\]]*)(\])', re.S)
+
+
+def output_dims(pbtxt: str, output: str) -> int:
+    """The (single) dims value of output `output` in `pbtxt` (-1: any size)."""
+    found = _output_dims_pattern(output).search(pbtxt)
+    if found is None:
+        raise ValueError(f"output {output!r} with dims not found in the model config")
+    return int(found.group(2).strip())
+
+
 def set_output_dims(pbtxt: str, output: str, dims: int) -> str:
     """`pbtxt` with output `output`'s `dims: [ -1 ]` (or a fixed value) set to [dims]."""
-    pattern = re.compile(r'(name:\s*"' + re.escape(output) + r'"[^}]*?dims:\s*\[)[^\]]*(\])', re.S)
-    text, n = pattern.subn(lambda m: f"{m.group(1)} {int(dims)} {m.group(2)}", pbtxt)
+    pattern = _output_dims_pattern(output)
+    text, n = pattern.subn(lambda m: f"{m.group(1)} {int(dims)} {m.group(3)}", pbtxt)
     if n != 1:
         raise ValueError(f"output {output!r} with dims found {n} times in the model config")
     return text
 
 
+_INSTANCE_COUNT = re.compile(r"(instance_group\s*\[\s*\{[^}]*?count:\s*)(\d+)")
+
+
+def instance_count(pbtxt: str) -> int:
+    """The count of `pbtxt`'s (first) instance_group; 1, Triton's default, where none is written."""
+    found = _INSTANCE_COUNT.search(pbtxt)
+    return int(found.group(2)) if found else 1
+
+
 def set_instance_count(pbtxt: str, count: int) -> str:
     """`pbtxt` with its (single) instance_group's count set to `count`."""
-    text, n = re.subn(r"(instance_group\s*\[\s*\{[^}]*?count:\s*)\d+", lambda m: f"{m.group(1)}{int(count)}", pbtxt)
+    text, n = _INSTANCE_COUNT.subn(lambda m: f"{m.group(1)}{int(count)}", pbtxt)
     if n != 1:
         raise ValueError(f"one instance_group with a count expected in the model config, found {n}")
     return text

@@ -106,13 +106,17 @@ def test_e2e_small_end_to_end(tmp_path):
 ])
 def test_e2e_refuses_a_bad_model_param_with_exit_2(tmp_path, option, words):
     """Before anything slow (sample, checkpoints, server) starts."""
-    command = [sys.executable, str(ROOT / "perf" / "e2e.py"), "--small", "--out", str(tmp_path / "out"),
-               "--model-param", option]
+    assert_usage_error(tmp_path, ["--model-param", option], words)
+    assert not (tmp_path / "out" / "e2e_tritonserver.log").exists()
+
+
+def assert_usage_error(tmp_path: Path, options: list, words: list) -> None:
+    """e2e.py --small with `options` exits 2 and its stderr names every one of `words`."""
+    command = [sys.executable, str(ROOT / "perf" / "e2e.py"), "--small", "--out", str(tmp_path / "out"), *options]
     run = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 2, run.stdout + run.stderr
     for word in words:
         assert word in run.stderr, (word, run.stderr)
-    assert not (tmp_path / "out" / "e2e_tritonserver.log").exists()
 
 
 def _figures(path: Path, **figures) -> Path:
@@ -168,9 +172,4 @@ def test_baseline_json_and_figure_names_agree():
     ("dnabert_s=two", ["whole number >= 1"]),
 ])
 def test_e2e_refuses_bad_instance_counts_with_exit_2(tmp_path, value, words):
-    command = [sys.executable, str(ROOT / "perf" / "e2e.py"), "--small", "--out", str(tmp_path / "out"),
-               "--instances-per-gpu", value]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert run.returncode == 2, run.stdout + run.stderr
-    for word in words:
-        assert word in run.stderr, (word, run.stderr)
+    assert_usage_error(tmp_path, ["--instances-per-gpu", value], words)
