@@ -221,6 +221,25 @@ class Esm2Layer(nn.Module):
                                     self.intermediate.dense.weight, self.intermediate.dense.bias,
                                     self.output.dense.weight, self.output.dense.bias, self.LayerNorm.eps)
 
+    def forward_add_norm(self, x: torch.Tensor, h: torch.Tensor, rotate: Callable, attend: Callable,
+                         add_norm: Callable, next_norm: nn.LayerNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The same layer with each residual add fused into the LayerNorm after it (ESM2.norm_impl "triton").
+
+        Takes x (the residual stream) and h = this layer's first LayerNorm of x; returns the new
+        stream and `next_norm` of it (the next layer's first LayerNorm, or the final one).
+        `rotate(q, k)` applies the rotary; `add_norm(x, y, weight, bias, eps)` -> (x + y, LN(x + y)).
+        """
+        proj = self.attention.self
+        q, k, v = project_qkv(h, proj.query.weight, proj.query.bias, proj.key.weight, proj.key.bias,
+                              proj.value.weight, proj.value.bias, self.num_heads)
+        q, k = rotate(q, k)
+        out = self.attention.output.dense
+        x, h = add_norm(x, F.linear(attend(q, k, v).flatten(-2), out.weight, out.bias),
+                        self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        fc1, fc2 = self.intermediate.dense, self.output.dense
+        mlp = feed_forward(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        return add_norm(x, mlp, next_norm.weight, next_norm.bias, next_norm.eps)
+
 
 # The layer as two pure functions around attention, weights as arguments, so that one
 # compiled graph of each serves all layers (CUDA fast path: Inductor fuses the LayerNorms,
@@ -235,11 +254,19 @@ def rotate_fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def project_qkv(h, q_w, q_b, k_w, k_b, v_w, v_b, heads: int):
+    """The normalised stream h [*, hidden] -> q, k, v [*, heads, head_dim] (before the rotary)."""
+    return tuple(F.linear(h, w, b).unflatten(-1, (heads, -1)) for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
+
+
+def feed_forward(h, fc1_w, fc1_b, fc2_w, fc2_b):
+    """fc1, exact (erf) GELU, fc2 (before the residual add)."""
+    return F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+
+
 def _layer_head(rotary, x, ln_w, ln_b, q_w, q_b, k_w, k_b, v_w, v_b, cos, sin, eps: float, heads: int):
     h = F.layer_norm(x, ln_w.shape, ln_w, ln_b, eps)
-    q = F.linear(h, q_w, q_b).unflatten(-1, (heads, -1))        # [*, heads, head_dim]
-    k = F.linear(h, k_w, k_b).unflatten(-1, (heads, -1))
-    v = F.linear(h, v_w, v_b).unflatten(-1, (heads, -1))
+    q, k, v = project_qkv(h, q_w, q_b, k_w, k_b, v_w, v_b, heads)
     return rotary(q, cos, sin), rotary(k, cos, sin), v
 
 
@@ -282,7 +309,7 @@ def layer_tail(x, context, out_w, out_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b,
     """Attention output + residual, pre-LN, fc1, exact (erf) GELU, fc2, residual -> [*, hidden]."""
     x = x + F.linear(context.flatten(-2), out_w, out_b)         # [*, hidden]
     h = F.layer_norm(x, ln_w.shape, ln_w, ln_b, eps)           # ln_w.shape: static when traced
-    return x + F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+    return x + feed_forward(h, fc1_w, fc1_b, fc2_w, fc2_b)
 
 
 class ESM2(nn.Module):
@@ -291,6 +318,7 @@ class ESM2(nn.Module):
     pool_skip_first = 1  # mean over residues: BOS and EOS excluded
     pool_skip_last = 1
     ROTARY_IMPLS = ("torch", "triton")
+    NORM_IMPLS = ("torch", "triton")
     # With the Triton rotary, eager ran 98,777 tokens/s and compiled 96,657 (ESM-2 3B, H200,
     # perf/RESULTS.md 2026-11-28): Inductor's LayerNorms were slower than ATen's. The runtime's
     # default (compile=None) then stays eager: faster, and no compile warm-up.
@@ -300,6 +328,11 @@ class ESM2(nn.Module):
     head) or "triton" (the head without rotary, then kernels_rotary's one launch for q and k;
     needs the triton package and CUDA, or TRITON_INTERPRET=1 for tests). The runtime sets it
     from RuntimeConfig.kernels ("auto": triton on CUDA)."""
+    norm_impl = "torch"
+    """Residual adds and LayerNorms of the eager forward_packed: "torch" (ATen, two passes) or
+    "triton" (kernels_layernorm: each add fused into the LayerNorm after it; same needs as the
+    Triton rotary). A compiled model ignores it: Inductor fuses its own. Set by the runtime
+    with rotary_impl."""
 
     def __init__(self, config: Esm2Config):
         super().__init__()
@@ -343,10 +376,44 @@ class ESM2(nn.Module):
         # Layout built once, used by every layer (flash varlen on CUDA bf16, padded SDPA elsewhere).
         attend = PackedAttention(cu_seqlens, max_seqlen, total, x.dtype, scale=scale)
 
+        if self._fused_norms(input_ids.device):
+            return self._forward_add_norm(x, cos, sin, attend)
         head = self._layer_head if self.rotary_impl == "torch" else self._rotary_head(input_ids.device)
         for layer in self.encoder.layer:
             x = layer(x, cos, sin, attend, head, self._layer_tail)
         return self.encoder.emb_layer_norm_after(x)             # [T, hidden]
+
+    def _fused_norms(self, device: torch.device) -> bool:
+        """Whether forward_packed takes the fused add + LayerNorm path (norm_impl "triton", eager)."""
+        if self.norm_impl not in self.NORM_IMPLS:
+            raise ValueError(f"unknown norm_impl {self.norm_impl!r} (one of {', '.join(self.NORM_IMPLS)})")
+        if self.norm_impl == "torch" or self._compiled:
+            return False
+        from . import kernels_layernorm
+        if not kernels_layernorm.available(device):
+            raise RuntimeError(f"norm_impl 'triton' needs the triton package and a CUDA device "
+                               f"(or TRITON_INTERPRET=1), not {torch.device(device).type}")
+        return True
+
+    def _forward_add_norm(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          attend: Callable) -> torch.Tensor:
+        """forward_packed's layers with kernels_layernorm's add + LayerNorm: 2 passes per layer, not 4."""
+        from .kernels_layernorm import add_layer_norm
+        if self.rotary_impl == "triton":
+            from .kernels_rotary import rotary_qk
+
+            def rotate(q, k):
+                return rotary_qk(q, k, cos, sin, inplace=True)
+        else:
+            def rotate(q, k):
+                return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        layers = self.encoder.layer
+        first = layers[0].attention.LayerNorm
+        x, h = add_layer_norm(x, None, first.weight, first.bias, first.eps)
+        next_norms = [layer.attention.LayerNorm for layer in layers[1:]] + [self.encoder.emb_layer_norm_after]
+        for layer, next_norm in zip(layers, next_norms):
+            x, h = layer.forward_add_norm(x, h, rotate, attend, add_layer_norm, next_norm)
+        return h                                                # emb_layer_norm_after of the stream
 
     def _rotary_head(self, device: torch.device) -> Callable:
         """The layer head for rotary_impl "triton" (built once per compiled state)."""

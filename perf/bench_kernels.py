@@ -1,10 +1,12 @@
-"""Times our Triton attention kernel's tilings against the torch path it replaces, at DNABERT-S's shapes.
+"""Times our Triton kernels' tilings against the torch paths they replace, at the models' shapes.
 
     python3 perf/bench_kernels.py --out $OUT/bench_kernels.json      # one GPU, ~1 minute
 
 On one packed stream of `--tokens` tokens (DNA chunks of 55-135 BPE tokens, as in bench_models):
   * attention (12 heads x 64, ALiBi): kernels_attention.alibi_varlen_attention per tiling, against
     the padded SDPA path (attention.PackedAttention "padded") on the same qkv;
+  * add + LayerNorm (bf16 rows of 2560, ESM-2 3B, and 768, DNABERT-S): kernels_layernorm per tiling
+    (rows per program, warps), against ATen's `x + y` then `F.layer_norm` (ESM-2's eager path);
 Each row: median microseconds (CUDA events, warm, 20 repeats), ns per token, the relative error
 against the torch path. The fastest correct tiling is marked; core/kernels_attention.py's defaults
 should be it (the constants there name what this script measured). (A fused GLU+GELU kernel was
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+NORM_TILINGS = [(1, 4), (1, 8), (2, 8), (4, 8), (8, 8), (2, 4), (4, 4), (None, None)]  # None: the defaults
 ATTENTION_TILINGS = [(64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4), (128, 128, 8), (32, 32, 2)]
 
 
@@ -89,6 +92,37 @@ def bench_attention(core, tokens: int, device, rows: list) -> None:
                      "tiling": {"block_m": block_m, "block_n": block_n, "num_warps": warps}})
 
 
+def bench_add_layer_norm(tokens: int, width: int, device, rows: list) -> None:
+    from embed_core import kernels_layernorm
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, width, device=device, generator=g).to(torch.bfloat16)
+    y = torch.randn(tokens, width, device=device, generator=g).to(torch.bfloat16)
+    weight = torch.ones(width, device=device, dtype=torch.bfloat16)
+    bias = torch.zeros(width, device=device, dtype=torch.bfloat16)
+
+    def aten():
+        total = x + y
+        return total, torch.nn.functional.layer_norm(total, (width,), weight, bias, 1e-5)
+
+    ref = aten()[1]
+    kernel = f"addnorm{width}"
+    us = time_us(aten)
+    rows.append({"kernel": kernel, "variant": "torch: x + y, F.layer_norm (2 passes)", "us": us,
+                 "ns_per_token": us * 1e3 / tokens, "rel_error": 0.0})
+    for block_rows, warps in NORM_TILINGS:
+        name = f"triton {block_rows} rows w{warps}" if block_rows else "triton, kernels_layernorm's defaults"
+        run = lambda: kernels_layernorm.add_layer_norm(x, y, weight, bias, 1e-5, block_rows=block_rows,  # noqa: E731
+                                                       num_warps=warps)
+        try:
+            err = rel_error(run()[1], ref)
+            us = time_us(run)
+        except Exception as exc:  # noqa: BLE001 (a benchmark reports and goes on)
+            rows.append({"kernel": kernel, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        rows.append({"kernel": kernel, "variant": name, "us": us, "ns_per_token": us * 1e3 / tokens,
+                     "rel_error": err, "tiling": {"block_rows": block_rows, "num_warps": warps}})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=131072, help="tokens in the packed stream (a full pack)")
@@ -103,20 +137,22 @@ def main(argv=None) -> int:
     for tokens in sorted({args.tokens, 32768}):
         part: list = []
         bench_attention(core, tokens, device, part)
+        for width in (2560, 768):
+            bench_add_layer_norm(tokens, width, device, part)
         for row in part:
             row["tokens"] = tokens
         rows += part
     print(f"\nbench_kernels on {torch.cuda.get_device_name(device)}")
-    print(f"{'tokens':>7} {'kernel':9} {'variant':48} {'us':>9} {'ns/token':>9} {'rel.err':>8}")
+    print(f"{'tokens':>7} {'kernel':11} {'variant':48} {'us':>9} {'ns/token':>9} {'rel.err':>8}")
     for (tokens, kernel), group in _groups(rows):
         ok = [r for r in group if "us" in r and r["rel_error"] < 2e-2]
         best = min(ok, key=lambda r: r["us"]) if ok else None
         for r in group:
             if "error" in r:
-                print(f"{tokens:7d} {kernel:9} {r['variant'][:48]:48} FAILED {r['error'][:80]}")
+                print(f"{tokens:7d} {kernel:11} {r['variant'][:48]:48} FAILED {r['error'][:80]}")
                 continue
             mark = " *" if r is best else ""
-            print(f"{tokens:7d} {kernel:9} {r['variant'][:48]:48} {r['us']:9.1f} {r['ns_per_token']:9.2f} "
+            print(f"{tokens:7d} {kernel:11} {r['variant'][:48]:48} {r['us']:9.1f} {r['ns_per_token']:9.2f} "
                   f"{r['rel_error']:8.1e}{mark}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

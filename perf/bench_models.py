@@ -308,7 +308,8 @@ def attention_variant(name: str) -> tuple:
 def rotary_variant(name: str, device: torch.device) -> tuple:
     """--esm-rotary entry -> ((c) key, RuntimeConfig overrides, ESM2 attributes, label), or a reason
     it cannot run here. "auto": the runtime's defaults (key c); "triton" = RuntimeConfig(kernels="triton"),
-    "torch" = kernels="torch"."""
+    "torch" = kernels="torch"; "rotary": the defaults with ATen's residual adds and LayerNorms
+    (norm_impl "torch": what our add + LayerNorm kernel replaces)."""
     if name == "triton":
         from embed_core import kernels_rotary, triton_support
         if not kernels_rotary.available(device):
@@ -320,6 +321,8 @@ def rotary_variant(name: str, device: torch.device) -> tuple:
         return "c_torch", {"kernels": "torch"}, {}, ", rotary torch (Inductor)"
     if name == "eager":
         return "c_uncomp", {"compile": False}, {}, ", defaults, not compiled"
+    if name == "rotary":
+        return "c_rotary", {}, {"norm_impl": "torch"}, ", defaults but ATen adds + LayerNorms"
     return "c", {}, {}, ", defaults"
 
 
@@ -363,8 +366,11 @@ def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_
             defaults_.setdefault(name, getattr(model, name))
         for name, value in {**defaults_, **attrs}.items():   # each run: its attributes, the rest default
             setattr(model, name, value)
-        # Kernel choices go through the RuntimeConfig (Embedder sets the encoder's attributes from it).
+        # Kernel choices go through the RuntimeConfig (Embedder sets the encoder's attributes from it);
+        # the variant's own attributes are set again after, where they pin one of those choices.
         embedder = embedder_for(policy, overrides)
+        for name, value in attrs.items():
+            setattr(model, name, value)
         how = "compiled" if embedder.compiled else "eager"
         out = run_one(key, f"ours: Embedder {name_of(dtype)} packed, {how}{label} (budget {embedder.token_budget})",
                       embedder)
@@ -574,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ESM-2 (c): comma-separated rotary implementations, each a separate (c) run: auto "
                         "(key c: the runtime's defaults), torch (c_torch: fused by Inductor), triton (c_triton: "
                         "the hand-written kernel, kernels_rotary.py; needs the triton package and CUDA, else "
-                        "skipped with the reason printed), eager (the defaults not compiled); any entry may end "
+                        "skipped with the reason printed), eager (the defaults not compiled), rotary (the "
+                        "defaults with ATen's adds + LayerNorms instead of kernels_layernorm); any entry may end "
                         "in @TOKENS, a token budget (e.g. auto@32768)")
     p.add_argument("--attention-tiling", default=None,
                    help="DNABERT-S attention kernel tiling block_m,block_n,num_warps (default kernels_attention's)")
@@ -603,9 +610,9 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     if bad:
         raise SystemExit(f"bench_models: --attention takes auto, padded, flex, triton, {', '.join(flex_blocks)} "
                          f"(comma-separated), got {bad}")
-    bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ("auto", "torch", "triton", "eager")]
+    bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ("auto", "torch", "triton", "eager", "rotary")]
     if bad:
-        raise SystemExit(f"bench_models: --esm-rotary takes auto, torch, triton, eager (comma-separated, each "
+        raise SystemExit(f"bench_models: --esm-rotary takes auto, torch, triton, eager, rotary (comma-separated, each "
                          f"optionally @TOKENS), got {bad}")
     if args.small:
         args.esm_vanilla_batch = min(args.esm_vanilla_batch, 8)

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from embed_core import attention
 from embed_core import esm2 as esm2_module
@@ -215,6 +216,82 @@ def test_esm2_rotary_impl_default_and_errors():
     if os.environ.get("TRITON_INTERPRET") != "1":   # CPU without the interpreter: a clear refusal
         model.rotary_impl = "triton"
         with pytest.raises(RuntimeError, match="rotary_impl 'triton' needs"):
+            model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+
+
+# --------------------------------------------------------------------------- esm-2: Triton add + LayerNorm
+
+
+def _triton_layernorm_or_skip(device: str):
+    """kernels_layernorm, or a visible skip (as _triton_rotary_or_skip)."""
+    pytest.importorskip("triton", reason="triton is not installed (optional; CI has none)")
+    from embed_core import kernels_layernorm
+    if not kernels_layernorm.available(device):
+        pytest.skip(f"the Triton LayerNorm kernel cannot run on {device}: set TRITON_INTERPRET=1 to test on CPU")
+    return kernels_layernorm
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["fp32", "half"])
+@pytest.mark.parametrize("shape", [(37, 64), (5, 2560), (1, 20), (3, 7, 48)])
+def test_triton_add_layer_norm_equals_add_then_layer_norm(device, precision, shape):
+    kernels_layernorm = _triton_layernorm_or_skip(device)
+    # half: bf16 on CUDA (production); fp16 under the CPU interpreter, whose float -> bf16 cast
+    # truncates where CUDA rounds to nearest
+    dtype = {"fp32": torch.float32, "half": torch.bfloat16 if device == "cuda" else torch.float16}[precision]
+    g = torch.Generator().manual_seed(5)
+    n = shape[-1]
+    x = (torch.randn(shape, generator=g) * 3 + 1).to(device, dtype)
+    y = torch.randn(shape, generator=g).to(device, dtype)
+    weight = (1 + 0.1 * torch.randn(n, generator=g)).to(device, dtype)
+    bias = (0.1 * torch.randn(n, generator=g)).to(device, dtype)
+    total, normed = kernels_layernorm.add_layer_norm(x, y, weight, bias, 1e-5)
+    ref_total = x + y                                  # rounded in dtype, then normalised in fp32
+    ref = F.layer_norm(ref_total.float(), (n,), weight.float(), bias.float(), 1e-5).to(dtype)
+    assert total.shape == normed.shape == x.shape and total.dtype == normed.dtype == dtype
+    assert torch.equal(total, ref_total)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)  # half: 1 ulp
+    torch.testing.assert_close(normed, ref, **tol)
+    same, alone = kernels_layernorm.add_layer_norm(x, None, weight, bias, 1e-5)   # no add: LN(x)
+    assert same is x
+    torch.testing.assert_close(alone, F.layer_norm(x.float(), (n,), weight.float(), bias.float(), 1e-5).to(dtype), **tol)
+    strided = torch.randn(shape[0], 2 * n, generator=g).to(device, dtype)[:, ::2]   # a non-unit last stride
+    torch.testing.assert_close(kernels_layernorm.add_layer_norm(strided, None, weight, bias, 1e-5)[1],
+                               F.layer_norm(strided.float(), (n,), weight.float(), bias.float(), 1e-5).to(dtype), **tol)
+
+
+def test_triton_add_layer_norm_refuses_mismatched_shapes():
+    from embed_core import kernels_layernorm
+    x = torch.zeros(3, 8)
+    with pytest.raises(ValueError, match="do not match rows of 8"):
+        kernels_layernorm.add_layer_norm(x, x, torch.ones(4), torch.zeros(4), 1e-5)
+    with pytest.raises(ValueError, match="does not match x"):
+        kernels_layernorm.add_layer_norm(x, torch.zeros(3, 8, dtype=torch.float64), torch.ones(8), torch.zeros(8), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rotary_impl", ["torch", "triton"])
+def test_esm2_norm_impl_triton_equals_torch(device, rotary_impl):
+    _triton_layernorm_or_skip(device)
+    model = random_esm2(ESM, seed=3).to(device)
+    batch = packed_batch([40, 7, 100, 1], 24, seed=22, low=4).to(device)
+    with torch.inference_mode():
+        ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+        model.rotary_impl, model.norm_impl = rotary_impl, "triton"
+        out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_esm2_norm_impl_default_and_errors():
+    model = random_esm2(ESM)
+    assert model.norm_impl == "torch"
+    batch = packed_batch([5, 9], 24, seed=1, low=4)
+    model.norm_impl = "nope"
+    with pytest.raises(ValueError, match="unknown norm_impl"):
+        model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+    if os.environ.get("TRITON_INTERPRET") != "1":   # CPU without the interpreter: a clear refusal
+        model.norm_impl = "triton"
+        with pytest.raises(RuntimeError, match="norm_impl 'triton' needs"):
             model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
 
 
