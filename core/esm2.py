@@ -222,12 +222,14 @@ class Esm2Layer(nn.Module):
                                     self.output.dense.weight, self.output.dense.bias, self.LayerNorm.eps)
 
     def forward_add_norm(self, x: torch.Tensor, h: torch.Tensor, rotate: Callable, attend: Callable,
-                         add_norm: Callable, next_norm: nn.LayerNorm) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The same layer with each residual add fused into the LayerNorm after it (ESM2.norm_impl "triton").
+                         add_norm: Callable, gelu: Callable,
+                         next_norm: nn.LayerNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The same layer with each residual add fused into the LayerNorm after it (ESM2.elementwise_impl "triton").
 
         Takes x (the residual stream) and h = this layer's first LayerNorm of x; returns the new
         stream and `next_norm` of it (the next layer's first LayerNorm, or the final one).
-        `rotate(q, k)` applies the rotary; `add_norm(x, y, weight, bias, eps)` -> (x + y, LN(x + y)).
+        `rotate(q, k)` applies the rotary; `add_norm(x, y, weight, bias, eps)` -> (x + y, LN(x + y));
+        `gelu` the exact GELU (may work in place).
         """
         proj = self.attention.self
         q, k, v = project_qkv(h, proj.query.weight, proj.query.bias, proj.key.weight, proj.key.bias,
@@ -237,7 +239,7 @@ class Esm2Layer(nn.Module):
         x, h = add_norm(x, F.linear(attend(q, k, v).flatten(-2), out.weight, out.bias),
                         self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
         fc1, fc2 = self.intermediate.dense, self.output.dense
-        mlp = feed_forward(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        mlp = feed_forward(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gelu)
         return add_norm(x, mlp, next_norm.weight, next_norm.bias, next_norm.eps)
 
 
@@ -259,9 +261,9 @@ def project_qkv(h, q_w, q_b, k_w, k_b, v_w, v_b, heads: int):
     return tuple(F.linear(h, w, b).unflatten(-1, (heads, -1)) for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
 
 
-def feed_forward(h, fc1_w, fc1_b, fc2_w, fc2_b):
+def feed_forward(h, fc1_w, fc1_b, fc2_w, fc2_b, gelu: Callable = F.gelu):
     """fc1, exact (erf) GELU, fc2 (before the residual add)."""
-    return F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+    return F.linear(gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
 def _layer_head(rotary, x, ln_w, ln_b, q_w, q_b, k_w, k_b, v_w, v_b, cos, sin, eps: float, heads: int):
@@ -318,7 +320,7 @@ class ESM2(nn.Module):
     pool_skip_first = 1  # mean over residues: BOS and EOS excluded
     pool_skip_last = 1
     ROTARY_IMPLS = ("torch", "triton")
-    NORM_IMPLS = ("torch", "triton")
+    ELEMENTWISE_IMPLS = ("torch", "triton")
     # With the Triton rotary, eager ran 98,777 tokens/s and compiled 96,657 (ESM-2 3B, H200,
     # perf/RESULTS.md 2026-11-28): Inductor's LayerNorms were slower than ATen's. The runtime's
     # default (compile=None) then stays eager: faster, and no compile warm-up.
@@ -328,11 +330,11 @@ class ESM2(nn.Module):
     head) or "triton" (the head without rotary, then kernels_rotary's one launch for q and k;
     needs the triton package and CUDA, or TRITON_INTERPRET=1 for tests). The runtime sets it
     from RuntimeConfig.kernels ("auto": triton on CUDA)."""
-    norm_impl = "torch"
-    """Residual adds and LayerNorms of the eager forward_packed: "torch" (ATen, two passes) or
-    "triton" (kernels_layernorm: each add fused into the LayerNorm after it; same needs as the
-    Triton rotary). A compiled model ignores it: Inductor fuses its own. Set by the runtime
-    with rotary_impl."""
+    elementwise_impl = "torch"
+    """Element-wise passes of the eager forward_packed: "torch" (ATen: residual add and LayerNorm
+    as two passes, F.gelu) or "triton" (kernels_elementwise: each add fused into the LayerNorm
+    after it, GELU in place; same needs as the Triton rotary). A compiled model ignores it:
+    Inductor fuses its own. Set by the runtime with rotary_impl."""
 
     def __init__(self, config: Esm2Config):
         super().__init__()
@@ -384,21 +386,22 @@ class ESM2(nn.Module):
         return self.encoder.emb_layer_norm_after(x)             # [T, hidden]
 
     def _fused_norms(self, device: torch.device) -> bool:
-        """Whether forward_packed takes the fused add + LayerNorm path (norm_impl "triton", eager)."""
-        if self.norm_impl not in self.NORM_IMPLS:
-            raise ValueError(f"unknown norm_impl {self.norm_impl!r} (one of {', '.join(self.NORM_IMPLS)})")
-        if self.norm_impl == "torch" or self._compiled:
+        """Whether forward_packed takes the fused add + LayerNorm path (elementwise_impl "triton", eager)."""
+        if self.elementwise_impl not in self.ELEMENTWISE_IMPLS:
+            raise ValueError(f"unknown elementwise_impl {self.elementwise_impl!r} (one of {', '.join(self.ELEMENTWISE_IMPLS)})")
+        if self.elementwise_impl == "torch" or self._compiled:
             return False
-        from . import kernels_layernorm
-        if not kernels_layernorm.available(device):
-            raise RuntimeError(f"norm_impl 'triton' needs the triton package and a CUDA device "
+        from . import kernels_elementwise
+        if not kernels_elementwise.available(device):
+            raise RuntimeError(f"elementwise_impl 'triton' needs the triton package and a CUDA device "
                                f"(or TRITON_INTERPRET=1), not {torch.device(device).type}")
         return True
 
     def _forward_add_norm(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           attend: Callable) -> torch.Tensor:
-        """forward_packed's layers with kernels_layernorm's add + LayerNorm: 2 passes per layer, not 4."""
-        from .kernels_layernorm import add_layer_norm
+        """forward_packed's layers with kernels_elementwise: add + LayerNorm (2 passes per layer, not 4)
+        and the GELU in place."""
+        from .kernels_elementwise import add_layer_norm, gelu_
         if self.rotary_impl == "triton":
             from .kernels_rotary import rotary_qk
 
@@ -412,7 +415,7 @@ class ESM2(nn.Module):
         x, h = add_layer_norm(x, None, first.weight, first.bias, first.eps)
         next_norms = [layer.attention.LayerNorm for layer in layers[1:]] + [self.encoder.emb_layer_norm_after]
         for layer, next_norm in zip(layers, next_norms):
-            x, h = layer.forward_add_norm(x, h, rotate, attend, add_layer_norm, next_norm)
+            x, h = layer.forward_add_norm(x, h, rotate, attend, add_layer_norm, gelu_, next_norm)
         return h                                                # emb_layer_norm_after of the stream
 
     def _rotary_head(self, device: torch.device) -> Callable:

@@ -218,7 +218,7 @@ class Embedder:
         """Points the encoder at our Triton kernels (on) or at the PyTorch path (off)."""
         self.triton_kernels = bool(on)
         if hasattr(self.encoder, "rotary_impl"):      # ESM-2: rotary, and residual adds fused into LayerNorms
-            self.encoder.rotary_impl = self.encoder.norm_impl = "triton" if on else "torch"
+            self.encoder.rotary_impl = self.encoder.elementwise_impl = "triton" if on else "torch"
         if hasattr(self.encoder, "attention_backend"):
             auto = "triton" if on else "auto"
             self.encoder.attention_backend = auto if self.config.attention == "auto" else self.config.attention

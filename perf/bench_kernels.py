@@ -5,8 +5,9 @@
 On one packed stream of `--tokens` tokens (DNA chunks of 55-135 BPE tokens, as in bench_models):
   * attention (12 heads x 64, ALiBi): kernels_attention.alibi_varlen_attention per tiling, against
     the padded SDPA path (attention.PackedAttention "padded") on the same qkv;
-  * add + LayerNorm (bf16 rows of 2560, ESM-2 3B, and 768, DNABERT-S): kernels_layernorm per tiling
+  * add + LayerNorm (bf16 rows of 2560, ESM-2 3B, and 768, DNABERT-S): kernels_elementwise per tiling
     (rows per program, warps), against ATen's `x + y` then `F.layer_norm` (ESM-2's eager path);
+  * GELU (bf16, 10240 per token: ESM-2 3B's fc1 output): kernels_elementwise.gelu_ against F.gelu;
 Each row: median microseconds (CUDA events, warm, 20 repeats), ns per token, the relative error
 against the torch path. The fastest correct tiling is marked; core/kernels_attention.py's defaults
 should be it (the constants there name what this script measured). (A fused GLU+GELU kernel was
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+GELU_TILINGS = [(1024, 4), (2048, 4), (4096, 8), (8192, 8), (4096, 4)]
 NORM_TILINGS = [(1, 4), (1, 8), (2, 8), (4, 8), (8, 8), (2, 4), (4, 4), (None, None)]  # None: the defaults
 ATTENTION_TILINGS = [(64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4), (128, 128, 8), (32, 32, 2)]
 
@@ -93,7 +95,7 @@ def bench_attention(core, tokens: int, device, rows: list) -> None:
 
 
 def bench_add_layer_norm(tokens: int, width: int, device, rows: list) -> None:
-    from embed_core import kernels_layernorm
+    from embed_core import kernels_elementwise
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(tokens, width, device=device, generator=g).to(torch.bfloat16)
     y = torch.randn(tokens, width, device=device, generator=g).to(torch.bfloat16)
@@ -110,8 +112,8 @@ def bench_add_layer_norm(tokens: int, width: int, device, rows: list) -> None:
     rows.append({"kernel": kernel, "variant": "torch: x + y, F.layer_norm (2 passes)", "us": us,
                  "ns_per_token": us * 1e3 / tokens, "rel_error": 0.0})
     for block_rows, warps in NORM_TILINGS:
-        name = f"triton {block_rows} rows w{warps}" if block_rows else "triton, kernels_layernorm's defaults"
-        run = lambda: kernels_layernorm.add_layer_norm(x, y, weight, bias, 1e-5, block_rows=block_rows,  # noqa: E731
+        name = f"triton {block_rows} rows w{warps}" if block_rows else "triton, kernels_elementwise's defaults"
+        run = lambda: kernels_elementwise.add_layer_norm(x, y, weight, bias, 1e-5, block_rows=block_rows,  # noqa: E731
                                                        num_warps=warps)
         try:
             err = rel_error(run()[1], ref)
@@ -121,6 +123,28 @@ def bench_add_layer_norm(tokens: int, width: int, device, rows: list) -> None:
             continue
         rows.append({"kernel": kernel, "variant": name, "us": us, "ns_per_token": us * 1e3 / tokens,
                      "rel_error": err, "tiling": {"block_rows": block_rows, "num_warps": warps}})
+
+
+def bench_gelu(tokens: int, width: int, device, rows: list) -> None:
+    from embed_core import kernels_elementwise
+    x = torch.randn(tokens, width, device=device).to(torch.bfloat16)
+    ref = torch.nn.functional.gelu(x)
+    us = time_us(lambda: torch.nn.functional.gelu(x))
+    rows.append({"kernel": "gelu", "variant": "torch: F.gelu (exact)", "us": us,
+                 "ns_per_token": us * 1e3 / tokens, "rel_error": 0.0})
+    for block, warps in GELU_TILINGS:
+        work = x.clone()
+        run = lambda: kernels_elementwise.gelu_(work, block=block, num_warps=warps)  # noqa: E731
+        try:
+            err = rel_error(kernels_elementwise.gelu_(x.clone(), block=block, num_warps=warps), ref)
+            us = time_us(run)   # in place, repeatedly: the values change, the memory traffic does not
+        except Exception as exc:  # noqa: BLE001 (a benchmark reports and goes on)
+            rows.append({"kernel": "gelu", "variant": f"triton {block} w{warps}",
+                         "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        rows.append({"kernel": "gelu", "variant": f"triton {block} w{warps}", "us": us,
+                     "ns_per_token": us * 1e3 / tokens, "rel_error": err,
+                     "tiling": {"block": block, "num_warps": warps}})
 
 
 def main(argv=None) -> int:
@@ -139,6 +163,7 @@ def main(argv=None) -> int:
         bench_attention(core, tokens, device, part)
         for width in (2560, 768):
             bench_add_layer_norm(tokens, width, device, part)
+        bench_gelu(tokens, 10240, device, part)   # ESM-2 3B's fc1 output
         for row in part:
             row["tokens"] = tokens
         rows += part

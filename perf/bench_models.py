@@ -309,7 +309,7 @@ def rotary_variant(name: str, device: torch.device) -> tuple:
     """--esm-rotary entry -> ((c) key, RuntimeConfig overrides, ESM2 attributes, label), or a reason
     it cannot run here. "auto": the runtime's defaults (key c); "triton" = RuntimeConfig(kernels="triton"),
     "torch" = kernels="torch"; "rotary": the defaults with ATen's residual adds and LayerNorms
-    (norm_impl "torch": what our add + LayerNorm kernel replaces)."""
+    (elementwise_impl "torch": what kernels_elementwise's add + LayerNorm and GELU replace)."""
     if name == "triton":
         from embed_core import kernels_rotary, triton_support
         if not kernels_rotary.available(device):
@@ -322,7 +322,7 @@ def rotary_variant(name: str, device: torch.device) -> tuple:
     if name == "eager":
         return "c_uncomp", {"compile": False}, {}, ", defaults, not compiled"
     if name == "rotary":
-        return "c_rotary", {}, {"norm_impl": "torch"}, ", defaults but ATen adds + LayerNorms"
+        return "c_rotary", {}, {"elementwise_impl": "torch"}, ", defaults but ATen adds, LayerNorms, GELU"
     return "c", {}, {}, ", defaults"
 
 
@@ -581,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(key c: the runtime's defaults), torch (c_torch: fused by Inductor), triton (c_triton: "
                         "the hand-written kernel, kernels_rotary.py; needs the triton package and CUDA, else "
                         "skipped with the reason printed), eager (the defaults not compiled), rotary (the "
-                        "defaults with ATen's adds + LayerNorms instead of kernels_layernorm); any entry may end "
+                        "defaults with ATen's adds, LayerNorms and GELU instead of kernels_elementwise); any entry may end "
                         "in @TOKENS, a token budget (e.g. auto@32768)")
     p.add_argument("--attention-tiling", default=None,
                    help="DNABERT-S attention kernel tiling block_m,block_n,num_warps (default kernels_attention's)")

@@ -219,23 +219,23 @@ def test_esm2_rotary_impl_default_and_errors():
             model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
 
 
-# --------------------------------------------------------------------------- esm-2: Triton add + LayerNorm
+# --------------------------------------------------------------------------- esm-2: Triton add + LayerNorm, GELU
 
 
-def _triton_layernorm_or_skip(device: str):
-    """kernels_layernorm, or a visible skip (as _triton_rotary_or_skip)."""
+def _triton_elementwise_or_skip(device: str):
+    """kernels_elementwise, or a visible skip (as _triton_rotary_or_skip)."""
     pytest.importorskip("triton", reason="triton is not installed (optional; CI has none)")
-    from embed_core import kernels_layernorm
-    if not kernels_layernorm.available(device):
+    from embed_core import kernels_elementwise
+    if not kernels_elementwise.available(device):
         pytest.skip(f"the Triton LayerNorm kernel cannot run on {device}: set TRITON_INTERPRET=1 to test on CPU")
-    return kernels_layernorm
+    return kernels_elementwise
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["fp32", "half"])
 @pytest.mark.parametrize("shape", [(37, 64), (5, 2560), (1, 20), (3, 7, 48)])
 def test_triton_add_layer_norm_equals_add_then_layer_norm(device, precision, shape):
-    kernels_layernorm = _triton_layernorm_or_skip(device)
+    kernels_elementwise = _triton_elementwise_or_skip(device)
     # half: bf16 on CUDA (production); fp16 under the CPU interpreter, whose float -> bf16 cast
     # truncates where CUDA rounds to nearest
     dtype = {"fp32": torch.float32, "half": torch.bfloat16 if device == "cuda" else torch.float16}[precision]
@@ -245,53 +245,69 @@ def test_triton_add_layer_norm_equals_add_then_layer_norm(device, precision, sha
     y = torch.randn(shape, generator=g).to(device, dtype)
     weight = (1 + 0.1 * torch.randn(n, generator=g)).to(device, dtype)
     bias = (0.1 * torch.randn(n, generator=g)).to(device, dtype)
-    total, normed = kernels_layernorm.add_layer_norm(x, y, weight, bias, 1e-5)
+    total, normed = kernels_elementwise.add_layer_norm(x, y, weight, bias, 1e-5)
     ref_total = x + y                                  # rounded in dtype, then normalised in fp32
     ref = F.layer_norm(ref_total.float(), (n,), weight.float(), bias.float(), 1e-5).to(dtype)
     assert total.shape == normed.shape == x.shape and total.dtype == normed.dtype == dtype
     assert torch.equal(total, ref_total)
     tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)  # half: 1 ulp
     torch.testing.assert_close(normed, ref, **tol)
-    same, alone = kernels_layernorm.add_layer_norm(x, None, weight, bias, 1e-5)   # no add: LN(x)
+    same, alone = kernels_elementwise.add_layer_norm(x, None, weight, bias, 1e-5)   # no add: LN(x)
     assert same is x
     torch.testing.assert_close(alone, F.layer_norm(x.float(), (n,), weight.float(), bias.float(), 1e-5).to(dtype), **tol)
     strided = torch.randn(shape[0], 2 * n, generator=g).to(device, dtype)[:, ::2]   # a non-unit last stride
-    torch.testing.assert_close(kernels_layernorm.add_layer_norm(strided, None, weight, bias, 1e-5)[1],
+    torch.testing.assert_close(kernels_elementwise.add_layer_norm(strided, None, weight, bias, 1e-5)[1],
                                F.layer_norm(strided.float(), (n,), weight.float(), bias.float(), 1e-5).to(dtype), **tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["fp32", "half"])
+@pytest.mark.parametrize("shape", [(37, 256), (1, 5), (3, 2, 4097)])
+def test_triton_gelu_in_place_equals_exact_gelu(device, precision, shape):
+    kernels_elementwise = _triton_elementwise_or_skip(device)
+    dtype = {"fp32": torch.float32, "half": torch.bfloat16 if device == "cuda" else torch.float16}[precision]
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(6)) * 3).to(device, dtype)
+    ref = F.gelu(x.float()).to(dtype)                      # exact (erf) GELU, fp32 math
+    out = kernels_elementwise.gelu_(x)
+    assert out is x
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels_elementwise.gelu_(torch.zeros(4, 6, device=device, dtype=dtype)[:, ::2])
+
+
 def test_triton_add_layer_norm_refuses_mismatched_shapes():
-    from embed_core import kernels_layernorm
+    from embed_core import kernels_elementwise
     x = torch.zeros(3, 8)
     with pytest.raises(ValueError, match="do not match rows of 8"):
-        kernels_layernorm.add_layer_norm(x, x, torch.ones(4), torch.zeros(4), 1e-5)
+        kernels_elementwise.add_layer_norm(x, x, torch.ones(4), torch.zeros(4), 1e-5)
     with pytest.raises(ValueError, match="does not match x"):
-        kernels_layernorm.add_layer_norm(x, torch.zeros(3, 8, dtype=torch.float64), torch.ones(8), torch.zeros(8), 1e-5)
+        kernels_elementwise.add_layer_norm(x, torch.zeros(3, 8, dtype=torch.float64), torch.ones(8), torch.zeros(8), 1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rotary_impl", ["torch", "triton"])
-def test_esm2_norm_impl_triton_equals_torch(device, rotary_impl):
-    _triton_layernorm_or_skip(device)
+def test_esm2_elementwise_impl_triton_equals_torch(device, rotary_impl):
+    _triton_elementwise_or_skip(device)
     model = random_esm2(ESM, seed=3).to(device)
     batch = packed_batch([40, 7, 100, 1], 24, seed=22, low=4).to(device)
     with torch.inference_mode():
         ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-        model.rotary_impl, model.norm_impl = rotary_impl, "triton"
+        model.rotary_impl, model.elementwise_impl = rotary_impl, "triton"
         out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
-def test_esm2_norm_impl_default_and_errors():
+def test_esm2_elementwise_impl_default_and_errors():
     model = random_esm2(ESM)
-    assert model.norm_impl == "torch"
+    assert model.elementwise_impl == "torch"
     batch = packed_batch([5, 9], 24, seed=1, low=4)
-    model.norm_impl = "nope"
-    with pytest.raises(ValueError, match="unknown norm_impl"):
+    model.elementwise_impl = "nope"
+    with pytest.raises(ValueError, match="unknown elementwise_impl"):
         model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
     if os.environ.get("TRITON_INTERPRET") != "1":   # CPU without the interpreter: a clear refusal
-        model.norm_impl = "triton"
-        with pytest.raises(RuntimeError, match="norm_impl 'triton' needs"):
+        model.elementwise_impl = "triton"
+        with pytest.raises(RuntimeError, match="elementwise_impl 'triton' needs"):
             model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
 
 

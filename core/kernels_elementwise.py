@@ -1,15 +1,17 @@
-"""Hand-written Triton kernel: residual add and LayerNorm in one pass (ESM-2's eager fast path).
+"""Hand-written Triton kernels for the memory-bound passes of ESM-2's eager fast path.
 
-In a pre-LN layer every residual add is followed by a LayerNorm of the sum (the layer's second
-norm, the next layer's first, or the final `emb_layer_norm_after`). ATen runs these as two
-passes, and its LayerNorm on 2560-wide bf16 rows runs far below HBM bandwidth (ESM-2 3B on an
-H200: LayerNorms 7.5% of kernel time, perf/RESULTS.md). This kernel reads x and y once and
-writes the sum (the residual stream) and its normalisation.
+* `add_layer_norm`: residual add and LayerNorm in one pass. In a pre-LN layer every residual add
+  is followed by a LayerNorm of the sum (the layer's second norm, the next layer's first, or the
+  final `emb_layer_norm_after`). ATen runs them as two passes; this reads x and y once and writes
+  the sum (the residual stream) and its normalisation. On an H200, 2560-wide bf16 rows: 5.1 ns
+  per token against 7.7 (perf/RESULTS.md, 2026-11-28 third session).
+  Numerics follow the two-pass form: the sum is rounded to the stream's dtype first (as `x + y`
+  would be), and the LayerNorm (fp32 math, biased variance, eps inside the root, as torch's)
+  normalises that rounded sum.
+* `gelu_`: exact (erf) GELU in place, fp32 math (ATen's F.gelu with approximate="none").
 
-Numerics follow the two-pass form: the sum is rounded to the stream's dtype first (as
-`x + y` would be), and the LayerNorm (fp32 math, biased variance, eps inside the root, as
-torch's) normalises that rounded sum. `available(device)` says where it can run (CUDA, or
-any device with TRITON_INTERPRET=1: tests).
+`available(device)` says where they can run (CUDA, or any device with TRITON_INTERPRET=1: tests).
+Offsets are 64-bit: a pack of 131k tokens x 10240 (ESM-2 3B's fc1) is already 1.3e9 values.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def _kernel(triton, tl):
                               x_st, y_st, sum_st, out_st,
                               HAS_Y: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
         # One program: BLOCK_R rows x all N columns (BLOCK_N >= N, masked).
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]     # [BR, 1]
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]     # [BR, 1]
         c = tl.arange(0, BLOCK_N)[None, :]                                   # [1, BN]
         col_ok = c < N
         m = (r < R) & col_ok
@@ -50,6 +52,21 @@ def _kernel(triton, tl):
         tl.store(out_ptr + r * out_st + c, (d * rstd * w + b).to(out_ptr.dtype.element_ty), mask=m)
 
     return add_layer_norm_kernel
+
+
+@lazy_kernel
+def _gelu_kernel(triton, tl):
+    """The jitted in-place GELU (`_gelu_kernel()` builds it on first use; None without triton)."""
+
+    @triton.jit(do_not_specialize=["n"])
+    def gelu_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        tl.store(x_ptr + offs, y.to(x_ptr.dtype.element_ty), mask=m)
+
+    return gelu_kernel
 
 
 # Where the kernel can run (CUDA, or Triton's interpreter): triton_support's answer for all kernels.
@@ -99,3 +116,16 @@ def add_layer_norm(x: torch.Tensor, y: Optional[torch.Tensor], weight: torch.Ten
             HAS_Y=y is not None, BLOCK_R=block_rows, BLOCK_N=block_n, num_warps=num_warps)
     shape = x.shape
     return (total.view(shape) if y is not None else x), out.view(shape)
+
+
+def gelu_(x: torch.Tensor, block: int = 4096, num_warps: int = 8) -> torch.Tensor:
+    """Exact GELU of x in place (x contiguous); returns x. `block`, `num_warps`: for benchmarks."""
+    if not x.is_contiguous():
+        raise ValueError("gelu_ works in place on a contiguous tensor")
+    kernel = _gelu_kernel()
+    if kernel is None:
+        raise RuntimeError("gelu_ needs the triton package")
+    n = x.numel()
+    if n:
+        kernel[(-(-n // block),)](x, n, BLOCK=block, num_warps=num_warps)
+    return x
