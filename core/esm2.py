@@ -204,6 +204,28 @@ class Esm2Layer(nn.Module):
         self.intermediate = _Container(dense=nn.Linear(h, config.intermediate_size))
         self.output = _Container(dense=nn.Linear(config.intermediate_size, h))
         self.LayerNorm = nn.LayerNorm(h, eps=eps)
+        self._qkv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None   # fused_qkv()'s tensors
+
+    def fused_qkv(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The q, k, v projections as one [3 * hidden, hidden] weight and [3 * hidden] bias.
+
+        Built on first use; the three Linear layers' parameters then become views into them (no
+        second copy of the weights, the state dict unchanged). A later move to another device or
+        dtype copies each parameter on its own; the views no longer match and this rebuilds.
+        """
+        proj = self.attention.self
+        linears = (proj.query, proj.key, proj.value)
+        fused = self._qkv
+        if fused is None or any(lin.weight.data_ptr() != fused[0][i].data_ptr() or
+                                lin.bias.data_ptr() != fused[1][i].data_ptr() for i, lin in enumerate(linears)):
+            # Ordinary tensors even when first called under inference_mode (the parameters hold them).
+            with torch.inference_mode(False), torch.no_grad():
+                weight = torch.cat([lin.weight for lin in linears])
+                bias = torch.cat([lin.bias for lin in linears])
+                for lin, w, b in zip(linears, weight.chunk(3), bias.chunk(3)):
+                    lin.weight.data, lin.bias.data = w, b
+            fused = self._qkv = (weight.view(3, -1, weight.shape[1]), bias.view(3, -1))
+        return fused[0].flatten(0, 1), fused[1].flatten()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -221,25 +243,28 @@ class Esm2Layer(nn.Module):
                                     self.intermediate.dense.weight, self.intermediate.dense.bias,
                                     self.output.dense.weight, self.output.dense.bias, self.LayerNorm.eps)
 
-    def forward_add_norm(self, x: torch.Tensor, h: torch.Tensor, rotate: Callable, attend: Callable,
-                         add_norm: Callable, gelu: Callable,
+    def forward_add_norm(self, x: torch.Tensor, h: torch.Tensor, rotate: Callable, attend: PackedAttention,
+                         add_norm: Callable,
                          next_norm: nn.LayerNorm) -> Tuple[torch.Tensor, torch.Tensor]:
         """The same layer with each residual add fused into the LayerNorm after it (ESM2.elementwise_impl "triton").
 
-        Takes x (the residual stream) and h = this layer's first LayerNorm of x; returns the new
-        stream and `next_norm` of it (the next layer's first LayerNorm, or the final one).
-        `rotate(q, k)` applies the rotary; `add_norm(x, y, weight, bias, eps)` -> (x + y, LN(x + y));
-        `gelu` the exact GELU (may work in place).
+        Takes x (the residual stream, packed [T, hidden]) and h = this layer's first LayerNorm of x;
+        returns the new stream and `next_norm` of it (the next layer's first LayerNorm, or the final
+        one). q, k, v come from one GEMM (fused_qkv) and go to `attend.attend_qkv` as they are.
+        `rotate(q, k)` applies the rotary; `add_norm(x, y, weight, bias, eps)` -> (x + y, LN(x + y)).
         """
-        proj = self.attention.self
-        q, k, v = project_qkv(h, proj.query.weight, proj.query.bias, proj.key.weight, proj.key.bias,
-                              proj.value.weight, proj.value.bias, self.num_heads)
-        q, k = rotate(q, k)
+        weight, bias = self.fused_qkv()
+        qkv = F.linear(h, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))  # one GEMM
+        q, k = qkv[:, 0], qkv[:, 1]
+        rotated_q, rotated_k = rotate(q, k)
+        if rotated_q is not q:                                   # an out-of-place rotary: back into qkv
+            q.copy_(rotated_q)
+            k.copy_(rotated_k)
         out = self.attention.output.dense
-        x, h = add_norm(x, F.linear(attend(q, k, v).flatten(-2), out.weight, out.bias),
+        x, h = add_norm(x, F.linear(attend.attend_qkv(qkv).flatten(-2), out.weight, out.bias),
                         self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
         fc1, fc2 = self.intermediate.dense, self.output.dense
-        mlp = feed_forward(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gelu)
+        mlp = feed_forward(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         return add_norm(x, mlp, next_norm.weight, next_norm.bias, next_norm.eps)
 
 
@@ -261,9 +286,9 @@ def project_qkv(h, q_w, q_b, k_w, k_b, v_w, v_b, heads: int):
     return tuple(F.linear(h, w, b).unflatten(-1, (heads, -1)) for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
 
 
-def feed_forward(h, fc1_w, fc1_b, fc2_w, fc2_b, gelu: Callable = F.gelu):
+def feed_forward(h, fc1_w, fc1_b, fc2_w, fc2_b):
     """fc1, exact (erf) GELU, fc2 (before the residual add)."""
-    return F.linear(gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+    return F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
 def _layer_head(rotary, x, ln_w, ln_b, q_w, q_b, k_w, k_b, v_w, v_b, cos, sin, eps: float, heads: int):
@@ -330,10 +355,14 @@ class ESM2(nn.Module):
     head) or "triton" (the head without rotary, then kernels_rotary's one launch for q and k;
     needs the triton package and CUDA, or TRITON_INTERPRET=1 for tests). The runtime sets it
     from RuntimeConfig.kernels ("auto": triton on CUDA)."""
+    attention_backend = "auto"
+    """PackedAttention backend of forward_packed: "auto" (flash varlen on CUDA in bf16/fp16, padded
+    SDPA elsewhere), "flash", "padded" or "triton" (kernels_attention's varlen kernel, bias-free:
+    zero ALiBi slopes). The runtime sets "triton" with our kernels."""
     elementwise_impl = "torch"
-    """Element-wise passes of the eager forward_packed: "torch" (ATen: residual add and LayerNorm
-    as two passes, F.gelu) or "triton" (kernels_elementwise: each add fused into the LayerNorm
-    after it, GELU in place; same needs as the Triton rotary). A compiled model ignores it:
+    """Residual adds and LayerNorms of the eager forward_packed: "torch" (ATen, two passes) or
+    "triton" (kernels_elementwise: each add fused into the LayerNorm after it; same needs as the
+    Triton rotary). A compiled model ignores it:
     Inductor fuses its own. Set by the runtime with rotary_impl."""
 
     def __init__(self, config: Esm2Config):
@@ -376,7 +405,10 @@ class ESM2(nn.Module):
         scale = self.config.head_dim ** -0.5                    # ESM scales q (before rotary; same thing)
 
         # Layout built once, used by every layer (flash varlen on CUDA bf16, padded SDPA elsewhere).
-        attend = PackedAttention(cu_seqlens, max_seqlen, total, x.dtype, scale=scale)
+        if self.attention_backend == "flex":   # flex pads the stream; ESM-2 runs it unpadded
+            raise ValueError("ESM-2 does not take the flex attention backend (auto, flash, padded, triton)")
+        attend = PackedAttention(cu_seqlens, max_seqlen, total, x.dtype, scale=scale,
+                                 head_dim=self.config.head_dim, backend=self.attention_backend)
 
         if self._fused_norms(input_ids.device):
             return self._forward_add_norm(x, cos, sin, attend)
@@ -399,9 +431,8 @@ class ESM2(nn.Module):
 
     def _forward_add_norm(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           attend: Callable) -> torch.Tensor:
-        """forward_packed's layers with kernels_elementwise: add + LayerNorm (2 passes per layer, not 4)
-        and the GELU in place."""
-        from .kernels_elementwise import add_layer_norm, gelu_
+        """forward_packed's layers with kernels_elementwise's add + LayerNorm: 2 passes per layer, not 4."""
+        from .kernels_elementwise import add_layer_norm
         if self.rotary_impl == "triton":
             from .kernels_rotary import rotary_qk
 
@@ -415,7 +446,7 @@ class ESM2(nn.Module):
         x, h = add_layer_norm(x, None, first.weight, first.bias, first.eps)
         next_norms = [layer.attention.LayerNorm for layer in layers[1:]] + [self.encoder.emb_layer_norm_after]
         for layer, next_norm in zip(layers, next_norms):
-            x, h = layer.forward_add_norm(x, h, rotate, attend, add_layer_norm, gelu_, next_norm)
+            x, h = layer.forward_add_norm(x, h, rotate, attend, add_layer_norm, next_norm)
         return h                                                # emb_layer_norm_after of the stream
 
     def _rotary_head(self, device: torch.device) -> Callable:
@@ -434,9 +465,10 @@ class ESM2(nn.Module):
     forward = forward_packed
 
     def supports_triton_kernels(self) -> bool:
-        """Whether kernels_rotary takes this model's head_dim (the runtime asks before choosing)."""
-        from . import kernels_rotary
-        return kernels_rotary.supports(self.config.head_dim)
+        """Whether kernels_rotary and kernels_attention take this model's head_dim (the runtime
+        asks before choosing)."""
+        from . import kernels_attention, kernels_rotary
+        return kernels_rotary.supports(self.config.head_dim) and kernels_attention.supports(self.config.head_dim)
 
     def enable_compile(self) -> None:
         """Run each layer's element-wise work through torch.compile (CUDA fast path)."""

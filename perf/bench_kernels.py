@@ -7,12 +7,12 @@ On one packed stream of `--tokens` tokens (DNA chunks of 55-135 BPE tokens, as i
     the padded SDPA path (attention.PackedAttention "padded") on the same qkv;
   * add + LayerNorm (bf16 rows of 2560, ESM-2 3B, and 768, DNABERT-S): kernels_elementwise per tiling
     (rows per program, warps), against ATen's `x + y` then `F.layer_norm` (ESM-2's eager path);
-  * GELU (bf16, 10240 per token: ESM-2 3B's fc1 output): kernels_elementwise.gelu_ against F.gelu;
 Each row: median microseconds (CUDA events, warm, 20 repeats), ns per token, the relative error
 against the torch path. The fastest correct tiling is marked; core/kernels_attention.py's defaults
 should be it (the constants there name what this script measured). (A fused GLU+GELU kernel was
 timed here too on 2026-11-28 and dropped: 21 ns/token against 14 for cuBLAS's GEMM alone and ~19
-for GEMM + Inductor's GELU x gate inside the model; perf/RESULTS.md.)
+for GEMM + Inductor's GELU x gate inside the model; and an exact-GELU kernel, 22 ns/token against
+ATen's 13 at ESM-2 3B's fc1 width; perf/RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-GELU_TILINGS = [(1024, 4), (2048, 4), (4096, 8), (8192, 8), (4096, 4)]
 NORM_TILINGS = [(1, 4), (1, 8), (2, 8), (4, 8), (8, 8), (2, 4), (4, 4), (None, None)]  # None: the defaults
 ATTENTION_TILINGS = [(64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4), (128, 128, 8), (32, 32, 2)]
 
@@ -125,28 +124,6 @@ def bench_add_layer_norm(tokens: int, width: int, device, rows: list) -> None:
                      "rel_error": err, "tiling": {"block_rows": block_rows, "num_warps": warps}})
 
 
-def bench_gelu(tokens: int, width: int, device, rows: list) -> None:
-    from embed_core import kernels_elementwise
-    x = torch.randn(tokens, width, device=device).to(torch.bfloat16)
-    ref = torch.nn.functional.gelu(x)
-    us = time_us(lambda: torch.nn.functional.gelu(x))
-    rows.append({"kernel": "gelu", "variant": "torch: F.gelu (exact)", "us": us,
-                 "ns_per_token": us * 1e3 / tokens, "rel_error": 0.0})
-    for block, warps in GELU_TILINGS:
-        work = x.clone()
-        run = lambda: kernels_elementwise.gelu_(work, block=block, num_warps=warps)  # noqa: E731
-        try:
-            err = rel_error(kernels_elementwise.gelu_(x.clone(), block=block, num_warps=warps), ref)
-            us = time_us(run)   # in place, repeatedly: the values change, the memory traffic does not
-        except Exception as exc:  # noqa: BLE001 (a benchmark reports and goes on)
-            rows.append({"kernel": "gelu", "variant": f"triton {block} w{warps}",
-                         "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-            continue
-        rows.append({"kernel": "gelu", "variant": f"triton {block} w{warps}", "us": us,
-                     "ns_per_token": us * 1e3 / tokens, "rel_error": err,
-                     "tiling": {"block": block, "num_warps": warps}})
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=131072, help="tokens in the packed stream (a full pack)")
@@ -163,7 +140,6 @@ def main(argv=None) -> int:
         bench_attention(core, tokens, device, part)
         for width in (2560, 768):
             bench_add_layer_norm(tokens, width, device, part)
-        bench_gelu(tokens, 10240, device, part)   # ESM-2 3B's fc1 output
         for row in part:
             row["tokens"] = tokens
         rows += part

@@ -308,8 +308,9 @@ def attention_variant(name: str) -> tuple:
 def rotary_variant(name: str, device: torch.device) -> tuple:
     """--esm-rotary entry -> ((c) key, RuntimeConfig overrides, ESM2 attributes, label), or a reason
     it cannot run here. "auto": the runtime's defaults (key c); "triton" = RuntimeConfig(kernels="triton"),
-    "torch" = kernels="torch"; "rotary": the defaults with ATen's residual adds and LayerNorms
-    (elementwise_impl "torch": what kernels_elementwise's add + LayerNorm and GELU replace)."""
+    "torch" = kernels="torch"; "rotary": our rotary kernel alone (the second session's default: ATen's
+    residual adds and LayerNorms, q/k/v as three GEMMs, flash attention); "flash": the defaults
+    (add + LayerNorm kernel, one q/k/v GEMM) with flash attention instead of kernels_attention's."""
     if name == "triton":
         from embed_core import kernels_rotary, triton_support
         if not kernels_rotary.available(device):
@@ -322,7 +323,10 @@ def rotary_variant(name: str, device: torch.device) -> tuple:
     if name == "eager":
         return "c_uncomp", {"compile": False}, {}, ", defaults, not compiled"
     if name == "rotary":
-        return "c_rotary", {}, {"elementwise_impl": "torch"}, ", defaults but ATen adds, LayerNorms, GELU"
+        return ("c_rotary", {}, {"elementwise_impl": "torch", "attention_backend": "auto"},
+                ", our rotary only (ATen adds + LayerNorms, 3 q/k/v GEMMs, flash)")
+    if name == "flash":
+        return "c_flash", {}, {"attention_backend": "auto"}, ", defaults but flash attention"
     return "c", {}, {}, ", defaults"
 
 
@@ -580,8 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ESM-2 (c): comma-separated rotary implementations, each a separate (c) run: auto "
                         "(key c: the runtime's defaults), torch (c_torch: fused by Inductor), triton (c_triton: "
                         "the hand-written kernel, kernels_rotary.py; needs the triton package and CUDA, else "
-                        "skipped with the reason printed), eager (the defaults not compiled), rotary (the "
-                        "defaults with ATen's adds, LayerNorms and GELU instead of kernels_elementwise); any entry may end "
+                        "skipped with the reason printed), eager (the defaults not compiled), rotary (our rotary "
+                        "kernel alone: ATen adds + LayerNorms, 3 q/k/v GEMMs, flash), flash (the defaults with "
+                        "flash attention); any entry may end "
                         "in @TOKENS, a token budget (e.g. auto@32768)")
     p.add_argument("--attention-tiling", default=None,
                    help="DNABERT-S attention kernel tiling block_m,block_n,num_warps (default kernels_attention's)")
@@ -610,9 +615,9 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     if bad:
         raise SystemExit(f"bench_models: --attention takes auto, padded, flex, triton, {', '.join(flex_blocks)} "
                          f"(comma-separated), got {bad}")
-    bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ("auto", "torch", "triton", "eager", "rotary")]
+    bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ("auto", "torch", "triton", "eager", "rotary", "flash")]
     if bad:
-        raise SystemExit(f"bench_models: --esm-rotary takes auto, torch, triton, eager, rotary (comma-separated, each "
+        raise SystemExit(f"bench_models: --esm-rotary takes auto, torch, triton, eager, rotary, flash (comma-separated, each "
                          f"optionally @TOKENS), got {bad}")
     if args.small:
         args.esm_vanilla_batch = min(args.esm_vanilla_batch, 8)

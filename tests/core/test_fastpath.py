@@ -219,7 +219,7 @@ def test_esm2_rotary_impl_default_and_errors():
             model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
 
 
-# --------------------------------------------------------------------------- esm-2: Triton add + LayerNorm, GELU
+# --------------------------------------------------------------------------- esm-2: Triton add + LayerNorm
 
 
 def _triton_elementwise_or_skip(device: str):
@@ -260,22 +260,6 @@ def test_triton_add_layer_norm_equals_add_then_layer_norm(device, precision, sha
                                F.layer_norm(strided.float(), (n,), weight.float(), bias.float(), 1e-5).to(dtype), **tol)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("precision", ["fp32", "half"])
-@pytest.mark.parametrize("shape", [(37, 256), (1, 5), (3, 2, 4097)])
-def test_triton_gelu_in_place_equals_exact_gelu(device, precision, shape):
-    kernels_elementwise = _triton_elementwise_or_skip(device)
-    dtype = {"fp32": torch.float32, "half": torch.bfloat16 if device == "cuda" else torch.float16}[precision]
-    x = (torch.randn(shape, generator=torch.Generator().manual_seed(6)) * 3).to(device, dtype)
-    ref = F.gelu(x.float()).to(dtype)                      # exact (erf) GELU, fp32 math
-    out = kernels_elementwise.gelu_(x)
-    assert out is x
-    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(out, ref, **tol)
-    with pytest.raises(ValueError, match="contiguous"):
-        kernels_elementwise.gelu_(torch.zeros(4, 6, device=device, dtype=dtype)[:, ::2])
-
-
 def test_triton_add_layer_norm_refuses_mismatched_shapes():
     from embed_core import kernels_elementwise
     x = torch.zeros(3, 8)
@@ -296,6 +280,48 @@ def test_esm2_elementwise_impl_triton_equals_torch(device, rotary_impl):
         model.rotary_impl, model.elementwise_impl = rotary_impl, "triton"
         out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_esm2_all_triton_kernels_equal_torch_path(device):
+    """What the runtime runs with kernels on: our rotary, add + LayerNorm, one q/k/v GEMM and our
+    varlen attention kernel (zero ALiBi slopes), against the plain path."""
+    _triton_elementwise_or_skip(device)
+    model = random_esm2(ESM, seed=4).to(device)
+    batch = packed_batch([40, 7, 100, 1, 64], 24, seed=23, low=4).to(device)
+    with torch.inference_mode():
+        ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+        model.rotary_impl = model.elementwise_impl = model.attention_backend = "triton"
+        out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_esm2_fused_qkv_shares_the_parameters_and_follows_moves():
+    model = random_esm2(ESM, seed=5)
+    layer = model.encoder.layer[0]
+    proj = layer.attention.self
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        weight, bias = layer.fused_qkv()
+    assert weight.shape == (3 * ESM.hidden_size, ESM.hidden_size) and bias.shape == (3 * ESM.hidden_size,)
+    assert proj.key.weight.data_ptr() == weight[ESM.hidden_size:].data_ptr()     # views: no second copy
+    assert not proj.key.weight.is_inference() and proj.key.weight.requires_grad
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert layer.fused_qkv()[0] is not None and layer.fused_qkv()[0].data_ptr() == weight.data_ptr()
+    model.to(torch.float64)                              # copies each parameter: the fused tensors follow
+    weight64, _ = layer.fused_qkv()
+    assert weight64.dtype == torch.float64
+    torch.testing.assert_close(weight64, weight.double())
+    assert proj.value.weight.data_ptr() == weight64[2 * ESM.hidden_size:].data_ptr()
+
+
+def test_esm2_refuses_the_flex_backend():
+    model = random_esm2(ESM)
+    model.attention_backend = "flex"
+    batch = packed_batch([5, 9], 24, seed=1, low=4)
+    with pytest.raises(ValueError, match="does not take the flex"):
+        model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
 
 
 def test_esm2_elementwise_impl_default_and_errors():
