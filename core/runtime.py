@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 DEVICES_HELP = "auto | cpu | cuda | cuda:N"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOO_LONG_POLICIES = ("error", "truncate")
-ATTENTION_CHOICES = ("auto", "padded", "flex", "triton")
+ATTENTION_CHOICES = ("auto", "padded", "flash", "flex", "triton")
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
 CPU_TOKEN_BUDGET = 8192      # fixed on CPU: large packs only add cache misses there
@@ -66,12 +66,15 @@ class RuntimeConfig:
         has one); None = on CUDA only, and not where the encoder runs our kernels and says compiling
         then gains nothing (`compile_with_kernels = False`: ESM-2). The first forwards then take
         longer (compilation).
-    attention: attention for encoders with a bias (DNABERT-S's ALiBi): "triton" (our varlen ALiBi
-        kernel, kernels_attention.py; CUDA), "padded" (SDPA over per-pack [B, L] slots; anywhere),
-        "flex" (FlexAttention on the packed stream, CUDA; opt-in: faster than padded, slower than
-        ours, perf/RESULTS.md) or "auto" (= triton where `kernels` allows it, else padded).
-    kernels: our hand-written Triton kernels (core/kernels_*.py: ESM-2's rotary, DNABERT-S's
-        attention): "auto" (used on CUDA when the triton package imports; if they fail at
+    attention: the encoder's packed attention: "triton" (our varlen kernel, kernels_attention.py,
+        with DNABERT-S's ALiBi or, for ESM-2, without bias; CUDA), "padded" (SDPA over per-pack
+        [B, L] slots; anywhere), "flash" (torch's varlen flash kernel; ESM-2 only: no bias, CUDA),
+        "flex" (FlexAttention on the packed stream; DNABERT-S only, CUDA; opt-in: faster than
+        padded, slower than ours, perf/RESULTS.md) or "auto" (= triton where `kernels` allows it,
+        else flash for ESM-2 on CUDA and padded elsewhere).
+    kernels: our hand-written Triton kernels (core/kernels_*.py: ESM-2's rotary, residual add +
+        LayerNorm and attention; DNABERT-S's attention): "auto" (used on CUDA when the triton
+        package imports; if they fail at
         `warmup()`, a warning and the PyTorch path instead), "triton"
         (required: an error at load where they cannot run) or "torch" (never; the PyTorch/Inductor
         path, e.g. to rule the kernels out when something looks wrong).
