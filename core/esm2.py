@@ -418,9 +418,11 @@ class ESM2(nn.Module):
         return self.encoder.emb_layer_norm_after(x)             # [T, hidden]
 
     def _fused_norms(self, device: torch.device) -> bool:
-        """Whether forward_packed takes the fused add + LayerNorm path (elementwise_impl "triton", eager)."""
-        if self.elementwise_impl not in self.ELEMENTWISE_IMPLS:
-            raise ValueError(f"unknown elementwise_impl {self.elementwise_impl!r} (one of {', '.join(self.ELEMENTWISE_IMPLS)})")
+        """Whether forward_packed takes the fused add + LayerNorm path (elementwise_impl "triton", eager);
+        checks both kernel switches' values first."""
+        for name, choices in (("rotary_impl", self.ROTARY_IMPLS), ("elementwise_impl", self.ELEMENTWISE_IMPLS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r} (one of {', '.join(choices)})")
         if self.elementwise_impl == "torch" or self._compiled:
             return False
         from . import kernels_elementwise
@@ -451,8 +453,6 @@ class ESM2(nn.Module):
 
     def _rotary_head(self, device: torch.device) -> Callable:
         """The layer head for rotary_impl "triton" (built once per compiled state)."""
-        if self.rotary_impl not in self.ROTARY_IMPLS:
-            raise ValueError(f"unknown rotary_impl {self.rotary_impl!r} (one of {', '.join(self.ROTARY_IMPLS)})")
         from . import kernels_rotary
         if not kernels_rotary.available(device):
             raise RuntimeError(f"rotary_impl 'triton' needs the triton package and a CUDA device "

@@ -206,16 +206,17 @@ def test_esm2_rotary_impl_triton_equals_torch(device):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
-def test_esm2_rotary_impl_default_and_errors():
+@pytest.mark.parametrize("switch", ["rotary_impl", "elementwise_impl"])
+def test_esm2_kernel_switches_default_and_errors(switch):
     model = random_esm2(ESM)
-    assert model.rotary_impl == "torch"
+    assert getattr(model, switch) == "torch"
     batch = packed_batch([5, 9], 24, seed=1, low=4)
-    model.rotary_impl = "nope"
-    with pytest.raises(ValueError, match="unknown rotary_impl"):
+    setattr(model, switch, "nope")
+    with pytest.raises(ValueError, match=f"unknown {switch}"):
         model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
     if os.environ.get("TRITON_INTERPRET") != "1":   # CPU without the interpreter: a clear refusal
-        model.rotary_impl = "triton"
-        with pytest.raises(RuntimeError, match="rotary_impl 'triton' needs"):
+        setattr(model, switch, "triton")
+        with pytest.raises(RuntimeError, match=f"{switch} 'triton' needs"):
             model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
 
 
@@ -322,19 +323,6 @@ def test_esm2_refuses_the_flex_backend():
     batch = packed_batch([5, 9], 24, seed=1, low=4)
     with pytest.raises(ValueError, match="does not take the flex"):
         model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-
-
-def test_esm2_elementwise_impl_default_and_errors():
-    model = random_esm2(ESM)
-    assert model.elementwise_impl == "torch"
-    batch = packed_batch([5, 9], 24, seed=1, low=4)
-    model.elementwise_impl = "nope"
-    with pytest.raises(ValueError, match="unknown elementwise_impl"):
-        model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-    if os.environ.get("TRITON_INTERPRET") != "1":   # CPU without the interpreter: a clear refusal
-        model.elementwise_impl = "triton"
-        with pytest.raises(RuntimeError, match="elementwise_impl 'triton' needs"):
-            model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
 
 
 # --------------------------------------------------------------------------- dnabert-s: Triton attention
