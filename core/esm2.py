@@ -362,8 +362,8 @@ class ESM2(nn.Module):
     elementwise_impl = "torch"
     """Residual adds and LayerNorms of the eager forward_packed: "torch" (ATen, two passes) or
     "triton" (kernels_elementwise: each add fused into the LayerNorm after it; same needs as the
-    Triton rotary). A compiled model ignores it:
-    Inductor fuses its own. Set by the runtime with rotary_impl."""
+    Triton rotary). A compiled model ignores it: Inductor fuses its own. Set by the runtime with
+    rotary_impl."""
 
     def __init__(self, config: Esm2Config):
         super().__init__()
@@ -404,7 +404,8 @@ class ESM2(nn.Module):
         cos, sin = self.rotary_embeddings(positions)  # [T, 1, head_dim/2] float32 each
         scale = self.config.head_dim ** -0.5                    # ESM scales q (before rotary; same thing)
 
-        # Layout built once, used by every layer (flash varlen on CUDA bf16, padded SDPA elsewhere).
+        # Layout built once, used by every layer (attention_backend: our varlen kernel or flash on
+        # CUDA, padded SDPA elsewhere).
         if self.attention_backend == "flex":   # flex pads the stream; ESM-2 runs it unpadded
             raise ValueError("ESM-2 does not take the flex attention backend (auto, flash, padded, triton)")
         attend = PackedAttention(cu_seqlens, max_seqlen, total, x.dtype, scale=scale,
@@ -432,7 +433,7 @@ class ESM2(nn.Module):
         return True
 
     def _forward_add_norm(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          attend: Callable) -> torch.Tensor:
+                          attend: PackedAttention) -> torch.Tensor:
         """forward_packed's layers with kernels_elementwise's add + LayerNorm: 2 passes per layer, not 4."""
         from .kernels_elementwise import add_layer_norm
         if self.rotary_impl == "triton":
