@@ -5,6 +5,8 @@
 On one packed stream of `--tokens` tokens (DNA chunks of 55-135 BPE tokens, as in bench_models):
   * attention (12 heads x 64, ALiBi): kernels_attention.alibi_varlen_attention per tiling, against
     the padded SDPA path (attention.PackedAttention "padded") on the same qkv;
+  * attn_esm2 (40 heads x 64, no bias, protein frames of 40-170 residues): the same kernel with
+    zero slopes, against torch's flash varlen kernel (ESM-2's path without our kernels);
   * add + LayerNorm (bf16 rows of 2560, ESM-2 3B, and 768, DNABERT-S): kernels_elementwise per tiling
     (rows per program, warps), against ATen's `x + y` then `F.layer_norm` (ESM-2's eager path);
 Each row: median microseconds (CUDA events, warm, 20 repeats), ns per token, the relative error
@@ -57,27 +59,37 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
-def bench_attention(core, tokens: int, device, rows: list) -> None:
+def bench_attention(tokens: int, device, rows: list, model: str = "dnabert_s") -> None:
+    """Our varlen kernel per tiling against the torch path it replaces: DNABERT-S (12 x 64 heads,
+    ALiBi, 55-135-token chunks) against padded SDPA with the bias; ESM-2 3B (40 x 64 heads, no bias,
+    42-172-token frames) against torch's flash varlen kernel."""
     from embed_core import kernels_attention
     from embed_core.attention import PackedAttention
     from embed_core.dnabert_s import alibi_slopes
-    heads, head_dim = 12, 64
+    heads, low, high = (12, 55, 136) if model == "dnabert_s" else (40, 42, 173)
+    head_dim = 64
     rng = np.random.default_rng(0)
     lengths = []
     while sum(lengths) < tokens:
-        lengths.append(int(rng.integers(55, 136)))
+        lengths.append(int(rng.integers(low, high)))
     lengths = sorted(lengths)
     total, max_len = sum(lengths), max(lengths)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
     qkv = torch.randn(total, 3, heads, head_dim, device=device, dtype=torch.bfloat16)
-    slopes = torch.tensor(alibi_slopes(heads), device=device)
     scale = head_dim ** -0.5
-    padded = PackedAttention(cu, max_len, total, torch.bfloat16, alibi_slopes=slopes, head_dim=head_dim,
-                             backend="padded")
-    ref = padded.attend_qkv(qkv)
-    us = time_us(lambda: padded.attend_qkv(qkv))
-    rows.append({"kernel": "attention", "variant": "torch: padded SDPA + ALiBi bias", "us": us,
-                 "ns_per_token": us * 1e3 / total, "rel_error": 0.0})
+    if model == "dnabert_s":
+        slopes = torch.tensor(alibi_slopes(heads), device=device)
+        reference = PackedAttention(cu, max_len, total, torch.bfloat16, alibi_slopes=slopes, head_dim=head_dim,
+                                    backend="padded")
+        kernel, label = "attention", "torch: padded SDPA + ALiBi bias"
+    else:
+        slopes = torch.zeros(heads, device=device)
+        reference = PackedAttention(cu, max_len, total, torch.bfloat16, scale=scale, head_dim=head_dim,
+                                    backend="flash")
+        kernel, label = "attn_esm2", "torch: flash varlen"
+    ref = reference.attend_qkv(qkv)
+    us = time_us(lambda: reference.attend_qkv(qkv))
+    rows.append({"kernel": kernel, "variant": label, "us": us, "ns_per_token": us * 1e3 / total, "rel_error": 0.0})
     for block_m, block_n, warps in ATTENTION_TILINGS:
         run = lambda: kernels_attention.alibi_varlen_attention(qkv, cu, max_len, slopes, scale,  # noqa: E731
                                                                block_m=block_m, block_n=block_n, num_warps=warps)
@@ -85,10 +97,10 @@ def bench_attention(core, tokens: int, device, rows: list) -> None:
             err = rel_error(run(), ref)
             us = time_us(run)
         except Exception as exc:  # noqa: BLE001 (a benchmark reports and goes on)
-            rows.append({"kernel": "attention", "variant": f"triton {block_m}x{block_n} w{warps}",
+            rows.append({"kernel": kernel, "variant": f"triton {block_m}x{block_n} w{warps}",
                          "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             continue
-        rows.append({"kernel": "attention", "variant": f"triton {block_m}x{block_n} w{warps}", "us": us,
+        rows.append({"kernel": kernel, "variant": f"triton {block_m}x{block_n} w{warps}", "us": us,
                      "ns_per_token": us * 1e3 / total, "rel_error": err,
                      "tiling": {"block_m": block_m, "block_n": block_n, "num_warps": warps}})
 
@@ -132,12 +144,13 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (the kernels' speed is what it measures)")
         return 2
-    core = import_core()
+    import_core()   # embed_core, from this checkout where it is not installed
     device = torch.device("cuda")
     rows: list = []
     for tokens in sorted({args.tokens, 32768}):
         part: list = []
-        bench_attention(core, tokens, device, part)
+        bench_attention(tokens, device, part, "dnabert_s")
+        bench_attention(tokens, device, part, "esm2")
         for width in (2560, 768):
             bench_add_layer_norm(tokens, width, device, part)
         for row in part:
