@@ -406,8 +406,9 @@ class _Run:
             log.info("resuming %s: its final files were written and its parts removed, so all "
                      "%d committed blocks are computed again", self.o.out, len(out.manifest))
             return
-        frames = sum(r.frames for r in out.blocks.values())
-        text = (f"resuming {self.o.out}: {len(out.blocks)} of {len(out.manifest)} committed "
+        complete = out.blocks
+        frames = sum(r.frames for r in complete.values())
+        text = (f"resuming {self.o.out}: {len(complete)} of {len(out.manifest)} committed "
                 f"blocks complete ({frames:,} frames)")
         if out.missing:
             parts = sum(len(models) for models in out.missing.values())

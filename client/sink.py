@@ -148,7 +148,6 @@ class OutputDir:
         self.path = Path(path)
         self.config: Optional[RunConfig] = None
         self.manifest: Dict[int, BlockRecord] = {}       # every committed block (resume)
-        self.blocks: Dict[int, BlockRecord] = {}         # committed blocks with all their parts
         self.missing: Dict[int, Tuple[str, ...]] = {}    # committed blocks -> models without part
         self._lock_fh = None
 
@@ -180,8 +179,6 @@ class OutputDir:
                 missing = tuple(m for m in record.rows if not self.part_path(m, number).exists())
                 if missing:
                     self.missing[number] = missing
-                else:
-                    self.blocks[number] = record
             self._drop_orphan_parts()
             return
         self.path.mkdir(parents=True, exist_ok=True)
@@ -222,6 +219,11 @@ class OutputDir:
                 raise OutputError(f"{path}:{number}: unreadable manifest line ({e})") from e
             blocks[record.block] = record  # a block committed again: its last line wins
         return blocks
+
+    @property
+    def blocks(self) -> Dict[int, BlockRecord]:
+        """The committed blocks that have all their parts (the manifest less `missing`)."""
+        return {n: r for n, r in self.manifest.items() if n not in self.missing}
 
     @property
     def parts_removed(self) -> bool:
@@ -266,7 +268,6 @@ class OutputDir:
             fh.write(json.dumps(asdict(record)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        self.blocks[block] = record
         self.manifest[block] = record
         self.missing.pop(block, None)
         return record

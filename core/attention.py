@@ -274,8 +274,9 @@ class PackedAttention:
             return self._flash(*qkv.unbind(1))
         total, _, heads, head_dim = qkv.shape
         if self.backend == "triton":
-            slopes = self.slopes if self.slopes.numel() == heads else self.slopes.expand(heads).contiguous()
-            return self._triton_fn(qkv, self.cu_seqlens, self.max_seqlen, slopes, self._scale(head_dim))
+            if self.slopes.numel() != heads:   # no bias: zeros for every head, made once per forward
+                self.slopes = self.slopes.expand(heads).contiguous()
+            return self._triton_fn(qkv, self.cu_seqlens, self.max_seqlen, self.slopes, self._scale(head_dim))
         if self.backend == "flex":
             if total != self.padded_total:
                 raise ValueError(f"flex attention expects the padded stream of {self.padded_total} tokens, "

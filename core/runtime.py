@@ -74,10 +74,9 @@ class RuntimeConfig:
         else flash for ESM-2 on CUDA and padded elsewhere).
     kernels: our hand-written Triton kernels (core/kernels_*.py: ESM-2's rotary, residual add +
         LayerNorm and attention; DNABERT-S's attention): "auto" (used on CUDA when the triton
-        package imports; if they fail at
-        `warmup()`, a warning and the PyTorch path instead), "triton"
-        (required: an error at load where they cannot run) or "torch" (never; the PyTorch/Inductor
-        path, e.g. to rule the kernels out when something looks wrong).
+        package imports; if they fail at `warmup()`, a warning and the PyTorch path instead),
+        "triton" (required: an error at load where they cannot run) or "torch" (never; the
+        PyTorch/Inductor path, e.g. to rule the kernels out when something looks wrong).
     """
 
     device: str = "auto"

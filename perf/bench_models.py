@@ -18,10 +18,10 @@ For each model, on the same synthetic workload (ESM-2: protein frames of 40-170 
                  ratios and targets. `--profile` prints each (c) run's top CUDA kernels.
 Paths (b) and (c) run the whole workload once untimed (compilation, kernel selection, the
 allocator's growth: what a server does once), then timed. Every path mean-pools (ESM-2 without
-BOS/EOS, DNABERT-S over all tokens) and copies the embeddings to the host, as a server would. tokens/s counts real tokens (specials included,
-padding not). ESM-2's transformers model gets our weights, so the run also reports the cosine
-between (c) and (a)/(b): the fast path computes the same thing. Targets (issue #2): ESM-2 3B
-(c)/(b) >= 1.5; DNABERT-S (c) >= 2M tokens/s.
+BOS/EOS, DNABERT-S over all tokens) and copies the embeddings to the host, as a server would.
+tokens/s counts real tokens (specials included, padding not). ESM-2's transformers model gets
+our weights, so the run also reports the cosine between (c) and (a)/(b): the fast path computes
+the same thing. Targets (issue #2): ESM-2 3B (c)/(b) >= 1.5; DNABERT-S (c) >= 2M tokens/s.
 """
 from __future__ import annotations
 
@@ -688,7 +688,7 @@ def run(args: argparse.Namespace) -> int:
     for name, v in met.items():
         print(f"target {name}: {v['value']:,} (>= {v['target']:,}): {'met' if v['met'] else 'NOT met'}")
     report = {"device": device_name, "torch": torch.__version__, "small": args.small, "dtype": args.dtype,
-              "transformers": _version("transformers"), "results": results, "targets": met,
+              "transformers": package_version("transformers"), "results": results, "targets": met,
               "argv": sys.argv[1:]}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -698,7 +698,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     try:
         from importlib.metadata import version
         return version(package)

@@ -23,8 +23,8 @@ Steps, in one process tree:
     (nv_gpu_utilization, mean over the embedding phase); queue vs compute per request; where the
     model instances spent their execute time (embed_prep_seconds_total, embed_compute_seconds_total
     vs Triton's compute_infer); the in-process ceiling; the transformers baseline; overhead = 1 -
-    e2e/in-process; 1M reads extrapolated; PASS/FAIL against the targets. OUT gets e2e.json (every figure), a PNG of
-    tokens/s per GPU over the run, and the client's and the server's logs.
+    e2e/in-process; 1M reads extrapolated; PASS/FAIL against the targets. OUT gets e2e.json
+    (every figure), a PNG of tokens/s per GPU over the run, and the client's and the server's logs.
 
 Server knobs for experiments: --instances-per-gpu N (instance_group count of the GPU configs) and
 --model-param MODEL:KEY=VALUE (a config parameter, e.g. dnabert_s:attention=flex; the in-process
@@ -201,7 +201,7 @@ def preflight(args, extra_path: Optional[str]) -> dict:
             "optional_missing": optional}
     bm = load_perf_module("bench_models")
     for name in ("transformers", "pyarrow", "tritonclient"):
-        info[name] = bm._version(name)
+        info[name] = bm.package_version(name)
     return info
 
 
@@ -253,13 +253,20 @@ def shaped_reads(n: int, seed: int, coding_fraction: float, coding_gc: float, mi
 
 
 def build_workload(args, workdir: Path) -> tuple:
-    """(sample path, frames, workload figures): the sample file and the frames the client will send."""
+    """(sample path, DNABERT-S pass sample path, frames, workload figures): the sample file, the one
+    the DNABERT-S-alone pass sends (the same reads --dnabert-copies times over, ids suffixed _cK),
+    and the frames the client will send."""
     import numpy as np
     from embed_client.virnucpro import PrepStats, prepare
     ms = load_perf_module("make_sample")
     reads = list(shaped_reads(args.reads, args.seed, args.coding_fraction, args.coding_gc))
     sample = workdir / "sample.fasta.gz"
     ms.write_records(sample, reads)
+    dna_sample = sample
+    if args.dnabert_copies > 1:
+        dna_sample = workdir / f"sample_x{args.dnabert_copies}.fasta.gz"
+        copies = ((f"{rid}_c{k}", seq) for k in range(args.dnabert_copies) for rid, seq in reads)
+        ms.write_records(dna_sample, copies)
     stats = PrepStats()
     frames = list(prepare(reads, args.chunk, stats=stats))
     residues = np.fromiter((len(f.protein) for f in frames), dtype=np.int64, count=len(frames))
@@ -276,7 +283,7 @@ def build_workload(args, workdir: Path) -> tuple:
         "coding_fraction": args.coding_fraction, "coding_gc": args.coding_gc, "seed": args.seed,
         "sample_bytes": sample.stat().st_size,
     }
-    return sample, frames, workload
+    return sample, dna_sample, frames, workload
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -482,7 +489,7 @@ class Server:
     """embed-server (embed_server.cli) in a subprocess, under the stub's python; stopped by SIGTERM."""
 
     def __init__(self, repo: Path, workdir: Path, out_dir: Path, cpu: bool, extra_path, gpus, timeout_s: float):
-        from embed_server.launcher import _die_with_parent, free_ports
+        from embed_server.launcher import die_with_parent, free_ports
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
@@ -499,17 +506,17 @@ class Server:
         self._out = open(self.stdout_path, "wb")
         self.process = subprocess.Popen(cmd, env=server_env(extra_path, gpus), stdin=subprocess.DEVNULL,
                                         stdout=self._out, stderr=subprocess.STDOUT, cwd=workdir,
-                                        preexec_fn=_die_with_parent)
+                                        preexec_fn=die_with_parent)
         self.timeout_s = timeout_s
 
     def wait_ready(self) -> None:
-        from embed_server.launcher import _http
+        from embed_server.launcher import http_request
         deadline = time.monotonic() + self.timeout_s + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise Failure(f"embed-server exited with code {self.process.returncode} before it was ready:\n"
                               + tail(self.stdout_path, 25))
-            status, _ = _http(f"{self.http_url}/v2/health/ready", timeout=2)
+            status, _ = http_request(f"{self.http_url}/v2/health/ready", timeout=2)
             if status == 200 and "ready:" in self.stdout_path.read_text(errors="replace"):
                 return
             time.sleep(0.5)
@@ -539,7 +546,7 @@ def run_client(args, sample: Path, server: Server, workdir: Path, out_dir: Path,
                models: tuple = MODELS, tag: str = "client") -> tuple:
     """(exit code, summary dict or {}, seconds, output dir): embed-client as a subprocess, its log in
     out_dir/e2e_<tag>.log."""
-    from embed_server.launcher import _die_with_parent
+    from embed_server.launcher import die_with_parent
     client_out = workdir / f"{tag}_out"
     cmd = [sys.executable, "-m", "embed_client.cli", "--sample", str(sample), "--server", server.grpc_url,
            "--metrics-url", server.metrics_url, "--out", str(client_out), "--chunk", str(args.chunk),
@@ -551,7 +558,7 @@ def run_client(args, sample: Path, server: Server, workdir: Path, out_dir: Path,
         fh.write((" ".join(cmd) + "\n").encode())
         fh.flush()
         code = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                              preexec_fn=_die_with_parent).returncode
+                              preexec_fn=die_with_parent).returncode
     seconds = time.perf_counter() - t0
     summary = {}
     with contextlib.suppress(OSError, ValueError):
@@ -674,21 +681,6 @@ def configured_instances(repo: Path, small: bool) -> Dict[str, int]:
 
 def instances_text(instances: Dict[str, int]) -> str:
     return ", ".join(f"{m} {n}" for m, n in instances.items()) or "-"
-
-
-def sample_copies(sample: Path, copies: int, workdir: Path) -> Path:
-    """The sample's records `copies` times over (ids suffixed _c0, _c1, ...): a longer DNABERT-S pass."""
-    if copies == 1:
-        return sample
-    import gzip
-    ms = load_perf_module("make_sample")
-    with gzip.open(sample, "rt") as f:
-        blocks = f.read().split(">")[1:]
-    # ">ID description\nSEQUENCE\n" (make_sample.write_records): the id is the header's first word
-    records = [(head.split()[0], "".join(rest)) for head, *rest in (block.split("\n") for block in blocks)]
-    path = workdir / f"sample_x{copies}.fasta.gz"
-    ms.write_records(path, ((f"{rid}_c{k}", seq) for k in range(copies) for rid, seq in records))
-    return path
 
 
 def dnabert_pass(args, sample: Path, server: Server, workdir: Path, out_dir: Path, extra_path,
@@ -1173,7 +1165,7 @@ def run(args) -> int:
     code = 0
     try:
         t0 = time.monotonic()
-        sample, frames, workload = build_workload(args, workdir)
+        sample, dna_sample, frames, workload = build_workload(args, workdir)
         report["workload"] = workload
         phase("sample", t0)
         log(f"sample: {workload['reads']:,} reads -> {workload['frames']:,} frames "
@@ -1227,7 +1219,6 @@ def run(args) -> int:
         save()
         if not args.skip_dnabert_pass:
             t0 = time.monotonic()
-            dna_sample = sample_copies(sample, args.dnabert_copies, workdir)
             dna = dnabert_pass(args, dna_sample, server, workdir, out_dir, extra_path, int(report["figures"]["gpus"]),
                                report["config"]["instances"].get("dnabert_s", 1))
             phase("dnabert_s_alone", t0)

@@ -102,7 +102,8 @@ def _merged_width(repo: Path) -> int:
     """DNABERT-S width + ESM-2 width, read from the repository's configs (written by embed-export)."""
     from .repository import output_dims
 
-    return sum(output_dims((repo / model / "config.pbtxt").read_text(), "EMBEDDING") for model in ("dnabert_s", "esm2"))
+    return sum(output_dims((repo / model / "config.pbtxt").read_text(), "EMBEDDING")
+               for model in ("dnabert_s", "esm2"))
 
 
 def show(out: Path) -> None:

@@ -205,7 +205,7 @@ def check_stub_python(env: dict) -> None:
 # ---------------------------------------------------------------- talking to the server
 
 
-def _http(url: str, data: Optional[bytes] = None, timeout: float = 5.0):
+def http_request(url: str, data: Optional[bytes] = None, timeout: float = 5.0):
     """(status, parsed JSON or None); status 0 when nothing answers."""
     request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
     try:
@@ -265,7 +265,7 @@ except (OSError, AttributeError):
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGTERM it when the launching thread dies (Linux), so a
     killed launcher or test run leaves no tritonserver behind."""
     if _prctl is not None:
@@ -347,7 +347,7 @@ class TritonServer:
                     stderr=subprocess.STDOUT,
                     # Own process group: a terminal's Ctrl-C reaches us, and we forward it.
                     start_new_session=True,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             except OSError as err:  # a log file in a missing folder, a binary that cannot run
                 raise LaunchError(f"cannot start {binary}: {err}") from err
@@ -364,7 +364,7 @@ class TritonServer:
 
     def repository_index(self) -> Optional[list]:
         """The models and their states; None when the server did not answer with a list."""
-        status, index = _http(f"{self.http_url}/v2/repository/index", data=b"{}")
+        status, index = http_request(f"{self.http_url}/v2/repository/index", data=b"{}")
         return index if status == 200 and isinstance(index, list) else None
 
     def wait_ready(self) -> None:
@@ -383,7 +383,7 @@ class TritonServer:
                     raise LaunchError(format_failures(failures))
                 tail = "\n".join(self.log_text().splitlines()[-20:])
                 raise LaunchError(f"tritonserver exited with code {code} before it was ready:\n{tail}")
-            status, _ = _http(f"{self.http_url}/v2/health/live", timeout=2)
+            status, _ = http_request(f"{self.http_url}/v2/health/live", timeout=2)
             if status == 200:
                 index = self.repository_index()
                 if index is None:  # not answered (yet): ask again
@@ -397,7 +397,7 @@ class TritonServer:
                     raise LaunchError(
                         format_failures({n: r or from_log.get(n, "") for n, r in failed.items()})
                     )
-                ready, _ = _http(f"{self.http_url}/v2/health/ready", timeout=2)
+                ready, _ = http_request(f"{self.http_url}/v2/health/ready", timeout=2)
                 if ready == 200 and all(m.get("state") == "READY" for m in index):
                     self.models = [m["name"] for m in index]
                     return

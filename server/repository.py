@@ -136,9 +136,10 @@ def assemble_repository(
     instead of -1; symlink links the checkpoints instead of copying them (for large ones;
     a link does not survive a container mount of `out` alone); cpu_instances sets the
     instance count of configs/cpu.pbtxt; gpu_instances that of config.pbtxt, i.e. instances
-    per GPU, for every model (an int) or per model ({model: count}; others keep theirs); parameters ({model: {key: value}}) sets config parameters the
-    configs already have, in both files (ValueError naming the model and key otherwise,
-    raised before anything is written).
+    per GPU, for every model (an int) or per model ({model: count}; others keep theirs);
+    parameters ({model: {key: value}}) sets config parameters the configs already have, in
+    both files (ValueError naming the model and key otherwise, raised before anything is
+    written).
     """
     src = Path(src) if src is not None else source_repository()
     parameters = parameters or {}

@@ -7,6 +7,7 @@ Inductor work on CPU, so they run only with EMBED_SLOW_TESTS=1 or on a machine w
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
@@ -153,21 +154,21 @@ def test_compiled_esm2_layer_has_no_graph_break():
 # --------------------------------------------------------------------------- esm-2: Triton rotary (opt-in)
 
 
-def _triton_rotary_or_skip(device: str):
-    """kernels_rotary, or a visible skip: the kernel needs the (optional) triton package, and on
-    CPU its interpreter (TRITON_INTERPRET=1 set before the kernel is first built)."""
+def _triton_kernels_or_skip(name: str, device: str):
+    """embed_core.kernels_<name>, or a visible skip: our kernels need the (optional) triton package,
+    and on CPU its interpreter (TRITON_INTERPRET=1 set before a kernel is first built)."""
     pytest.importorskip("triton", reason="triton is not installed (optional; CI has none)")
-    from embed_core import kernels_rotary
-    if not kernels_rotary.available(device):
-        pytest.skip(f"the Triton rotary kernel cannot run on {device}: set TRITON_INTERPRET=1 to test on CPU")
-    return kernels_rotary
+    module = importlib.import_module(f"embed_core.kernels_{name}")
+    if not module.available(device):
+        pytest.skip(f"the Triton {name} kernel cannot run on {device}: set TRITON_INTERPRET=1 to test on CPU")
+    return module
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(37, 4, 16), (5, 3, 64), (1, 1, 16), (2, 9, 6, 16)])
 def test_triton_rotary_equals_apply_rotary(device, dtype, shape):
-    kernels_rotary = _triton_rotary_or_skip(device)
+    kernels_rotary = _triton_kernels_or_skip("rotary", device)
     g = torch.Generator().manual_seed(4)
     positions = torch.arange(int(np.prod(shape[:-2]))).reshape(shape[:-2]) % 23
     cos, sin = esm2_module.RotaryEmbedding(shape[-1]).to(device)(positions.to(device))
@@ -196,7 +197,7 @@ def test_triton_rotary_equals_apply_rotary(device, dtype, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_esm2_rotary_impl_triton_equals_torch(device):
-    _triton_rotary_or_skip(device)
+    _triton_kernels_or_skip("rotary", device)
     model = random_esm2(ESM, seed=2).to(device)
     batch = packed_batch([40, 7, 100], 24, seed=21, low=4).to(device)
     with torch.inference_mode():
@@ -223,20 +224,11 @@ def test_esm2_kernel_switches_default_and_errors(switch):
 # --------------------------------------------------------------------------- esm-2: Triton add + LayerNorm
 
 
-def _triton_elementwise_or_skip(device: str):
-    """kernels_elementwise, or a visible skip (as _triton_rotary_or_skip)."""
-    pytest.importorskip("triton", reason="triton is not installed (optional; CI has none)")
-    from embed_core import kernels_elementwise
-    if not kernels_elementwise.available(device):
-        pytest.skip(f"the Triton LayerNorm kernel cannot run on {device}: set TRITON_INTERPRET=1 to test on CPU")
-    return kernels_elementwise
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["fp32", "half"])
 @pytest.mark.parametrize("shape", [(37, 64), (5, 2560), (1, 20), (3, 7, 48)])
 def test_triton_add_layer_norm_equals_add_then_layer_norm(device, precision, shape):
-    kernels_elementwise = _triton_elementwise_or_skip(device)
+    kernels_elementwise = _triton_kernels_or_skip("elementwise", device)
     # half: bf16 on CUDA (production); fp16 under the CPU interpreter, whose float -> bf16 cast
     # truncates where CUDA rounds to nearest
     dtype = {"fp32": torch.float32, "half": torch.bfloat16 if device == "cuda" else torch.float16}[precision]
@@ -273,7 +265,7 @@ def test_triton_add_layer_norm_refuses_mismatched_shapes():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rotary_impl", ["torch", "triton"])
 def test_esm2_elementwise_impl_triton_equals_torch(device, rotary_impl):
-    _triton_elementwise_or_skip(device)
+    _triton_kernels_or_skip("elementwise", device)
     model = random_esm2(ESM, seed=3).to(device)
     batch = packed_batch([40, 7, 100, 1], 24, seed=22, low=4).to(device)
     with torch.inference_mode():
@@ -287,7 +279,7 @@ def test_esm2_elementwise_impl_triton_equals_torch(device, rotary_impl):
 def test_esm2_all_triton_kernels_equal_torch_path(device):
     """What the runtime runs with kernels on: our rotary, add + LayerNorm, one q/k/v GEMM and our
     varlen attention kernel (zero ALiBi slopes), against the plain path."""
-    _triton_elementwise_or_skip(device)
+    _triton_kernels_or_skip("elementwise", device)
     model = random_esm2(ESM, seed=4).to(device)
     batch = packed_batch([40, 7, 100, 1, 64], 24, seed=23, low=4).to(device)
     with torch.inference_mode():
@@ -328,15 +320,6 @@ def test_esm2_refuses_the_flex_backend():
 # --------------------------------------------------------------------------- dnabert-s: Triton attention
 
 
-def _triton_attention_or_skip(device: str):
-    """kernels_attention, or a visible skip (as _triton_rotary_or_skip)."""
-    pytest.importorskip("triton", reason="triton is not installed (optional; CI has none)")
-    from embed_core import kernels_attention
-    if not kernels_attention.available(device):
-        pytest.skip(f"the Triton attention kernel cannot run on {device}: set TRITON_INTERPRET=1 to test on CPU")
-    return kernels_attention
-
-
 def naive_alibi_attention(qkv: torch.Tensor, lengths, slopes: torch.Tensor, scale: float) -> torch.Tensor:
     """Per sequence, float64, the formula itself: softmax(q k^T * scale - slope_h * |i - j|) v."""
     out, start = [], 0
@@ -357,7 +340,7 @@ KERNEL_PACKS = [[64, 64, 1], [1], [3, 70, 130, 65, 200, 2], [17] * 9, [5, 450]]
 @pytest.mark.parametrize("precision", ["fp32", "half"])
 @pytest.mark.parametrize("lengths", KERNEL_PACKS)
 def test_triton_alibi_attention_equals_naive(device, precision, lengths):
-    kernels_attention = _triton_attention_or_skip(device)
+    kernels_attention = _triton_kernels_or_skip("attention", device)
     # half: bf16 on CUDA (production); fp16 under the CPU interpreter, whose bf16 dot is broken
     # (triton 3.6: garbage for bf16 operands, right for fp16).
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16 if device == "cuda" else torch.float16
@@ -383,7 +366,7 @@ def test_triton_alibi_attention_refuses_head_dims_its_tiles_cannot_hold():
 @pytest.mark.parametrize("device", DEVICES)
 def test_dnabert_s_triton_attention_equals_padded(device):
     """attention "triton" through the whole packed forward, fp32, against the padded SDPA path."""
-    _triton_attention_or_skip(device)
+    _triton_kernels_or_skip("attention", device)
     config = DnabertSConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=96)
     model = random_dnabert_s(config, seed=6).to(device)
@@ -414,7 +397,7 @@ def test_triton_attention_backend_refused_without_the_kernel():
 def test_dnabert_s_all_triton_kernels_equal_torch_path(device):
     """The runtime's kernels="triton" (the attention kernel) through Embedder, fp32, against
     kernels="torch" with padded attention: < 1e-5, rows in input order."""
-    _triton_attention_or_skip(device)
+    _triton_kernels_or_skip("attention", device)
     from embed_core import Embedder, RuntimeConfig
     config = DnabertSConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=128)
@@ -504,7 +487,7 @@ def test_compiled_flex_equals_padded_dnabert_s(device, block):
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_esm2_equals_eager(device, rotary):
     if rotary == "triton":
-        _triton_rotary_or_skip(device)
+        _triton_kernels_or_skip("rotary", device)
     eager = random_esm2(ESM, seed=2).to(device)
     fast = random_esm2(ESM, seed=2).to(device)
     fast.enable_compile()
@@ -523,7 +506,7 @@ def test_compiled_esm2_equals_eager(device, rotary):
 @pytest.mark.parametrize("backend", ["flex", "triton"])
 def test_bf16_fast_attention_close_to_padded_on_cuda(backend):
     if backend == "triton":
-        _triton_attention_or_skip("cuda")
+        _triton_kernels_or_skip("attention", "cuda")
     model = random_dnabert_s(DNA, seed=7).to("cuda", torch.bfloat16)
     model.enable_compile()
     batch = packed_batch([55, 135, 90, 100, 77] * 30, DNA.vocab_size, seed=30).to("cuda")

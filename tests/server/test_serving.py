@@ -374,7 +374,7 @@ def test_wait_ready_asks_again_when_the_index_is_not_answered(tmp_path, monkeypa
             return answers["index"].pop(0)
         return 200, None
 
-    monkeypatch.setattr(launcher, "_http", fake_http)
+    monkeypatch.setattr(launcher, "http_request", fake_http)
     server = launcher.TritonServer(launcher.ServerOptions(model_repository=tmp_path))
     server.process = type("Running", (), {"poll": staticmethod(lambda: None)})()
     server.wait_ready()
