@@ -200,9 +200,9 @@ class PackedAttention:
             if head_dim is not None:
                 kernels_attention.check_head_dim(head_dim)
             self._triton_fn = kernels_attention.alibi_varlen_attention
-            # No bias = zero slopes: the same kernel, plain softmax attention.
+            # None: the kernel's plain softmax attention (no bias term at all).
             self.slopes = (alibi_slopes.to(device=device, dtype=torch.float32) if alibi_slopes is not None
-                           else torch.zeros(1, dtype=torch.float32, device=device))
+                           else None)
         self.backend = backend
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = max_seqlen
@@ -274,8 +274,6 @@ class PackedAttention:
             return self._flash(*qkv.unbind(1))
         total, _, heads, head_dim = qkv.shape
         if self.backend == "triton":
-            if self.slopes.numel() != heads:   # no bias: zeros for every head, made once per forward
-                self.slopes = self.slopes.expand(heads).contiguous()
             return self._triton_fn(qkv, self.cu_seqlens, self.max_seqlen, self.slopes, self._scale(head_dim))
         if self.backend == "flex":
             if total != self.padded_total:

@@ -23,12 +23,13 @@ import torch
 
 from .triton_support import can_run_on, lazy_kernel
 
-# Tiling measured by perf/bench_kernels.py on an H200 (2026-11-28, 131,072 tokens of 55-135-token
-# chunks, 12 x 64 heads): 64x32 with 4 warps 3.42 ns/token, 64x64 3.47, 128x64 4.14, 128x128 6.01;
-# padded SDPA with the bias 19.85.
-BLOCK_M = 64   # queries per program: ~95-token DNA chunks take two
-BLOCK_N = 32   # keys per step of the inner loop
-NUM_WARPS = 4
+# Tiling (queries per program, keys per step of the inner loop, warps), with and without a bias.
+# With ALiBi (DNABERT-S), measured by perf/bench_kernels.py on an H200 (2026-11-28, 131,072 tokens
+# of 55-135-token chunks, 12 x 64 heads): 64x32 with 4 warps 3.42 ns/token, 64x64 3.47, 128x64
+# 4.14, 128x128 6.01; padded SDPA with the bias 19.85 (~95-token chunks take two query blocks).
+# Without (ESM-2, 40 x 64 heads, 42-172-residue frames): the same until bench_kernels' attn_esm2
+# rows say otherwise.
+TILINGS = {True: (64, 32, 4), False: (64, 32, 4)}
 LOG2E = 1.4426950408889634
 
 
@@ -40,7 +41,7 @@ def _kernel(triton, tl):
     def alibi_varlen_kernel(qkv_ptr, out_ptr, cu_ptr, slopes_ptr, qk_scale, heads,
                             stride_t, stride_w, stride_h, out_st, out_sh,
                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            PRECISION: tl.constexpr):
+                            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
         # Program (sequence * heads + head, query block). Scores live in the log2 domain:
         # qk_scale and the slope carry a factor log2(e), so exp2 gives exp.
         pid = tl.program_id(0)
@@ -55,7 +56,8 @@ def _kernel(triton, tl):
             m_ok = offs_m < length
             q_rows = (start + offs_m).to(tl.int64)[:, None] * stride_t + head * stride_h + offs_d[None, :]
             q = tl.load(qkv_ptr + q_rows, mask=m_ok[:, None], other=0.0)
-            slope = tl.load(slopes_ptr + head) * 1.4426950408889634
+            if HAS_BIAS:
+                slope = tl.load(slopes_ptr + head) * 1.4426950408889634
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -66,7 +68,8 @@ def _kernel(triton, tl):
                 k = tl.load(qkv_ptr + stride_w + kv_rows, mask=n_ok[:, None], other=0.0)
                 v = tl.load(qkv_ptr + 2 * stride_w + kv_rows, mask=n_ok[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                s -= slope * tl.abs(offs_m[:, None] - offs_n[None, :]).to(tl.float32)
+                if HAS_BIAS:
+                    s -= slope * tl.abs(offs_m[:, None] - offs_n[None, :]).to(tl.float32)
                 s = tl.where(n_ok[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))   # finite: every step holds >= 1 real key
                 alpha = tl.exp2(m_i - m_new)
@@ -96,17 +99,18 @@ def check_head_dim(head_dim: int) -> None:
 
 
 def alibi_varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                           slopes: torch.Tensor, scale: float, block_m: Optional[int] = None,
+                           slopes: Optional[torch.Tensor], scale: float, block_m: Optional[int] = None,
                            block_n: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
     """qkv [T, 3, heads, head_dim] (packed; sequences marked by cu_seqlens [B+1] int32) ->
     [T, heads, head_dim] in qkv's dtype: per sequence softmax(q k^T * scale - slope_h |i-j|) v.
 
-    `slopes` [heads] float32 on qkv's device. Tokens attend only inside their own sequence.
-    block_m, block_n, num_warps: the tiling, default the module's BLOCK_M, BLOCK_N, NUM_WARPS
-    (perf/bench_kernels.py times the choices).
+    `slopes` [heads] float32 on qkv's device, or None: no bias (plain softmax attention, ESM-2).
+    Tokens attend only inside their own sequence. block_m, block_n, num_warps: the tiling, default
+    the module's TILINGS for a bias or none (perf/bench_kernels.py times the choices).
     """
-    block_m, block_n = block_m or BLOCK_M, block_n or BLOCK_N
-    num_warps = num_warps or NUM_WARPS
+    default_m, default_n, default_warps = TILINGS[slopes is not None]
+    block_m, block_n = block_m or default_m, block_n or default_n
+    num_warps = num_warps or default_warps
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the triton attention kernel needs the triton package")
@@ -122,7 +126,10 @@ def alibi_varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seql
         return out
     precision = "ieee" if qkv.dtype == torch.float32 else "tf32"   # fp32: exact, not tf32
     grid = (batch * heads, -(-max_seqlen // block_m))
-    kernel[grid](qkv, out, cu_seqlens, slopes.to(torch.float32), scale * LOG2E, heads,
-                 qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
-                 HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, num_warps=num_warps)
+    if slopes is not None and slopes.numel() != heads:
+        raise ValueError(f"{slopes.numel()} ALiBi slopes for {heads} heads")
+    kernel[grid](qkv, out, cu_seqlens, slopes.to(torch.float32) if slopes is not None else out, scale * LOG2E,
+                 heads, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
+                 HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=slopes is not None,
+                 PRECISION=precision, num_warps=num_warps)
     return out

@@ -310,7 +310,8 @@ def rotary_variant(name: str, device: torch.device) -> tuple:
     it cannot run here. "auto": the runtime's defaults (key c); "triton" = RuntimeConfig(kernels="triton"),
     "torch" = kernels="torch"; "rotary": our rotary kernel alone (the second session's default: ATen's
     residual adds and LayerNorms, q/k/v as three GEMMs, flash attention); "flash": the defaults
-    (add + LayerNorm kernel, one q/k/v GEMM) with flash attention instead of kernels_attention's."""
+    (add + LayerNorm kernel, one q/k/v GEMM) with flash attention instead of kernels_attention's;
+    "gemm": the defaults with fc1 and its GELU in kernels_gemm's one kernel (ESM2.mlp_impl)."""
     if name == "triton":
         from embed_core import kernels_rotary, triton_support
         if not kernels_rotary.available(device):
@@ -327,6 +328,11 @@ def rotary_variant(name: str, device: torch.device) -> tuple:
                 ", our rotary only (ATen adds + LayerNorms, 3 q/k/v GEMMs, flash)")
     if name == "flash":
         return "c_flash", {}, {"attention_backend": "auto"}, ", defaults but flash attention"
+    if name == "gemm":
+        from embed_core import kernels_gemm
+        if not kernels_gemm.tma_capable(device):
+            return "skip: kernels_gemm needs TMA (CUDA compute capability >= 9.0)"
+        return "c_gemm", {}, {"mlp_impl": "triton"}, ", defaults + fc1's GELU in a Triton GEMM epilogue"
     return "c", {}, {}, ", defaults"
 
 
@@ -586,13 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "the hand-written kernel, kernels_rotary.py; needs the triton package and CUDA, else "
                         "skipped with the reason printed), eager (the defaults not compiled), rotary (our rotary "
                         "kernel alone: ATen adds + LayerNorms, 3 q/k/v GEMMs, flash), flash (the defaults with "
-                        "flash attention); any entry may end "
-                        "in @TOKENS, a token budget (e.g. auto@32768)")
+                        "flash attention), gemm (the defaults with fc1's GELU in kernels_gemm's GEMM epilogue; "
+                        "Hopper); any entry may end in @TOKENS, a token budget (e.g. auto@32768)")
     p.add_argument("--attention-tiling", default=None,
                    help="DNABERT-S attention kernel tiling block_m,block_n,num_warps (default kernels_attention's)")
+    p.add_argument("--esm-attention-tiling", default=None,
+                   help="ESM-2 attention kernel tiling (no bias) block_m,block_n,num_warps")
     p.add_argument("--tilings-from", type=Path, default=None,
-                   help="perf/bench_kernels.py's JSON: use its fastest correct attention tiling (at its largest "
-                        "token count); --attention-tiling overrides")
+                   help="perf/bench_kernels.py's JSON: use its fastest correct attention tilings, with and "
+                        "without bias (at its largest token count); --attention-tiling, --esm-attention-tiling "
+                        "override")
     p.add_argument("--skip-vanilla", action="store_true",
                    help="skip the slow fp32 vanilla runs (a) (same as --esm-vanilla-seqs 0 --dna-vanilla-seqs 0)")
     p.add_argument("--profile", action="store_true", help="print each (c) run's top CUDA kernels (torch.profiler)")
@@ -615,9 +624,9 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     if bad:
         raise SystemExit(f"bench_models: --attention takes auto, padded, flex, triton, {', '.join(flex_blocks)} "
                          f"(comma-separated), got {bad}")
-    bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ("auto", "torch", "triton", "eager", "rotary", "flash")]
+    bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ("auto", "torch", "triton", "eager", "rotary", "flash", "gemm")]
     if bad:
-        raise SystemExit(f"bench_models: --esm-rotary takes auto, torch, triton, eager, rotary, flash (comma-separated, each "
+        raise SystemExit(f"bench_models: --esm-rotary takes auto, torch, triton, eager, rotary, flash, gemm (comma-separated, each "
                          f"optionally @TOKENS), got {bad}")
     if args.small:
         args.esm_vanilla_batch = min(args.esm_vanilla_batch, 8)
@@ -707,21 +716,25 @@ def package_version(package: str) -> str:
 
 
 def set_kernel_tilings(args: argparse.Namespace) -> None:
-    """--attention-tiling (or --tilings-from): the attention kernel's module defaults for this process."""
+    """--attention-tiling / --esm-attention-tiling (or --tilings-from): the attention kernel's
+    module defaults (with the ALiBi bias: DNABERT-S; without: ESM-2) for this process."""
+    keys = ("block_m", "block_n", "num_warps")
     if args.tilings_from:
         rows = json.loads(args.tilings_from.read_text())["rows"]
         top = max(r["tokens"] for r in rows)
-        for kernel, keys, name in (("attention", ("block_m", "block_n", "num_warps"), "attention_tiling"),):
+        for kernel, name in (("attention", "attention_tiling"), ("attn_esm2", "esm_attention_tiling")):
             ok = [r for r in rows if r["kernel"] == kernel and r["tokens"] == top and "tiling" in r
                   and r["rel_error"] < 2e-2]
             if ok and not getattr(args, name):
                 best = min(ok, key=lambda r: r["us"])["tiling"]
                 setattr(args, name, ",".join(str(best[k]) for k in keys))
-    if args.attention_tiling:
-        from embed_core import kernels_attention
-        block_m, block_n, warps = (int(v) for v in args.attention_tiling.split(","))
-        kernels_attention.BLOCK_M, kernels_attention.BLOCK_N, kernels_attention.NUM_WARPS = block_m, block_n, warps
-        print(f"bench_models: attention kernel tiling {block_m}x{block_n}, {warps} warps")
+    from embed_core import kernels_attention
+    for has_bias, name in ((True, "attention_tiling"), (False, "esm_attention_tiling")):
+        if getattr(args, name):
+            block_m, block_n, warps = (int(v) for v in getattr(args, name).split(","))
+            kernels_attention.TILINGS[has_bias] = (block_m, block_n, warps)
+            print(f"bench_models: attention kernel tiling {'with' if has_bias else 'without'} bias "
+                  f"{block_m}x{block_n}, {warps} warps")
 
 
 def main() -> None:

@@ -289,6 +289,74 @@ def test_esm2_all_triton_kernels_equal_torch_path(device):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_esm2_mlp_impl_triton_equals_torch(device):
+    """fc1 and its GELU in kernels_gemm's one kernel, inside the kernels path, against the plain path."""
+    _triton_kernels_or_skip("gemm", device)
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("kernels_gemm needs TMA: compute capability >= 9.0")
+    model = random_esm2(ESM, seed=4).to(device)
+    batch = packed_batch([40, 7, 100, 1, 64], 24, seed=24, low=4).to(device)
+    with torch.inference_mode():
+        ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+        model.rotary_impl = model.elementwise_impl = model.attention_backend = model.mlp_impl = "triton"
+        out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_esm2_mlp_impl_triton_needs_the_kernels_path():
+    model = random_esm2(ESM)
+    batch = packed_batch([5, 9], 24, seed=1, low=4)
+    model.mlp_impl = "triton"          # elementwise_impl stays "torch": the GEMM kernel has no place there
+    with pytest.raises(ValueError, match="mlp_impl 'triton' runs on the eager elementwise_impl 'triton' path"):
+        model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+
+
+# --------------------------------------------------------------------------- GEMM + GELU epilogue
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["fp32", "half"])
+@pytest.mark.parametrize("m, k, n", [(70, 48, 80), (1, 64, 32), (130, 32, 200)])
+def test_triton_linear_gelu_and_glu_equal_torch(device, precision, m, k, n):
+    kernels_gemm = _triton_kernels_or_skip("gemm", device)
+    if not kernels_gemm.tma_capable(device):
+        pytest.skip("kernels_gemm needs TMA: compute capability >= 9.0")
+    # half: bf16 on CUDA (production); fp16 under the CPU interpreter (its bf16 dot is broken)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16 if device == "cuda" else torch.float16
+    g = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=g).to(device, dtype)
+    weight = (torch.randn(n, k, generator=g) * k ** -0.5).to(device, dtype)
+    bias = torch.randn(n, generator=g).to(device, dtype)
+    # Small tiles, so that these shapes span several tiles, ragged edges and the persistent loop.
+    tiling = kernels_gemm.GemmTiling(block_m=32, block_n=32, block_k=16, stages=2, warps=4, group_m=2)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)   # half: 1 ulp
+
+    out = kernels_gemm.linear_gelu(x, weight, bias, tiling=tiling)
+    ref = F.gelu(F.linear(x.float(), weight.float(), bias.float()).to(dtype).float()).to(dtype)  # eager's roundings
+    assert out.dtype == dtype and out.shape == (m, n)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(kernels_gemm.linear_gelu(x[None], weight, tiling=tiling)[0],
+                               F.gelu(F.linear(x.float(), weight.float()).to(dtype).float()).to(dtype), **tol)
+
+    glu = kernels_gemm.linear_glu(x, weight, tiling=tiling)       # gate = first n/2 rows, up = the rest
+    both = F.linear(x.float(), weight.float()).to(dtype).float()
+    ref_glu = (F.gelu(both[:, :n // 2]).to(dtype).float() * both[:, n // 2:]).to(dtype)
+    assert glu.shape == (m, n // 2)
+    torch.testing.assert_close(glu, ref_glu, **tol)
+
+
+def test_triton_gemm_kernels_refuse_mismatched_weights():
+    from embed_core import kernels_gemm
+    x = torch.zeros(3, 8)
+    with pytest.raises(ValueError, match="does not take x"):
+        kernels_gemm.linear_gelu(x, torch.zeros(4, 6))
+    with pytest.raises(ValueError, match="even number of rows"):
+        kernels_gemm.linear_glu(x, torch.zeros(5, 8))
+    with pytest.raises(ValueError, match="bias"):
+        kernels_gemm.linear_gelu(x, torch.zeros(4, 8), torch.zeros(3))
+
+
 def test_esm2_fused_qkv_shares_the_parameters_and_follows_moves():
     model = random_esm2(ESM, seed=5)
     layer = model.encoder.layer[0]
@@ -353,6 +421,11 @@ def test_triton_alibi_attention_equals_naive(device, precision, lengths):
     out = kernels_attention.alibi_varlen_attention(qkv, cu, max(lengths), slopes, head_dim ** -0.5)
     assert out.dtype == dtype and out.shape == (sum(lengths), heads, head_dim)
     error = ((out.double() - ref).norm() / ref.norm()).item()
+    assert error < (1e-6 if dtype == torch.float32 else 1e-2), error
+    # No bias (ESM-2): the kernel without its bias term equals zero slopes.
+    plain = kernels_attention.alibi_varlen_attention(qkv, cu, max(lengths), None, head_dim ** -0.5)
+    ref = naive_alibi_attention(qkv, lengths, torch.zeros_like(slopes), head_dim ** -0.5)
+    error = ((plain.double() - ref).norm() / ref.norm()).item()
     assert error < (1e-6 if dtype == torch.float32 else 1e-2), error
 
 
