@@ -244,15 +244,14 @@ class Esm2Layer(nn.Module):
                                     self.output.dense.weight, self.output.dense.bias, self.LayerNorm.eps)
 
     def forward_add_norm(self, x: torch.Tensor, h: torch.Tensor, rotate: Callable, attend: PackedAttention,
-                         add_norm: Callable, next_norm: nn.LayerNorm,
-                         fc1_gelu: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         add_norm: Callable,
+                         next_norm: nn.LayerNorm) -> Tuple[torch.Tensor, torch.Tensor]:
         """The same layer with each residual add fused into the LayerNorm after it (ESM2.elementwise_impl "triton").
 
         Takes x (the residual stream, packed [T, hidden]) and h = this layer's first LayerNorm of x;
         returns the new stream and `next_norm` of it (the next layer's first LayerNorm, or the final
         one). q, k, v come from one GEMM (fused_qkv) and go to `attend.attend_qkv` as they are.
-        `rotate(q, k)` applies the rotary; `add_norm(x, y, weight, bias, eps)` -> (x + y, LN(x + y));
-        `fc1_gelu(h, weight, bias)` -> gelu(fc1(h)) (default: F.linear, then F.gelu).
+        `rotate(q, k)` applies the rotary; `add_norm(x, y, weight, bias, eps)` -> (x + y, LN(x + y)).
         """
         weight, bias = self.fused_qkv()
         qkv = F.linear(h, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))  # one GEMM
@@ -265,7 +264,7 @@ class Esm2Layer(nn.Module):
         x, h = add_norm(x, F.linear(attend.attend_qkv(qkv).flatten(-2), out.weight, out.bias),
                         self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
         fc1, fc2 = self.intermediate.dense, self.output.dense
-        mlp = feed_forward(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc1_gelu or linear_then_gelu)
+        mlp = feed_forward(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         return add_norm(x, mlp, next_norm.weight, next_norm.bias, next_norm.eps)
 
 
@@ -287,14 +286,9 @@ def project_qkv(h, q_w, q_b, k_w, k_b, v_w, v_b, heads: int):
     return tuple(F.linear(h, w, b).unflatten(-1, (heads, -1)) for w, b in ((q_w, q_b), (k_w, k_b), (v_w, v_b)))
 
 
-def linear_then_gelu(h, weight, bias):
-    """Exact (erf) GELU of F.linear: two passes (the GEMM's output is written, read back, written)."""
-    return F.gelu(F.linear(h, weight, bias))
-
-
-def feed_forward(h, fc1_w, fc1_b, fc2_w, fc2_b, fc1_gelu: Callable = linear_then_gelu):
-    """fc1, exact (erf) GELU, fc2 (before the residual add). `fc1_gelu` computes the first two."""
-    return F.linear(fc1_gelu(h, fc1_w, fc1_b), fc2_w, fc2_b)
+def feed_forward(h, fc1_w, fc1_b, fc2_w, fc2_b):
+    """fc1, exact (erf) GELU, fc2 (before the residual add)."""
+    return F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
 def _layer_head(rotary, x, ln_w, ln_b, q_w, q_b, k_w, k_b, v_w, v_b, cos, sin, eps: float, heads: int):
@@ -352,7 +346,6 @@ class ESM2(nn.Module):
     pool_skip_last = 1
     ROTARY_IMPLS = ("torch", "triton")
     ELEMENTWISE_IMPLS = ("torch", "triton")
-    MLP_IMPLS = ("torch", "triton")
     # With the Triton rotary, eager ran 98,777 tokens/s and compiled 96,657 (ESM-2 3B, H200,
     # perf/RESULTS.md 2026-11-28): Inductor's LayerNorms were slower than ATen's. The runtime's
     # default (compile=None) then stays eager: faster, and no compile warm-up.
@@ -371,10 +364,6 @@ class ESM2(nn.Module):
     "triton" (kernels_elementwise: each add fused into the LayerNorm after it; same needs as the
     Triton rotary). A compiled model ignores it: Inductor fuses its own. Set by the runtime with
     rotary_impl."""
-    mlp_impl = "torch"
-    """fc1 and its GELU on the elementwise_impl "triton" path: "torch" (cuBLAS, then ATen's GELU) or
-    "triton" (kernels_gemm.linear_gelu: the GELU in the GEMM's epilogue; TMA, so Hopper or the
-    interpreter)."""
 
     def __init__(self, config: Esm2Config):
         super().__init__()
@@ -432,23 +421,15 @@ class ESM2(nn.Module):
     def _fused_norms(self, device: torch.device) -> bool:
         """Whether forward_packed takes the fused add + LayerNorm path (elementwise_impl "triton", eager);
         checks both kernel switches' values first."""
-        for name, choices in (("rotary_impl", self.ROTARY_IMPLS), ("elementwise_impl", self.ELEMENTWISE_IMPLS),
-                              ("mlp_impl", self.MLP_IMPLS)):
+        for name, choices in (("rotary_impl", self.ROTARY_IMPLS), ("elementwise_impl", self.ELEMENTWISE_IMPLS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r} (one of {', '.join(choices)})")
         if self.elementwise_impl == "torch" or self._compiled:
-            if self.mlp_impl != "torch":
-                raise ValueError("mlp_impl 'triton' runs on the eager elementwise_impl 'triton' path only")
             return False
         from . import kernels_elementwise
         if not kernels_elementwise.available(device):
             raise RuntimeError(f"elementwise_impl 'triton' needs the triton package and a CUDA device "
                                f"(or TRITON_INTERPRET=1), not {torch.device(device).type}")
-        if self.mlp_impl == "triton":
-            from . import kernels_gemm
-            if not kernels_gemm.tma_capable(device):
-                raise RuntimeError("mlp_impl 'triton' needs TMA: a CUDA device of compute capability >= 9.0 "
-                                   "(or TRITON_INTERPRET=1)")
         return True
 
     def _forward_add_norm(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -467,11 +448,8 @@ class ESM2(nn.Module):
         first = layers[0].attention.LayerNorm
         x, h = add_layer_norm(x, None, first.weight, first.bias, first.eps)
         next_norms = [layer.attention.LayerNorm for layer in layers[1:]] + [self.encoder.emb_layer_norm_after]
-        fc1_gelu = None
-        if self.mlp_impl == "triton":
-            from .kernels_gemm import linear_gelu as fc1_gelu
         for layer, next_norm in zip(layers, next_norms):
-            x, h = layer.forward_add_norm(x, h, rotate, attend, add_layer_norm, next_norm, fc1_gelu)
+            x, h = layer.forward_add_norm(x, h, rotate, attend, add_layer_norm, next_norm)
         return h                                                # emb_layer_norm_after of the stream
 
     def _rotary_head(self, device: torch.device) -> Callable:

@@ -7,17 +7,16 @@ On one packed stream of `--tokens` tokens (DNA chunks of 55-135 BPE tokens, as i
     the padded SDPA path (attention.PackedAttention "padded") on the same qkv;
   * attn_esm2 (40 heads x 64, no bias, protein frames of 40-170 residues): the same kernel without
     its bias term, against torch's flash varlen kernel (ESM-2's path without our kernels);
-  * fc1_gelu / glu_gelu: kernels_gemm's GEMMs with the exact GELU in the epilogue (TMA, persistent)
-    per tiling, at ESM-2 3B's fc1 and DNABERT-S's gated MLP, against cuBLAS + the GELU pass the
-    model runs now, and cuBLAS's GEMM alone (the floor); TFLOP/s shown;
   * add + LayerNorm (bf16 rows of 2560, ESM-2 3B, and 768, DNABERT-S): kernels_elementwise per tiling
     (rows per program, warps), against ATen's `x + y` then `F.layer_norm` (ESM-2's eager path);
 Each row: median microseconds (CUDA events, warm, 20 repeats), ns per token, the relative error
 against the torch path. The fastest correct tiling is marked; core/kernels_attention.py's defaults
-should be it (the constants there name what this script measured). (A first fused GLU+GELU kernel,
-pointer loads and not persistent, was timed here on 2026-11-28 and dropped: 21 ns/token against 14
-for cuBLAS's GEMM alone and ~19 for GEMM + Inductor's GELU x gate inside the model; and an
-exact-GELU kernel, 22 ns/token against ATen's 13 at ESM-2 3B's fc1 width; perf/RESULTS.md.)
+should be it (the constants there name what this script measured). Timed here and dropped
+(perf/RESULTS.md, 2026-11-28): a fused GLU+GELU kernel with pointer loads (21 ns/token against
+~19 for cuBLAS + Inductor's GELU x gate); an exact-GELU kernel (22 against ATen's 13 at ESM-2 3B's
+fc1 width); and a persistent TMA GEMM with the GELU (or GELU x gate) in its epilogue, in git
+history as core/kernels_gemm.py: at best 89.3 ns/token against cuBLAS + ATen's GELU 88.7 for
+ESM-2's fc1, 20.6 against 19.4 for DNABERT-S's GLU (its GEMM ran at ~590 TFLOP/s, cuBLAS's at 684).
 """
 from __future__ import annotations
 
@@ -33,11 +32,7 @@ import torch
 NORM_TILINGS = [(1, 4), (1, 8), (2, 8), (4, 8), (8, 8), (2, 4), (4, 4), (None, None)]  # None: the defaults
 ATTENTION_TILINGS = [(64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4), (128, 128, 8), (32, 32, 2),
                      (64, 128, 4), (32, 64, 2), (64, 64, 8)]
-# (block_m, block_n, block_k, stages, warps, warp_specialize) of kernels_gemm; GLU rows skip the widest
-# (two accumulators and two weight tiles per stage).
-GEMM_TILINGS = [(128, 128, 64, 4, 8, False), (128, 256, 64, 3, 8, False), (256, 128, 64, 3, 8, False),
-                (128, 128, 64, 4, 8, True), (128, 256, 64, 3, 8, True), (128, 128, 128, 3, 8, False),
-                (128, 64, 64, 4, 4, False), (64, 128, 64, 4, 4, False)]
+
 
 
 def import_core():
@@ -114,51 +109,6 @@ def bench_attention(tokens: int, device, rows: list, model: str = "dnabert_s") -
                      "tiling": {"block_m": block_m, "block_n": block_n, "num_warps": warps}})
 
 
-def bench_gemm_gelu(tokens: int, device, rows: list, model: str = "esm2") -> None:
-    """kernels_gemm per tiling against the torch path it replaces, at the model's shape: ESM-2 3B's
-    fc1 (2560 -> 10240, bias, GELU) against cuBLAS + ATen's GELU; DNABERT-S's gated MLP (768 ->
-    2 x 3072, GELU x gate) against cuBLAS + Inductor's fused GELU x gate (the compiled model's path).
-    cuBLAS's GEMM alone is the floor either way."""
-    from embed_core import kernels_gemm
-    F = torch.nn.functional
-    hidden, out_rows, glu = (2560, 10240, False) if model == "esm2" else (768, 6144, True)
-    kernel = "fc1_gelu" if model == "esm2" else "glu_gelu"
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(tokens, hidden, device=device, generator=g).to(torch.bfloat16)
-    weight = (torch.randn(out_rows, hidden, device=device, generator=g) * hidden ** -0.5).to(torch.bfloat16)
-    bias = None if glu else (0.1 * torch.randn(out_rows, device=device, generator=g)).to(torch.bfloat16)
-    flops = 2.0 * tokens * hidden * out_rows
-    inter = out_rows // 2
-
-    def gelu_gate(y):
-        return F.gelu(y[:, :inter]) * y[:, inter:]
-
-    gate = torch.compile(gelu_gate, dynamic=False) if glu else None
-    torch_path = (lambda: gate(F.linear(x, weight))) if glu else (lambda: F.gelu(F.linear(x, weight, bias)))  # noqa: E731
-    ref = torch_path()
-    for label, fn in (("torch: cuBLAS GEMM alone (floor)", lambda: F.linear(x, weight, bias)),
-                      ("torch: cuBLAS + " + ("Inductor GELU x gate" if glu else "ATen GELU"), torch_path)):
-        us = time_us(fn)
-        rows.append({"kernel": kernel, "variant": label, "us": us, "ns_per_token": us * 1e3 / tokens,
-                     "tflops": flops / us / 1e6, "rel_error": 0.0})
-    for block_m, block_n, block_k, stages, warps, ws in GEMM_TILINGS:
-        tiling = kernels_gemm.GemmTiling(block_m, block_n, block_k, stages, warps, warp_specialize=ws)
-        if glu and block_m * block_n > 128 * 128:
-            continue
-        run = ((lambda: kernels_gemm.linear_glu(x, weight, tiling=tiling)) if glu  # noqa: E731
-               else (lambda: kernels_gemm.linear_gelu(x, weight, bias, tiling=tiling)))
-        try:
-            err = rel_error(run(), ref)
-            us = time_us(run)
-        except Exception as exc:  # noqa: BLE001 (a benchmark reports and goes on)
-            rows.append({"kernel": kernel, "variant": f"triton {tiling}", "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-            continue
-        rows.append({"kernel": kernel, "variant": f"triton {tiling}", "us": us, "ns_per_token": us * 1e3 / tokens,
-                     "tflops": flops / us / 1e6, "rel_error": err,
-                     "tiling": {"block_m": block_m, "block_n": block_n, "block_k": block_k, "stages": stages,
-                                "warps": warps, "warp_specialize": ws}})
-
-
 def bench_add_layer_norm(tokens: int, width: int, device, rows: list) -> None:
     from embed_core import kernels_elementwise
     g = torch.Generator(device=device).manual_seed(0)
@@ -208,8 +158,6 @@ def main(argv=None) -> int:
         bench_attention(tokens, device, part, "dnabert_s")
         bench_attention(tokens, device, part, "esm2")
         if "attention" not in args.only:
-            for model in ("esm2", "dnabert_s"):
-                bench_gemm_gelu(tokens, device, part, model)
             for width in (2560, 768):
                 bench_add_layer_norm(tokens, width, device, part)
         for row in part:
@@ -225,9 +173,8 @@ def main(argv=None) -> int:
                 print(f"{tokens:7d} {kernel:11} {r['variant'][:48]:48} FAILED {r['error'][:80]}")
                 continue
             mark = " *" if r is best else ""
-            tflops = f" {r['tflops']:5.0f} TFLOP/s" if "tflops" in r else ""
             print(f"{tokens:7d} {kernel:11} {r['variant'][:48]:48} {r['us']:9.1f} {r['ns_per_token']:9.2f} "
-                  f"{r['rel_error']:8.1e}{tflops}{mark}")
+                  f"{r['rel_error']:8.1e}{mark}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,

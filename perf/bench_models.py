@@ -310,8 +310,7 @@ def rotary_variant(name: str, device: torch.device) -> tuple:
     it cannot run here. "auto": the runtime's defaults (key c); "triton" = RuntimeConfig(kernels="triton"),
     "torch" = kernels="torch"; "rotary": our rotary kernel alone (the second session's default: ATen's
     residual adds and LayerNorms, q/k/v as three GEMMs, flash attention); "flash": the defaults
-    (add + LayerNorm kernel, one q/k/v GEMM) with flash attention instead of kernels_attention's;
-    "gemm": the defaults with fc1 and its GELU in kernels_gemm's one kernel (ESM2.mlp_impl)."""
+    (add + LayerNorm kernel, one q/k/v GEMM) with flash attention instead of kernels_attention's."""
     if name == "triton":
         from embed_core import kernels_rotary, triton_support
         if not kernels_rotary.available(device):
@@ -328,11 +327,6 @@ def rotary_variant(name: str, device: torch.device) -> tuple:
                 ", our rotary only (ATen adds + LayerNorms, 3 q/k/v GEMMs, flash)")
     if name == "flash":
         return "c_flash", {}, {"attention_backend": "auto"}, ", defaults but flash attention"
-    if name == "gemm":
-        from embed_core import kernels_gemm
-        if not kernels_gemm.tma_capable(device):
-            return "skip: kernels_gemm needs TMA (CUDA compute capability >= 9.0)"
-        return "c_gemm", {}, {"mlp_impl": "triton"}, ", defaults + fc1's GELU in a Triton GEMM epilogue"
     return "c", {}, {}, ", defaults"
 
 
@@ -592,8 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the hand-written kernel, kernels_rotary.py; needs the triton package and CUDA, else "
                         "skipped with the reason printed), eager (the defaults not compiled), rotary (our rotary "
                         "kernel alone: ATen adds + LayerNorms, 3 q/k/v GEMMs, flash), flash (the defaults with "
-                        "flash attention), gemm (the defaults with fc1's GELU in kernels_gemm's GEMM epilogue; "
-                        "Hopper); any entry may end in @TOKENS, a token budget (e.g. auto@32768)")
+                        "flash attention); any entry may end in @TOKENS, a token budget (e.g. auto@32768)")
     p.add_argument("--attention-tiling", default=None,
                    help="DNABERT-S attention kernel tiling block_m,block_n,num_warps (default kernels_attention's)")
     p.add_argument("--esm-attention-tiling", default=None,
@@ -624,9 +617,9 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     if bad:
         raise SystemExit(f"bench_models: --attention takes auto, padded, flex, triton, {', '.join(flex_blocks)} "
                          f"(comma-separated), got {bad}")
-    bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ("auto", "torch", "triton", "eager", "rotary", "flash", "gemm")]
+    bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ("auto", "torch", "triton", "eager", "rotary", "flash")]
     if bad:
-        raise SystemExit(f"bench_models: --esm-rotary takes auto, torch, triton, eager, rotary, flash, gemm (comma-separated, each "
+        raise SystemExit(f"bench_models: --esm-rotary takes auto, torch, triton, eager, rotary, flash (comma-separated, each "
                          f"optionally @TOKENS), got {bad}")
     if args.small:
         args.esm_vanilla_batch = min(args.esm_vanilla_batch, 8)
