@@ -1,6 +1,6 @@
 """End-to-end scenario (issue 5): a synthetic sample through embed-server + embed-client, one command.
 
-    python3 perf/e2e.py --out $OUT                       # GPU host: ESM-2 3B + DNABERT-S, real size, ~6-8 min
+    python3 perf/e2e.py --out $OUT                       # GPU host: ESM-2 3B + DNABERT-S, real size, ~7-9 min
     python3 perf/e2e.py --small --out /tmp/e2e           # CPU: demo-size models, a few hundred reads, < 90 s
 
 Steps, in one process tree:
@@ -14,17 +14,20 @@ Steps, in one process tree:
     repository with exact embedding dims (embed_server.repository.assemble_repository);
  4. embed-server in a subprocess (PATH=$STUB_PATH:$PATH when set, so the Python stub sees numpy<2);
     /metrics and the per-model statistics are sampled every second in a thread;
- 5. embed-client in a subprocess on the sample, its log in OUT; the server is stopped after it;
+ 5. embed-client in a subprocess on the sample, its log in OUT (the mixed run: both models' instances
+    time-slice each GPU), then once per model alone (DNABERT-S, then ESM-2: --models MODEL, each
+    model's own speed through the server); the server is stopped after them;
  6. the same frames through the model core in-process (Embedder, both models, one GPU: the
     ceiling) and a subsample through transformers' EsmModel bf16 SDPA, length-sorted (the plain
     baseline);
- 7. one table: frames/s; tokens/s per GPU per model (embed_tokens_total over each model's execution
-    time from Triton's batch statistics, and over the wall time); GPU utilization
-    (nv_gpu_utilization, mean over the embedding phase); queue vs compute per request; where the
-    model instances spent their execute time (embed_prep_seconds_total, embed_compute_seconds_total
-    vs Triton's compute_infer); the in-process ceiling; the transformers baseline; overhead = 1 -
-    e2e/in-process; 1M reads extrapolated; PASS/FAIL against the targets. OUT gets e2e.json
-    (every figure), a PNG of tokens/s per GPU over the run, and the client's and the server's logs.
+ 7. one table: frames/s; tokens/s per GPU per model, alone and in the mixed run (embed_tokens_total
+    over each model's execution time from Triton's batch statistics, and over the wall time); GPU
+    utilization (nv_gpu_utilization, mean over the embedding phase); queue vs compute per request;
+    where the model instances spent their execute time (embed_prep_seconds_total,
+    embed_compute_seconds_total vs Triton's compute_infer); the in-process ceiling; the transformers
+    baseline; overhead = 1 - e2e/in-process; 1M reads extrapolated; PASS/FAIL against the targets.
+    OUT gets e2e.json (every figure), a PNG of tokens/s per GPU over the run, and the client's and
+    the server's logs.
 
 Server knobs for experiments: --instances-per-gpu N (instance_group count of the GPU configs) and
 --model-param MODEL:KEY=VALUE (a config parameter, e.g. dnabert_s:attention=flex; the in-process
@@ -61,6 +64,7 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("esm2", "dnabert_s")
+MODEL_NAMES = {"esm2": "ESM-2", "dnabert_s": "DNABERT-S"}
 SCHEMA = "e2e/1"
 
 # name: (operator, value); scaling's value is per GPU (x n GPUs), the rest absolute.
@@ -73,26 +77,19 @@ TARGETS = {
     "scaling_vs_one_gpu": (">=", 0.95),   # x n_gpus: 1.9 on two GPUs
     "per_gpu_token_spread": ("<=", 0.05),
 }
-TARGET_TEXT = {
-    "esm2_tokens_per_s_per_gpu": "ESM-2 tokens/s per GPU (busy) >= 100,000",
-    "dnabert_s_tokens_per_s_per_gpu": "DNABERT-S tokens/s per GPU (busy) >= 2,000,000",
-    "overhead": "Triton+client overhead <= 5%",
-    "gpu_util_mean": "GPU utilization >= 90%",
-    "reads_1m_s": "1M reads < 6 min",
-    "scaling_vs_one_gpu": "total >= 0.95 x GPUs x one GPU",
-    "per_gpu_token_spread": "per-GPU tokens within 5%",
-}
 
 # Every figure e2e.json carries (null where not measured in that run), for compare.py and the test.
 ALL_FIGURES = (
     "gpus", "send_s", "client_elapsed_s", "embedding_window_s",
     "e2e_frames_per_s", "e2e_frames_per_s_per_gpu", "reads_1m_s", "frames_800k_s",
-    "esm2_tokens_per_s_per_gpu", "dnabert_s_tokens_per_s_per_gpu", "dnabert_s_alone_tokens_per_s_per_gpu_wall",
+    "esm2_tokens_per_s_per_gpu", "dnabert_s_tokens_per_s_per_gpu",
     *(f"{m}_{k}" for m in ("esm2", "dnabert_s") for k in (
         "tokens", "sequences_server", "tokens_per_s_per_gpu_wall", "tokens_per_s_per_gpu_mixed", "busy_s",
         "busy_fraction", "requests", "executions", "queue_ms_per_request", "compute_ms_per_request",
         "queue_fraction", "server_prep_s", "server_compute_s", "server_execute_s")),
-    "dnabert_s_alone_server_prep_s", "dnabert_s_alone_server_compute_s", "dnabert_s_alone_server_execute_s",
+    *(f"{m}_alone_{k}" for m in ("esm2", "dnabert_s") for k in (
+        "tokens_per_s_per_gpu", "tokens_per_s_per_gpu_wall", "server_prep_s", "server_compute_s",
+        "server_execute_s")),
     "gpu_util_mean", "gpu_util_samples",
     "inprocess_esm2_tokens_per_s", "inprocess_dnabert_s_tokens_per_s", "inprocess_frames_per_s", "inprocess_frames",
     "hf_esm2_tokens_per_s", "hf_esm2_frames", "inprocess_over_hf_esm2",
@@ -624,8 +621,9 @@ def server_figures(samples: List[dict], executed: Dict[str, dict], summary: dict
         f[f"{m}_server_compute_s"] = phases["compute"]
         f[f"{m}_server_execute_s"] = executed[m]["execute"]
         # Both models' instances share each GPU, so an execution's time includes the other model's
-        # kernels running beside it: a lower bound on the model alone (DNABERT-S: see the pass alone).
+        # kernels running beside it: a lower bound on the model alone (see model_alone_pass).
         f[f"{m}_tokens_per_s_per_gpu_mixed"] = model_tokens / b if b else None
+        f[f"{m}_tokens_per_s_per_gpu"] = f[f"{m}_tokens_per_s_per_gpu_mixed"]   # until its pass alone
         nv = {k: _delta(first, last, "nv", k).get(m, 0.0) for k in NV_COUNTERS}
         requests = nv["nv_inference_request_success"] or None
         f[f"{m}_requests"] = int(nv["nv_inference_request_success"])
@@ -637,8 +635,6 @@ def server_figures(samples: List[dict], executed: Dict[str, dict], summary: dict
         f[f"{m}_compute_ms_per_request"] = compute / 1e3 / requests if requests else None
         total = nv["nv_inference_queue_duration_us"] + compute
         f[f"{m}_queue_fraction"] = nv["nv_inference_queue_duration_us"] / total if total else None
-    f["esm2_tokens_per_s_per_gpu"] = f["esm2_tokens_per_s_per_gpu_mixed"]
-    f["dnabert_s_tokens_per_s_per_gpu"] = f["dnabert_s_tokens_per_s_per_gpu_mixed"]   # until the pass alone
     t_start, t_end = embedding_window(samples)
     in_window = [s for s in samples if t_start is not None and t_start <= s["t"] <= t_end]
     utils = [v for s in in_window for v in s["util"].values()]
@@ -683,26 +679,29 @@ def instances_text(instances: Dict[str, int]) -> str:
     return ", ".join(f"{m} {n}" for m, n in instances.items()) or "-"
 
 
-def dnabert_pass(args, sample: Path, server: Server, workdir: Path, out_dir: Path, extra_path,
-                 n_gpus: int, instances: int = 1) -> dict:
-    """DNABERT-S alone through Triton (embed-client --models dnabert_s on the same sample): in the
-    mixed run nearly every DNABERT-S execution overlaps an ESM-2 one on the same GPU, so its own
-    speed through the server is measured here. A few seconds."""
+def model_alone_pass(model: str, args, sample: Path, server: Server, workdir: Path, out_dir: Path, extra_path,
+                     n_gpus: int, instances: int = 1) -> dict:
+    """One model alone through Triton (embed-client --models MODEL on `sample`), after the mixed run:
+    there both models' instances time-slice each GPU, so a model's execution time includes the other
+    model's kernels (nearly every DNABERT-S execution overlaps an ESM-2 one; DNABERT-S's kernels take
+    ~3-6% of the GPU beside ESM-2). Here the model has the GPU to itself, through the whole server +
+    client stack."""
+    tag = f"client_{model}"
     before = http_get(server.metrics_url)
-    exec0 = model_exec_seconds(server.http_url, "dnabert_s")
-    rc, summary, seconds, client_out = run_client(args, sample, server, workdir, out_dir, extra_path,
-                                                  models=("dnabert_s",), tag="client_dnabert_s")
-    exec1 = model_exec_seconds(server.http_url, "dnabert_s")
+    exec0 = model_exec_seconds(server.http_url, model)
+    rc, summary, seconds, _ = run_client(args, sample, server, workdir, out_dir, extra_path,
+                                         models=(model,), tag=tag)
+    exec1 = model_exec_seconds(server.http_url, model)
     after = http_get(server.metrics_url)
     if rc != 0 or before is None or after is None:
-        raise Failure(f"the DNABERT-S pass failed (embed-client exit {rc}, log "
-                      f"{out_dir / 'e2e_client_dnabert_s.log'}):\n" + tail(out_dir / "e2e_client_dnabert_s.log", 15))
+        raise Failure(f"the {MODEL_NAMES[model]} pass failed (embed-client exit {rc}, log "
+                      f"{out_dir / f'e2e_{tag}.log'}):\n" + tail(out_dir / f"e2e_{tag}.log", 15))
     a, b = (parse_metrics(x.decode("utf-8", errors="replace")) for x in (before, after))
-    tokens = sum(v for (m, _), v in _delta(a, b, "embed", "embed_tokens_total").items() if m == "dnabert_s")
-    sequences = sum(v for (m, _), v in _delta(a, b, "embed", "embed_sequences_total").items() if m == "dnabert_s")
+    tokens = sum(v for (m, _), v in _delta(a, b, "embed", "embed_tokens_total").items() if m == model)
+    sequences = sum(v for (m, _), v in _delta(a, b, "embed", "embed_sequences_total").items() if m == model)
     executed = exec_delta(exec0, exec1)
     busy = executed["busy"]
-    phases = phase_seconds(a, b, "dnabert_s")
+    phases = phase_seconds(a, b, model)
     send_s = float(summary.get("send_elapsed_s") or 0) or None
     stages = summary.get("stages", {})
     return {"seconds": seconds, "send_s": send_s, "tokens": int(tokens), "busy_s": busy,
@@ -712,8 +711,8 @@ def dnabert_pass(args, sample: Path, server: Server, workdir: Path, out_dir: Pat
             "tokens_per_s_per_gpu": (tokens / busy if busy else None) if instances == 1
             else (tokens / send_s / n_gpus if send_s else None),
             "tokens_per_s_per_gpu_wall": tokens / send_s / n_gpus if send_s else None,
-            "counts": {"client_in": stages.get("send", {}).get("dnabert_s", {}).get("sequences_in"),
-                       "client_out": stages.get("write", {}).get("dnabert_s", {}).get("rows_final"),
+            "counts": {"client_in": stages.get("send", {}).get(model, {}).get("sequences_in"),
+                       "client_out": stages.get("write", {}).get(model, {}).get("rows_final"),
                        "server": int(sequences)}}
 
 
@@ -913,15 +912,15 @@ def print_table(report: dict) -> None:
 
     row("frames/s through Triton (total)", _n(f.get("e2e_frames_per_s")))
     row("frames/s per GPU", _n(f.get("e2e_frames_per_s_per_gpu")))
-    row("ESM-2 tokens/s per GPU (tokens / exec time)", _n(f.get("esm2_tokens_per_s_per_gpu")),
-        "esm2_tokens_per_s_per_gpu")
-    several = (c.get("instances") or {}).get("dnabert_s", 1) > 1   # overlapping executions: wall time
-    row(f"DNABERT-S tokens/s per GPU (alone, / {'wall' if several else 'exec'} time)",
-        _n(f.get("dnabert_s_tokens_per_s_per_gpu")),
-        "dnabert_s_tokens_per_s_per_gpu")
-    row("DNABERT-S alone, tokens/s per GPU over wall", _n(f.get("dnabert_s_alone_tokens_per_s_per_gpu_wall")))
-    row("DNABERT-S alone: prep | compute | execute s", _phases(f, "dnabert_s_alone_"))
-    for m, name in (("esm2", "ESM-2"), ("dnabert_s", "DNABERT-S")):
+    for m, name in MODEL_NAMES.items():   # the target figure: the pass alone when it ran, else the mixed run
+        alone = f.get(f"{m}_alone_tokens_per_s_per_gpu") is not None
+        several = (c.get("instances") or {}).get(m, 1) > 1   # overlapping executions: wall time
+        row(f"{name} tokens/s per GPU ({'alone' if alone else 'mixed run'}, / "
+            f"{'wall' if alone and several else 'exec'} time)",
+            _n(f.get(f"{m}_tokens_per_s_per_gpu")), f"{m}_tokens_per_s_per_gpu")
+        row(f"{name} alone, tokens/s per GPU over wall", _n(f.get(f"{m}_alone_tokens_per_s_per_gpu_wall")))
+        row(f"{name} alone: prep | compute | execute s", _phases(f, f"{m}_alone_"))
+    for m, name in MODEL_NAMES.items():
         row(f"mixed run {name}: tokens/s per GPU wall | exec",
             f"{_n(f.get(f'{m}_tokens_per_s_per_gpu_wall'))} | {_n(f.get(f'{m}_tokens_per_s_per_gpu_mixed'))}")
         row(f"mixed run {name}: busy | queue ms | compute ms",
@@ -945,6 +944,8 @@ def print_table(report: dict) -> None:
     lines.append("counts (prepped = client in = client out = server): " + "; ".join(
         f"{m} {_n(v.get('prepped'))} = {_n(v.get('client_in'))} = {_n(v.get('client_out'))} = "
         f"{_n(v.get('server'))}" for m, v in counts.items()) + f"  -> {'match' if report.get('counts_match') else 'MISMATCH'}")
+    lines.append("mixed run: both models' instances time-slice each GPU, so a model's exec time there includes the "
+                 "other's kernels (a lower bound); alone: a client pass of that model only, the GPU to itself")
     lines.append("prep | compute | execute s: the server instances' embed_prep_seconds_total (decode + tokenize), "
                  "embed_compute_seconds_total (encoder call, to the host) and Triton's compute_infer (the whole "
                  "execute), summed over instances; execute - prep - compute = responses + Python backend")
@@ -1217,21 +1218,27 @@ def run(args) -> int:
         report["counts_match"] = all(len(set(v.values())) == 1 for v in report["counts"].values())
         e2e_rows = {m: first_rows(client_out / f"{m}.parquet", args.check_rows) for m in MODELS}
         save()
-        if not args.skip_dnabert_pass:
+        # Each model alone through the same server: in the mixed run both models' instances time-slice
+        # each GPU, so a model's execution time there includes the other's kernels. A model's target
+        # figure is its pass alone when that ran, the mixed run's lower bound otherwise.
+        for m, pass_sample, copies, skip in (("dnabert_s", dna_sample, args.dnabert_copies, args.skip_dnabert_pass),
+                                             ("esm2", sample, 1, args.skip_esm2_pass)):
+            if skip:
+                continue
             t0 = time.monotonic()
-            dna = dnabert_pass(args, dna_sample, server, workdir, out_dir, extra_path, int(report["figures"]["gpus"]),
-                               report["config"]["instances"].get("dnabert_s", 1))
-            phase("dnabert_s_alone", t0)
-            report["dnabert_s_alone"] = dna
+            alone = model_alone_pass(m, args, pass_sample, server, workdir, out_dir, extra_path,
+                                     int(report["figures"]["gpus"]), report["config"]["instances"].get(m, 1))
+            phase(f"{m}_alone", t0)
+            report[f"{m}_alone"] = alone
             f = report["figures"]
-            f["dnabert_s_tokens_per_s_per_gpu"] = dna["tokens_per_s_per_gpu"]
-            f["dnabert_s_alone_tokens_per_s_per_gpu_wall"] = dna["tokens_per_s_per_gpu_wall"]
-            for key in ("server_prep_s", "server_compute_s", "server_execute_s"):
-                f[f"dnabert_s_alone_{key}"] = dna[key]
-            report["counts"]["dnabert_s alone"] = {"prepped": len(frames) * args.dnabert_copies, **dna["counts"]}
+            f[f"{m}_tokens_per_s_per_gpu"] = alone["tokens_per_s_per_gpu"]
+            for key in ("tokens_per_s_per_gpu", "tokens_per_s_per_gpu_wall", "server_prep_s", "server_compute_s",
+                        "server_execute_s"):
+                f[f"{m}_alone_{key}"] = alone[key]
+            report["counts"][f"{m} alone"] = {"prepped": len(frames) * copies, **alone["counts"]}
             report["counts_match"] = all(len(set(v.values())) == 1 for v in report["counts"].values())
-            log(f"DNABERT-S alone: {dna['tokens']:,} tokens, send {dna['send_s'] or 0:.1f} s, "
-                f"{_n(dna['tokens_per_s_per_gpu'])} tokens/s per GPU busy")
+            log(f"{MODEL_NAMES[m]} alone: {alone['tokens']:,} tokens, send {alone['send_s'] or 0:.1f} s, "
+                f"{_n(alone['tokens_per_s_per_gpu'])} tokens/s per GPU")
             save()
         t0 = time.monotonic()
         server.stop()
@@ -1431,6 +1438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-baselines", action="store_true", help="no in-process / transformers runs")
     p.add_argument("--skip-dnabert-pass", action="store_true",
                    help="no DNABERT-S-alone client pass (its target then uses the mixed run's lower bound)")
+    p.add_argument("--skip-esm2-pass", action="store_true",
+                   help="no ESM-2-alone client pass, a shorter run (it sends the sample's frames again, about "
+                   "as long as the mixed run); ESM-2's target then uses the mixed run's lower bound")
     p.add_argument("--dnabert-copies", type=positive_int, default=1, metavar="K",
                    help="the DNABERT-S-alone pass sends the sample's reads K times (ids suffixed), so that it "
                    "lasts long enough to time the steady state rather than its ramp (40,000 reads: ~2.4 s "

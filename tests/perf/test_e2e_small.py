@@ -4,7 +4,7 @@ client read = embeddings written = sequences the server counted, per model), the
 server returned equal the in-process ones, the server's per-phase seconds fit in Triton's execute
 time, --model-param reaches the repository and the in-process baseline. And perf/compare.py: a
 figure 15% worse is flagged, 5% worse passes; totals of runs on different GPU counts are not
-compared."""
+compared, nor a model's tokens/s per GPU from its pass alone with one from the mixed run."""
 from __future__ import annotations
 
 import importlib
@@ -50,16 +50,20 @@ def test_e2e_small_end_to_end(tmp_path):
     assert not nulls, f"figures not measured: {nulls}"
     assert figures["gpus"] == 1 and figures["gpu_util_samples"] == 0
     for key in ("e2e_frames_per_s", "esm2_tokens_per_s_per_gpu", "dnabert_s_tokens_per_s_per_gpu",
-                "inprocess_esm2_tokens_per_s", "inprocess_dnabert_s_tokens_per_s", "hf_esm2_tokens_per_s"):
+                "esm2_alone_tokens_per_s_per_gpu", "inprocess_esm2_tokens_per_s", "inprocess_dnabert_s_tokens_per_s", "hf_esm2_tokens_per_s"):
         assert figures[key] > 0, key
     assert 0 < figures["e2e_over_inprocess"] and figures["overhead"] == pytest.approx(1 - figures["e2e_over_inprocess"])
     assert set(report["targets"]) == set(e2e.TARGETS)
     assert all(t["status"].startswith("n/a") for t in report["targets"].values())
 
-    # Counts: frames in == embeddings out, per model, in the mixed run and in the DNABERT-S pass.
+    # The targets are judged on each model's pass alone; the mixed run's figures stay reported.
+    for m in ("esm2", "dnabert_s"):
+        assert figures[f"{m}_tokens_per_s_per_gpu"] == figures[f"{m}_alone_tokens_per_s_per_gpu"], m
+
+    # Counts: frames in == embeddings out, per model, in the mixed run and in each pass alone.
     frames = report["workload"]["frames"]
     assert frames > 200  # ~1.3 frames per read
-    assert set(report["counts"]) == {"esm2", "dnabert_s", "dnabert_s alone"}
+    assert set(report["counts"]) == {"esm2", "dnabert_s", "dnabert_s alone", "esm2 alone"}
     for name, counts in report["counts"].items():   # the DNABERT-S pass sent the reads twice
         assert set(counts.values()) == {frames * (2 if name == "dnabert_s alone" else 1)}, (name, counts)
     assert report["counts_match"] is True
@@ -67,11 +71,15 @@ def test_e2e_small_end_to_end(tmp_path):
     assert figures["esm2_tokens"] == report["workload"]["esm2_tokens"]   # residues + BOS/EOS per frame
 
     # Where the instances' execute time went: decode+tokenize and the encoder call, both inside
-    # Triton's own execute time (compute_infer), per model and for the DNABERT-S pass alone.
-    for prefix in ("esm2_", "dnabert_s_", "dnabert_s_alone_"):
+    # Triton's own execute time (compute_infer), per model in the mixed run and in each pass alone.
+    for prefix in ("esm2_", "dnabert_s_", "dnabert_s_alone_", "esm2_alone_"):
         prep, compute, execute = (figures[f"{prefix}server_{k}_s"] for k in ("prep", "compute", "execute"))
         assert 0 < prep and 0 < compute and prep + compute <= execute, (prefix, prep, compute, execute)
-    assert "prep | compute | execute s" in run.stdout
+    for label in ("ESM-2 tokens/s per GPU (alone, / exec time)", "ESM-2 alone: prep | compute | execute s",
+                  "DNABERT-S tokens/s per GPU (alone, / exec time)", "DNABERT-S alone: prep | compute | execute s",
+                  "mixed run ESM-2: tokens/s per GPU wall | exec", "mixed run: both models' instances time-slice"):
+        assert label in run.stdout, label
+    assert (out / "e2e_client_esm2.log").exists() and (out / "e2e_client_dnabert_s.log").exists()
 
     # --model-param: in both configs of the repository, recorded, and the in-process baseline runs the
     # same attention (a RuntimeConfig choice) but not the server-only token budget.
@@ -144,6 +152,30 @@ def test_compare_flags_15_percent_worse_and_passes_5_percent(tmp_path, capsys):
         assert f"more than 10% worse: {name}" in out
     rows = {r[0]: r for r in compare.compare({"x": 1}, {"hf_esm2_tokens_per_s": 5.0})}
     assert rows["hf_esm2_tokens_per_s"][5] == "skipped (no baseline)"
+
+
+def test_compare_target_rates_only_like_with_like():
+    """A model's tokens/s per GPU from its pass alone is not compared with one from the mixed run
+    (perf/baseline.json's ESM-2 figure): skipped with the reason; the mixed figures still compare."""
+    compare = load("compare")
+    base = {"gpus": 1, "esm2_tokens_per_s_per_gpu": 98_000.0, "esm2_tokens_per_s_per_gpu_mixed": 98_000.0,
+            "dnabert_s_tokens_per_s_per_gpu": 1.2e6, "dnabert_s_alone_tokens_per_s_per_gpu_wall": 1.2e6}
+    new = {"gpus": 1, "esm2_tokens_per_s_per_gpu": 80_000.0, "esm2_alone_tokens_per_s_per_gpu_wall": 79_000.0,
+           "esm2_tokens_per_s_per_gpu_mixed": 97_000.0,
+           "dnabert_s_tokens_per_s_per_gpu": 1.0e6, "dnabert_s_alone_tokens_per_s_per_gpu_wall": 1.0e6}
+    rows = {r[0]: r for r in compare.compare(base, new)}
+    assert rows["esm2_tokens_per_s_per_gpu"][5] == "skipped (baseline from the mixed run, run from the pass alone)"
+    assert rows["esm2_tokens_per_s_per_gpu_mixed"][5] == "ok"
+    assert rows["dnabert_s_tokens_per_s_per_gpu"][5] == "WORSE"          # both from the pass alone
+    assert rows["esm2_alone_tokens_per_s_per_gpu_wall"][5] == "skipped (no baseline)"
+    # A run without the DNABERT-S pass (--skip-dnabert-pass) has only the mixed run's lower bound.
+    del new["dnabert_s_alone_tokens_per_s_per_gpu_wall"]
+    rows = {r[0]: r for r in compare.compare(base, new)}
+    assert rows["dnabert_s_tokens_per_s_per_gpu"][5] == "skipped (baseline from the pass alone, run from the mixed run)"
+    # Both runs from the pass alone: compared as usual.
+    base["esm2_alone_tokens_per_s_per_gpu_wall"] = 97_000.0
+    rows = {r[0]: r for r in compare.compare(base, new)}
+    assert rows["esm2_tokens_per_s_per_gpu"][5] == "WORSE"
 
 
 def test_compare_ratios_only_and_gpu_counts(tmp_path):
