@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -162,41 +161,22 @@ def decode_sequences(array: Optional[np.ndarray]) -> Union[list, RequestError]:
     return sequences
 
 
-def prep_piece(params: dict) -> int:
-    """The `prep_piece` parameter: sequences tokenized per step of `embed_requests` (0: all at once)."""
-    value = params.get("prep_piece", "0").strip() or "0"
-    if not value.isdigit():
-        raise ValueError(f"parameter prep_piece must be a whole number of sequences (0: off), got {value!r}")
-    return int(value)
-
-
 def embed_requests(embedder, requests: Sequence[Union[list, Exception]],
-                   phases: Optional[PhaseSeconds] = None, piece: int = 0) -> list:
-    """Each request's [n, hidden] float32 rows, or its error.
+                   phases: Optional[PhaseSeconds] = None) -> list:
+    """Each request's [n, hidden] float32 rows, or its error; one core call for all of them.
 
     A request whose input is already an error, or that holds any invalid sequence, gets
     that error and the others still succeed. A sequence too large for the device even
     alone fails only its own request. `phases`, when given, gets the seconds spent
     tokenizing (prep) and in the encoder call (compute) added.
-
-    piece 0: every request tokenized, then one core call for all of them (packs shared across
-    requests). piece N: each request in steps of N sequences, the next step tokenized on a
-    second thread while the device embeds this one (a BPE tokenizer's CPU time, DNABERT-S's,
-    then hides behind the forwards instead of adding to them); prep counts only the wait for
-    tokens the device did not hide.
     """
     phases = phases if phases is not None else PhaseSeconds()
     results: list = list(requests)
-    for sequences in requests:
-        if isinstance(sequences, Exception):  # a malformed request: bad input, counted as such
-            embedder.stats.failures += 1
-    if piece:
-        _embed_in_steps(embedder, requests, results, phases, piece)
-        return results
     tokens, owners = [], []  # owners: (request index, first row, row count)
     started = time.perf_counter()
     for k, sequences in enumerate(requests):
-        if isinstance(sequences, Exception):
+        if isinstance(sequences, Exception):  # a malformed request: bad input, counted as such
+            embedder.stats.failures += 1
             continue
         try:
             ids = embedder.tokenize(sequences)
@@ -214,62 +194,15 @@ def embed_requests(embedder, requests: Sequence[Union[list, Exception]],
         phases.compute_seconds += time.perf_counter() - tokenized
     for k, start, n in owners:
         bad = sorted(i for i in failures if start <= i < start + n)
-        results[k] = _too_large(bad[0] - start, tokens[bad[0]]) if bad else rows[start:start + n]
+        if bad:
+            i = bad[0]
+            results[k] = SequenceTooLargeError(
+                f"sequence {i - start}: {len(tokens[i])} tokens do not fit on the device even alone; "
+                "shorten it or lower max_length"
+            )
+        else:
+            results[k] = rows[start:start + n]
     return results
-
-
-def _too_large(index: int, ids) -> SequenceTooLargeError:
-    return SequenceTooLargeError(f"sequence {index}: {len(ids)} tokens do not fit on the device even alone; "
-                                 "shorten it or lower max_length")
-
-
-def _embed_in_steps(embedder, requests, results: list, phases: PhaseSeconds, piece: int) -> None:
-    """embed_requests with piece > 0: steps of <= piece sequences per request, in order; step i+1's
-    tokenizing overlaps step i's forwards. A request's first failing step fails it (its later steps
-    are skipped), so the error names its first bad sequence, as in one call."""
-    steps = [(k, start, sequences[start:start + piece]) for k, sequences in enumerate(requests)
-             if not isinstance(sequences, Exception) for start in range(0, max(1, len(sequences)), piece)]
-    parts: dict = {k: [] for k, _, _ in steps}
-
-    def tokenize(step):
-        k, start, sequences = step
-        try:
-            return embedder.tokenize(sequences)
-        except InvalidSequenceError as err:   # named by its index in the request, not the step
-            return err.at(start + err.index) if err.index is not None else err
-
-    def next_step(i: int):
-        while i < len(steps) and isinstance(results[steps[i][0]], EmbedCoreError):
-            i += 1                            # the rest of a failed request: not tokenized at all
-        return i, (pool.submit(tokenize, steps[i]) if i < len(steps) else None)
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-prep") as pool:
-        i, pending = next_step(0)
-        while pending is not None:
-            k, start, _ = steps[i]
-            waited = time.perf_counter()
-            ids = pending.result()
-            phases.prep_seconds += time.perf_counter() - waited
-            if isinstance(results[k], EmbedCoreError) or isinstance(ids, InvalidSequenceError):
-                if not isinstance(results[k], EmbedCoreError):
-                    results[k] = ids          # (a request already failed keeps its first error)
-                i, pending = next_step(i + 1)
-                continue
-            i, pending = next_step(i + 1)     # tokenized while this step's forwards run
-            failures: dict = {}
-            began = time.perf_counter()
-            try:
-                rows = embedder.embed_tokens(ids, failures=failures)
-            finally:  # a failed call still took the instance's time
-                phases.compute_seconds += time.perf_counter() - began
-            if failures:
-                first = min(failures)
-                results[k] = _too_large(start + first, ids[first])
-            else:
-                parts[k].append(rows)
-    for k, rows in parts.items():
-        if not isinstance(results[k], EmbedCoreError):
-            results[k] = np.concatenate(rows) if len(rows) > 1 else rows[0]
 
 
 def is_client_error(err: BaseException) -> bool:

@@ -33,7 +33,6 @@ def triton_model_class(pb_utils, kind: str):
                 params = serving.config_parameters(config)
                 path = serving.checkpoint_path(params, args["model_repository"])
                 self.embedder = models.load_embedder(kind, path, serving.runtime_options(params, device))
-                self.prep_piece = serving.prep_piece(params)
             except Exception as err:
                 raise pb_utils.TritonModelException(f"{type(err).__name__}: {err}") from None
             # Before the warmup: a checkpoint that does not fit the config is refused at once.
@@ -50,7 +49,7 @@ def triton_model_class(pb_utils, kind: str):
                 f"{self.model_name} ({args['model_instance_name']}): {path} on {e.device}, "
                 f"dtype {str(e.dtype).replace('torch.', '')}, token budget {e.token_budget}, "
                 f"max_length {e.max_length} ({e.config.too_long}), compiled {e.compiled}, "
-                f"triton kernels {e.triton_kernels}, prep piece {self.prep_piece or 'off'}"
+                f"triton kernels {e.triton_kernels}"
             )
             labels = {"model": self.model_name, "gpu": gpu, "instance": args["model_instance_name"]}
             # The families must outlive their metrics (device/NOTES.md): keep both on self.
@@ -74,7 +73,7 @@ def triton_model_class(pb_utils, kind: str):
             # Decoding is host work before the encoder, as tokenizing is: both count as prep.
             self.phases.prep_seconds += time.perf_counter() - started
             try:
-                results = self.serving.embed_requests(self.embedder, inputs, self.phases, self.prep_piece)
+                results = self.serving.embed_requests(self.embedder, inputs, self.phases)
             except Exception as err:  # a server fault: every request of this batch learns it
                 results = [err] * len(requests)
             for name, value in self.deltas.take(self.embedder.stats, self.phases).items():

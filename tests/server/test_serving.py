@@ -98,33 +98,17 @@ def embedder(demo_checkpoints):
     return load_embedder("esm2", demo_checkpoints / "esm2", RuntimeConfig(device="cpu", dtype="float32"))
 
 
-# piece 0: one core call per execute; 1 and 2: tokenizing in steps beside the forwards.
-PIECES = [0, 1, 2]
-
-
-@pytest.mark.parametrize("piece", PIECES)
-def test_embed_requests_fails_only_the_bad_requests(embedder, piece):
-    requests = [["MKTAY", "MKL", "ACD"], ["MKL", "MKT", "MK1", "MK2"], serving.RequestError("broken"), ["ACDEFG"], []]
-    failures = embedder.stats.failures
-    results = serving.embed_requests(embedder, requests, piece=piece)
-    np.testing.assert_allclose(results[0], embedder.embed(["MKTAY", "MKL", "ACD"]), atol=1e-5, rtol=0)
-    # The request's first bad sequence, by its index in the request (steps of 1 or 2 included).
-    assert isinstance(results[1], InvalidSequenceError) and str(results[1]).startswith("sequence 2:")
+def test_embed_requests_fails_only_the_bad_requests(embedder):
+    requests = [["MKTAY", "MKL"], ["MK1"], serving.RequestError("broken"), ["ACDEFG"]]
+    results = serving.embed_requests(embedder, requests)
+    np.testing.assert_allclose(results[0], embedder.embed(["MKTAY", "MKL"]), atol=1e-5, rtol=0)
+    assert isinstance(results[1], InvalidSequenceError) and "sequence 0" in str(results[1])
     assert results[2] is requests[2]
     np.testing.assert_allclose(results[3], embedder.embed(["ACDEFG"]), atol=1e-5, rtol=0)
-    assert results[4].shape == (0, embedder.hidden_size)
     assert all(serving.is_client_error(r) for r in results[1:3])
-    assert embedder.stats.failures == failures + 2          # one per bad request, not per bad sequence
 
 
-def test_prep_piece_parameter():
-    assert serving.prep_piece({}) == 0 and serving.prep_piece({"prep_piece": "256"}) == 256
-    with pytest.raises(ValueError, match="prep_piece must be a whole number"):
-        serving.prep_piece({"prep_piece": "-1"})
-
-
-@pytest.mark.parametrize("piece", PIECES)
-def test_a_sequence_too_large_for_the_device_fails_only_its_request(embedder, piece):
+def test_a_sequence_too_large_for_the_device_fails_only_its_request(embedder):
     import torch
 
     def fail_long(batch):  # as if a pack holding the 30-residue sequence ran out of memory
@@ -133,11 +117,10 @@ def test_a_sequence_too_large_for_the_device_fails_only_its_request(embedder, pi
 
     embedder.before_forward = fail_long
     try:
-        results = serving.embed_requests(embedder, [["MKTAY"], ["MKTAY", "A" * 30, "MKL"], ["MKL"]], piece=piece)
+        results = serving.embed_requests(embedder, [["MKTAY"], ["MKTAY", "A" * 30], ["MKL"]])
     finally:
         embedder.before_forward = None
     assert isinstance(results[1], SequenceTooLargeError) and str(results[1]).startswith("sequence 1:")
-    np.testing.assert_allclose(results[0], embedder.embed(["MKTAY"]), atol=1e-5, rtol=0)
     np.testing.assert_allclose(results[2], embedder.embed(["MKL"]), atol=1e-5, rtol=0)
     assert serving.is_client_error(results[1])
 
@@ -152,8 +135,7 @@ def test_metric_deltas_follow_the_stats(embedder):
     assert deltas.take(embedder.stats) == {}
 
 
-@pytest.mark.parametrize("piece", PIECES)
-def test_phase_seconds_split_the_wall_time_and_become_counters(embedder, piece):
+def test_phase_seconds_split_the_wall_time_and_become_counters(embedder):
     """embed_requests adds its tokenizing (prep) and encoder (compute) seconds to the PhaseSeconds;
     together they are within the call's own wall time, and MetricDeltas turns them (floats) into
     increments of embed_prep/compute_seconds_total beside the EmbedStats counters."""
@@ -163,7 +145,7 @@ def test_phase_seconds_split_the_wall_time_and_become_counters(embedder, piece):
     deltas = serving.MetricDeltas()
     deltas.take(embedder.stats, phases)
     started = time.perf_counter()
-    serving.embed_requests(embedder, [["MKTAY" * 20, "MKL"], ["ACDEFG"]], phases, piece)
+    serving.embed_requests(embedder, [["MKTAY" * 20, "MKL"], ["ACDEFG"]], phases)
     wall = time.perf_counter() - started
     assert phases.prep_seconds > 0 and phases.compute_seconds > 0
     assert phases.prep_seconds + phases.compute_seconds <= wall
