@@ -201,8 +201,7 @@ class PackedAttention:
                 kernels_attention.check_head_dim(head_dim)
             self._triton_fn = kernels_attention.alibi_varlen_attention
             # None: the kernel's plain softmax attention (no bias term at all).
-            self.slopes = (alibi_slopes.to(device=device, dtype=torch.float32) if alibi_slopes is not None
-                           else None)
+            self.slopes = None if alibi_slopes is None else alibi_slopes.to(device=device, dtype=torch.float32)
         self.backend = backend
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = max_seqlen

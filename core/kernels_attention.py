@@ -27,9 +27,9 @@ from .triton_support import can_run_on, lazy_kernel
 # With ALiBi (DNABERT-S), measured by perf/bench_kernels.py on an H200 (2026-11-28, 131,072 tokens
 # of 55-135-token chunks, 12 x 64 heads): 64x32 with 4 warps 3.42 ns/token, 64x64 3.47, 128x64
 # 4.14, 128x128 6.01; padded SDPA with the bias 19.85 (~95-token chunks take two query blocks).
-# Without (ESM-2, 40 x 64 heads, 42-172-residue frames; the kernel skips its bias term), the
-# same run's fourth session: 64x32 w4 10.24 ns/token, 64x64 10.75, 128x32 11.13, 128x64 12.3-12.9;
-# torch's flash varlen 17.55.
+# Without (ESM-2, 40 x 64 heads, 42-172-residue frames; the kernel skips its bias term), measured
+# the same way (fourth session): 64x32 w4 10.24 ns/token, 64x64 10.75, 128x32 11.13, 128x64
+# 12.3-12.9; torch's flash varlen 17.55.
 TILINGS = {True: (64, 32, 4), False: (64, 32, 4)}
 LOG2E = 1.4426950408889634
 
@@ -129,8 +129,9 @@ def alibi_varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seql
     grid = (batch * heads, -(-max_seqlen // block_m))
     if slopes is not None and slopes.numel() != heads:
         raise ValueError(f"{slopes.numel()} ALiBi slopes for {heads} heads")
-    kernel[grid](qkv, out, cu_seqlens, slopes.to(torch.float32) if slopes is not None else out, scale * LOG2E,
-                 heads, qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
+    slopes_arg = slopes.to(torch.float32) if slopes is not None else out   # without a bias: never read
+    kernel[grid](qkv, out, cu_seqlens, slopes_arg, scale * LOG2E, heads,
+                 qkv.stride(0), qkv.stride(1), qkv.stride(2), out.stride(0), out.stride(1),
                  HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=slopes is not None,
                  PRECISION=precision, num_warps=num_warps)
     return out

@@ -34,7 +34,6 @@ ATTENTION_TILINGS = [(64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 32, 4), (128,
                      (64, 128, 4), (32, 64, 2), (64, 64, 8)]
 
 
-
 def import_core():
     """embed_core, installed or from this checkout (bench_models.import_core)."""
     spec = importlib.util.spec_from_file_location("bench_models", Path(__file__).resolve().parent / "bench_models.py")
@@ -157,7 +156,7 @@ def main(argv=None) -> int:
         part: list = []
         bench_attention(tokens, device, part, "dnabert_s")
         bench_attention(tokens, device, part, "esm2")
-        if "attention" not in args.only:
+        if args.only == "all":
             for width in (2560, 768):
                 bench_add_layer_norm(tokens, width, device, part)
         for row in part:

@@ -22,8 +22,8 @@ figures) comes from its client pass alone when that ran (the run then has
 <model>_alone_tokens_per_s_per_gpu_wall), else from the mixed run, where both models' instances
 time-slice each GPU and the figure is a lower bound (<model>_tokens_per_s_per_gpu_mixed). It is
 compared only when both runs measured it the same way, else skipped with the reason; ESM-2's
-mixed-run figure is compared on its own (esm2_tokens_per_s_per_gpu_mixed). Runs before the ESM-2
-pass alone (perf/baseline.json among them) have ESM-2's from the mixed run.
+mixed-run figure is compared on its own (esm2_tokens_per_s_per_gpu_mixed). Runs from before the
+ESM-2 pass alone (the third session's) have ESM-2's from the mixed run.
 
 Exit codes: 0 nothing worse, 1 at least one figure worse, 2 unreadable input.
 """
@@ -61,7 +61,7 @@ FIGURES = {
     "per_gpu_token_balance": ("higher", "ratio"),
 }
 
-# target figure: the figure a run has when the target figure comes from the model's pass alone
+# target figure -> the figure a run has only when its target figure came from the model's pass alone
 MEASURED_ALONE_WHEN = {"esm2_tokens_per_s_per_gpu": "esm2_alone_tokens_per_s_per_gpu_wall",
                        "dnabert_s_tokens_per_s_per_gpu": "dnabert_s_alone_tokens_per_s_per_gpu_wall"}
 

@@ -50,7 +50,8 @@ def test_e2e_small_end_to_end(tmp_path):
     assert not nulls, f"figures not measured: {nulls}"
     assert figures["gpus"] == 1 and figures["gpu_util_samples"] == 0
     for key in ("e2e_frames_per_s", "esm2_tokens_per_s_per_gpu", "dnabert_s_tokens_per_s_per_gpu",
-                "esm2_alone_tokens_per_s_per_gpu", "inprocess_esm2_tokens_per_s", "inprocess_dnabert_s_tokens_per_s", "hf_esm2_tokens_per_s"):
+                "esm2_alone_tokens_per_s_per_gpu", "inprocess_esm2_tokens_per_s", "inprocess_dnabert_s_tokens_per_s",
+                "hf_esm2_tokens_per_s"):
         assert figures[key] > 0, key
     assert 0 < figures["e2e_over_inprocess"] and figures["overhead"] == pytest.approx(1 - figures["e2e_over_inprocess"])
     assert set(report["targets"]) == set(e2e.TARGETS)
@@ -156,7 +157,7 @@ def test_compare_flags_15_percent_worse_and_passes_5_percent(tmp_path, capsys):
 
 def test_compare_target_rates_only_like_with_like():
     """A model's tokens/s per GPU from its pass alone is not compared with one from the mixed run
-    (perf/baseline.json's ESM-2 figure): skipped with the reason; the mixed figures still compare."""
+    (a baseline from before the ESM-2 pass): skipped with the reason; the mixed figures still compare."""
     compare = load("compare")
     base = {"gpus": 1, "esm2_tokens_per_s_per_gpu": 98_000.0, "esm2_tokens_per_s_per_gpu_mixed": 98_000.0,
             "dnabert_s_tokens_per_s_per_gpu": 1.2e6, "dnabert_s_alone_tokens_per_s_per_gpu_wall": 1.2e6}
