@@ -357,8 +357,8 @@ class ESM2(nn.Module):
     from RuntimeConfig.kernels ("auto": triton on CUDA)."""
     attention_backend = "auto"
     """PackedAttention backend of forward_packed: "auto" (flash varlen on CUDA in bf16/fp16, padded
-    SDPA elsewhere), "flash", "padded" or "triton" (kernels_attention's varlen kernel, bias-free:
-    zero ALiBi slopes). The runtime sets "triton" with our kernels."""
+    SDPA elsewhere), "flash", "padded" or "triton" (kernels_attention's varlen kernel with its bias
+    term compiled out). The runtime sets "triton" with our kernels."""
     elementwise_impl = "torch"
     """Residual adds and LayerNorms of the eager forward_packed: "torch" (ATen, two passes) or
     "triton" (kernels_elementwise: each add fused into the LayerNorm after it; same needs as the

@@ -278,7 +278,7 @@ def test_esm2_elementwise_impl_triton_equals_torch(device, rotary_impl):
 @pytest.mark.parametrize("device", DEVICES)
 def test_esm2_all_triton_kernels_equal_torch_path(device):
     """What the runtime runs with kernels on: our rotary, add + LayerNorm, one q/k/v GEMM and our
-    varlen attention kernel (zero ALiBi slopes), against the plain path."""
+    varlen attention kernel (its bias term compiled out), against the plain path."""
     _triton_kernels_or_skip("elementwise", device)
     model = random_esm2(ESM, seed=4).to(device)
     batch = packed_batch([40, 7, 100, 1, 64], 24, seed=23, low=4).to(device)
