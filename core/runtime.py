@@ -172,6 +172,26 @@ def token_budget_for(device: torch.device, encoder: torch.nn.Module, dtype: torc
     return budget_from_memory(free, hidden, intermediate, heads, torch.finfo(dtype).bits // 8)
 
 
+class Launched:
+    """Rows queued on the device (Embedder.launch_tokens); `result()` -> [N, hidden] float32 numpy."""
+
+    def __init__(self, rows: torch.Tensor):
+        if rows.device.type == "cuda":
+            # The copy to pinned host memory is queued right behind the forwards, so it does not
+            # wait for work queued later (the next batch's forwards).
+            self._host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            self._host.copy_(rows, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host, self._done = rows, None
+
+    def result(self) -> np.ndarray:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.numpy()
+
+
 @dataclass
 class _Pack:
     """Sorted positions [lo, hi) of one forward, with its host batch (built ahead of time)."""
@@ -296,10 +316,17 @@ class Embedder:
         a `failures` dict is given it is recorded there instead (index -> error), its row is NaN,
         and every other sequence is still embedded.
         """
+        return self.launch_tokens(token_arrays, failures).result()
+
+    def launch_tokens(self, token_arrays: Sequence[np.ndarray], failures: Optional[dict] = None) -> "Launched":
+        """`embed_tokens` without waiting for the device: every forward is queued (out-of-memory
+        splits and SequenceTooLargeError happen here, at allocation), then the copy of the rows to
+        the host; `.result()` waits for them. On CUDA the device runs while the caller prepares the
+        next batch (the Triton models return from execute here and answer from a second thread)."""
         n = len(token_arrays)
         out = torch.empty(n, self.hidden_size, dtype=torch.float32, device=self.device)
         if n == 0:
-            return out.cpu().numpy()
+            return Launched(out)
         lengths = np.fromiter((len(t) for t in token_arrays), dtype=np.int64, count=n)
         order = np.argsort(lengths, kind="stable")      # sorted position -> input index
         sorted_arrays = [token_arrays[i] for i in order]
@@ -312,7 +339,7 @@ class Embedder:
                 if k + 1 < len(packs):                 # build the next pack while this one runs
                     pending = self._submit(sorted_arrays, packs[k + 1])
                 self._run(p, sorted_arrays, order, order_dev, out, failures)
-        return out.cpu().numpy()
+        return Launched(out)
 
     def _cut(self, sorted_lengths: np.ndarray) -> list[_Pack]:
         """Greedy cut of the sorted stream into packs of <= token_budget tokens (>= 1 sequence each)."""

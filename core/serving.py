@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -34,19 +35,27 @@ METRIC_LABELS = ("model", "gpu", "instance")
 
 @dataclasses.dataclass
 class PhaseSeconds:
-    """Cumulative wall seconds one model instance spent per phase of execute.
+    """Cumulative wall seconds one model instance spent per phase of its work.
 
-    Triton's compute_infer time is the whole execute; this splits it, so a slow instance
+    Triton's compute_infer time is the execute call; this splits the work, so a slow instance
     shows whether the host work around the encoder or the encoder call itself is the cost.
-    What is in neither phase (building the response tensors) is execute minus both.
+    The Triton models answer from a second thread (model.py's execute returns once the forwards
+    are queued), so compute's wait for the device lies partly outside Triton's execute time.
+    `add` takes the lock: the execute thread and the answering thread both add time.
     """
 
     prep_seconds: float = 0.0      # decoding the SEQUENCE tensors + tokenizing
-    compute_seconds: float = 0.0   # Embedder.embed_tokens; it ends with the device->host copy,
-                                   # so this is device time plus host work the device did not hide
+    compute_seconds: float = 0.0   # the encoder call: queuing the forwards, then waiting for the
+                                   # rows on the host (device time plus host work it did not hide)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, phase: str, seconds: float) -> None:
+        with self._lock:
+            setattr(self, phase, getattr(self, phase) + seconds)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        with self._lock:
+            return {"prep_seconds": self.prep_seconds, "compute_seconds": self.compute_seconds}
 
 
 class RequestError(EmbedCoreError):
@@ -170,6 +179,14 @@ def embed_requests(embedder, requests: Sequence[Union[list, Exception]],
     alone fails only its own request. `phases`, when given, gets the seconds spent
     tokenizing (prep) and in the encoder call (compute) added.
     """
+    return launch_requests(embedder, requests, phases).finish()
+
+
+def launch_requests(embedder, requests: Sequence[Union[list, Exception]],
+                    phases: Optional[PhaseSeconds] = None) -> "LaunchedRequests":
+    """`embed_requests` up to the device: tokenized, every forward queued; `.finish()` waits for
+    the rows and returns each request's rows or error (the Triton models finish on a second
+    thread, so the next execute's host work overlaps this one's forwards)."""
     phases = phases if phases is not None else PhaseSeconds()
     results: list = list(requests)
     tokens, owners = [], []  # owners: (request index, first row, row count)
@@ -186,23 +203,45 @@ def embed_requests(embedder, requests: Sequence[Union[list, Exception]],
         owners.append((k, len(tokens), len(ids)))
         tokens.extend(ids)
     tokenized = time.perf_counter()
-    phases.prep_seconds += tokenized - started
+    phases.add("prep_seconds", tokenized - started)
     failures: dict = {}
     try:
-        rows = embedder.embed_tokens(tokens, failures=failures)
+        launched = embedder.launch_tokens(tokens, failures=failures)
     finally:  # a failed call still took the instance's time
-        phases.compute_seconds += time.perf_counter() - tokenized
-    for k, start, n in owners:
-        bad = sorted(i for i in failures if start <= i < start + n)
-        if bad:
-            i = bad[0]
-            results[k] = SequenceTooLargeError(
-                f"sequence {i - start}: {len(tokens[i])} tokens do not fit on the device even alone; "
-                "shorten it or lower max_length"
-            )
-        else:
-            results[k] = rows[start:start + n]
-    return results
+        phases.add("compute_seconds", time.perf_counter() - tokenized)
+    return LaunchedRequests(results, tokens, owners, failures, launched, phases)
+
+
+@dataclasses.dataclass
+class LaunchedRequests:
+    """The requests of one execute with their forwards queued (launch_requests)."""
+
+    results: list            # per request: its error, or (until finish) its sequences
+    tokens: list             # token ids of every embedded sequence, requests back to back
+    owners: list             # (request index, first row, row count)
+    failures: dict           # row -> SequenceTooLargeError (the forwards' own split-and-retry)
+    launched: object         # runtime.Launched
+    phases: PhaseSeconds
+
+    def finish(self) -> list:
+        """Each request's rows or error, once the device has them (compute counts the wait)."""
+        waited = time.perf_counter()
+        try:
+            rows = self.launched.result()
+        finally:
+            self.phases.add("compute_seconds", time.perf_counter() - waited)
+        results = list(self.results)
+        for k, start, n in self.owners:
+            bad = sorted(i for i in self.failures if start <= i < start + n)
+            if bad:
+                i = bad[0]
+                results[k] = SequenceTooLargeError(
+                    f"sequence {i - start}: {len(self.tokens[i])} tokens do not fit on the device even alone; "
+                    "shorten it or lower max_length"
+                )
+            else:
+                results[k] = rows[start:start + n]
+        return results
 
 
 def is_client_error(err: BaseException) -> bool:

@@ -6,9 +6,15 @@ three lines of configuration. It converts Triton requests to strings and back; t
 tokenizing, packing, forward and checks are the core's (`serving`, `models`).
 """
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from . import models, serving
+
+# Executes between queuing their forwards and answering: this one on the device, the next one's
+# forwards queued behind it; a third waits in execute (device memory holds one batch's work).
+IN_FLIGHT = 2
 
 
 def triton_model_class(pb_utils, kind: str):
@@ -63,22 +69,55 @@ def triton_model_class(pb_utils, kind: str):
             self.phases = serving.PhaseSeconds()
             self.deltas = serving.MetricDeltas()
             self.deltas.take(self.embedder.stats, self.phases)
+            # execute returns once its forwards are queued and this thread answers when the rows
+            # are on the host (the response sender, allowed in default mode since Triton 24.06):
+            # the device no longer idles while Triton hands over the next batch and it is
+            # decoded and tokenized.
+            self.answering = ThreadPoolExecutor(1, thread_name_prefix=f"{kind}-answer")
+            self.in_flight = threading.BoundedSemaphore(IN_FLIGHT)
 
         def execute(self, requests):
+            self.in_flight.acquire()
             started = time.perf_counter()
+            senders = [request.get_response_sender() for request in requests]
             inputs = []
             for request in requests:
                 tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
                 inputs.append(self.serving.decode_sequences(None if tensor is None else tensor.as_numpy()))
             # Decoding is host work before the encoder, as tokenizing is: both count as prep.
-            self.phases.prep_seconds += time.perf_counter() - started
+            self.phases.add("prep_seconds", time.perf_counter() - started)
             try:
-                results = self.serving.embed_requests(self.embedder, inputs, self.phases)
+                launched = self.serving.launch_requests(self.embedder, inputs, self.phases)
             except Exception as err:  # a server fault: every request of this batch learns it
-                results = [err] * len(requests)
-            for name, value in self.deltas.take(self.embedder.stats, self.phases).items():
-                self.counters[name].increment(value)
-            return [self._response(result) for result in results]
+                launched = err
+            self.answering.submit(self._answer, launched, senders)
+            return None
+
+        def _answer(self, launched, senders):
+            """Waits for one execute's rows and sends every request its one, final response."""
+            try:
+                try:
+                    results = launched.finish() if not isinstance(launched, Exception) else None
+                except Exception as err:  # e.g. a device fault surfacing at the wait
+                    launched = err
+                    results = None
+                if results is None:
+                    results = [launched] * len(senders)
+                for name, value in self.deltas.take(self.embedder.stats, self.phases).items():
+                    self.counters[name].increment(value)
+                for sender, result in zip(senders, results):
+                    sender.send(self._response(result), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as err:  # nothing may leave a request unanswered: its client would wait
+                pb_utils.Logger.log_error(f"{self.model_name}: answering failed: {type(err).__name__}: {err}")
+                for sender in senders:
+                    try:
+                        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                            f"{self.model_name}: {type(err).__name__}: {err}")),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    except Exception:  # already answered
+                        pass
+            finally:
+                self.in_flight.release()
 
         def _response(self, result):
             if isinstance(result, Exception):
@@ -89,6 +128,8 @@ def triton_model_class(pb_utils, kind: str):
             return pb_utils.InferenceResponse(output_tensors=[tensor])
 
         def finalize(self):
+            if hasattr(self, "answering"):
+                self.answering.shutdown(wait=True)   # every request answered first
             if hasattr(self, "embedder"):
                 self.embedder.close()
 
