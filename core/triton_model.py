@@ -78,19 +78,23 @@ def triton_model_class(pb_utils, kind: str):
 
         def execute(self, requests):
             self.in_flight.acquire()
-            started = time.perf_counter()
-            senders = [request.get_response_sender() for request in requests]
-            inputs = []
-            for request in requests:
-                tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
-                inputs.append(self.serving.decode_sequences(None if tensor is None else tensor.as_numpy()))
-            # Decoding is host work before the encoder, as tokenizing is: both count as prep.
-            self.phases.add("prep_seconds", time.perf_counter() - started)
             try:
-                launched = self.serving.launch_requests(self.embedder, inputs, self.phases)
-            except Exception as err:  # a server fault: every request of this batch learns it
-                launched = err
-            self.answering.submit(self._answer, launched, senders)
+                started = time.perf_counter()
+                senders = [request.get_response_sender() for request in requests]
+                inputs = []
+                for request in requests:
+                    tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
+                    inputs.append(self.serving.decode_sequences(None if tensor is None else tensor.as_numpy()))
+                # Decoding is host work before the encoder, as tokenizing is: both count as prep.
+                self.phases.add("prep_seconds", time.perf_counter() - started)
+                try:
+                    launched = self.serving.launch_requests(self.embedder, inputs, self.phases)
+                except Exception as err:  # a server fault: every request of this batch learns it
+                    launched = err
+                self.answering.submit(self._answer, launched, senders)
+            except BaseException:
+                self.in_flight.release()   # not answered here: Triton fails the batch; the slot is free
+                raise
             return None
 
         def _answer(self, launched, senders):

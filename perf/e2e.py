@@ -947,8 +947,9 @@ def print_table(report: dict) -> None:
     lines.append("mixed run: both models' instances time-slice each GPU, so a model's exec time there includes the "
                  "other's kernels (a lower bound); alone: a client pass of that model only, the GPU to itself")
     lines.append("prep | compute | execute s: the server instances' embed_prep_seconds_total (decode + tokenize), "
-                 "embed_compute_seconds_total (encoder call, to the host) and Triton's compute_infer (the whole "
-                 "execute), summed over instances; execute - prep - compute = responses + Python backend")
+                 "embed_compute_seconds_total (encoder call, to the rows on the host) and Triton's compute_infer "
+                 "(execute, with its wait for a free in-flight slot), summed over instances; on a GPU compute "
+                 "overlaps the next execute (the rows are awaited in the answering thread) and can pass execute")
     cos = report.get("cosine", {})
     if cos:
         lines.append("min cosine over the first rows: " + ", ".join(f"{k} {_n(v, '{:.5f}')}" for k, v in cos.items()))
