@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .packing import positions_in_sequence, sequence_index
+from .triton_support import require_runnable
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,9 +195,7 @@ class PackedAttention:
             raise ValueError("the flex path needs torch.nn.attention.flex_attention (torch >= 2.5)")
         if backend == "triton":
             from . import kernels_attention
-            if not kernels_attention.available(device):
-                raise ValueError("the triton attention path needs the triton package and a CUDA device "
-                                 "(or TRITON_INTERPRET=1)")
+            require_runnable(device, "the triton attention path", ValueError)
             if head_dim is not None:
                 kernels_attention.check_head_dim(head_dim)
             self._triton_fn = kernels_attention.alibi_varlen_attention

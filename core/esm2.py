@@ -24,6 +24,7 @@ from .attention import PackedAttention
 from .compiling import compile_function
 from .errors import CheckpointError, InvalidSequenceError
 from .packing import positions_in_sequence, sequence_index
+from .triton_support import require_runnable
 
 # Fraction of tokens replaced by <mask> in every ESM training run (15% selected x 80% masked).
 MASK_RATIO_TRAIN = 0.15 * 0.8
@@ -426,10 +427,7 @@ class ESM2(nn.Module):
                 raise ValueError(f"unknown {name} {getattr(self, name)!r} (one of {', '.join(choices)})")
         if self.elementwise_impl == "torch" or self._compiled:
             return False
-        from . import kernels_elementwise
-        if not kernels_elementwise.available(device):
-            raise RuntimeError(f"elementwise_impl 'triton' needs the triton package and a CUDA device "
-                               f"(or TRITON_INTERPRET=1), not {torch.device(device).type}")
+        require_runnable(device, "elementwise_impl 'triton'")
         return True
 
     def _forward_add_norm(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -454,10 +452,7 @@ class ESM2(nn.Module):
 
     def _rotary_head(self, device: torch.device) -> Callable:
         """The layer head for rotary_impl "triton" (built once per compiled state)."""
-        from . import kernels_rotary
-        if not kernels_rotary.available(device):
-            raise RuntimeError(f"rotary_impl 'triton' needs the triton package and a CUDA device "
-                               f"(or TRITON_INTERPRET=1), not {torch.device(device).type}")
+        require_runnable(device, "rotary_impl 'triton'")
         if self._compiled not in self._triton_heads:
             inner = compile_function(layer_head_norotary) if self._compiled else layer_head_norotary
             self._triton_heads[self._compiled] = triton_rotary_head(inner)

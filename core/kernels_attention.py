@@ -34,9 +34,9 @@ TILINGS = {True: (64, 32, 4), False: (64, 32, 4)}
 LOG2E = 1.4426950408889634
 
 
-@lazy_kernel
+@lazy_kernel("alibi_varlen_attention")
 def _kernel(triton, tl):
-    """The jitted kernel (`_kernel()` builds it on first use; None without triton)."""
+    """The jitted kernel (`_kernel()` builds it on first use)."""
 
     @triton.jit
     def alibi_varlen_kernel(qkv_ptr, out_ptr, cu_ptr, slopes_ptr, qk_scale, heads,
@@ -113,8 +113,6 @@ def alibi_varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seql
     block_m, block_n = block_m or default_m, block_n or default_n
     num_warps = num_warps or default_warps
     kernel = _kernel()
-    if kernel is None:
-        raise RuntimeError("the triton attention kernel needs the triton package")
     total, three, heads, head_dim = qkv.shape
     if three != 3:
         raise ValueError(f"qkv must be [T, 3, heads, head_dim], got {tuple(qkv.shape)}")

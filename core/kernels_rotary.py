@@ -17,9 +17,9 @@ import torch
 from .triton_support import can_run_on, lazy_kernel
 
 
-@lazy_kernel
+@lazy_kernel("rotary_qk")
 def _kernel(triton, tl):
-    """The jitted kernel (`_kernel()` builds it on first use; None without triton)."""
+    """The jitted kernel (`_kernel()` builds it on first use)."""
 
     # T (tokens in the pack) changes with every pack: not specialised on (Triton would compile a
     # second variant the first time a pack's T is a multiple of 16, mid-serving).
@@ -86,8 +86,6 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     falls back to writing new tensors and copying back).
     """
     kernel = _kernel()
-    if kernel is None:
-        raise RuntimeError("rotary_qk needs the triton package")
     if q.shape != k.shape:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ")
     heads, head_dim = q.shape[-2], q.shape[-1]

@@ -55,7 +55,7 @@ class PhaseSeconds:
 
     def as_dict(self) -> dict:
         with self._lock:
-            return {"prep_seconds": self.prep_seconds, "compute_seconds": self.compute_seconds}
+            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_lock"}
 
 
 class RequestError(EmbedCoreError):

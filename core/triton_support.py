@@ -32,11 +32,27 @@ def can_run_on(device) -> bool:
     return (device.type == "cuda" or interpret) and import_triton() is not None
 
 
-def lazy_kernel(build: Callable) -> Callable:
-    """`build(triton, tl)` -> a jitted kernel, turned into a cached `kernel()` that builds it on
-    first use and returns None where triton is not installed."""
-    @functools.lru_cache(maxsize=None)
-    def kernel():
-        modules = import_triton()
-        return None if modules is None else build(*modules)
-    return kernel
+def require_runnable(device, what: str, error: type = RuntimeError) -> None:
+    """Raises `error` naming `what` where our kernels cannot run on `device` (see can_run_on)."""
+    if not can_run_on(device):
+        raise error(f"{what} needs the triton package and a CUDA device (or TRITON_INTERPRET=1), "
+                    f"not {torch.device(device).type}")
+
+
+def lazy_kernel(what: str) -> Callable:
+    """Decorator: `build(triton, tl)` -> a jitted kernel becomes a cached `kernel()` that builds it
+    on first use; where triton is not installed it raises RuntimeError naming `what` (the
+    function that launches it)."""
+    def wrap(build: Callable) -> Callable:
+        @functools.lru_cache(maxsize=None)
+        def built():
+            modules = import_triton()
+            return None if modules is None else build(*modules)
+
+        def kernel():
+            jitted = built()
+            if jitted is None:
+                raise RuntimeError(f"{what} needs the triton package")
+            return jitted
+        return kernel
+    return wrap

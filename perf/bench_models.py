@@ -304,6 +304,9 @@ def attention_variant(name: str) -> tuple:
     return f"c_{name}", {"attention": attention, "kernels": "torch"}, {"flex_block": block}, label
 
 
+ESM_VARIANTS = ("auto", "torch", "triton", "eager", "rotary", "flash")   # rotary_variant's names
+
+
 @with_budget
 def rotary_variant(name: str, device: torch.device) -> tuple:
     """--esm-rotary entry -> ((c) key, RuntimeConfig overrides, ESM2 attributes, label), or a reason
@@ -617,9 +620,9 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     if bad:
         raise SystemExit(f"bench_models: --attention takes auto, padded, flex, triton, {', '.join(flex_blocks)} "
                          f"(comma-separated), got {bad}")
-    bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ("auto", "torch", "triton", "eager", "rotary", "flash")]
+    bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ESM_VARIANTS]
     if bad:
-        raise SystemExit(f"bench_models: --esm-rotary takes auto, torch, triton, eager, rotary, flash (comma-separated, each "
+        raise SystemExit(f"bench_models: --esm-rotary takes {', '.join(ESM_VARIANTS)} (comma-separated, each "
                          f"optionally @TOKENS), got {bad}")
     if args.small:
         args.esm_vanilla_batch = min(args.esm_vanilla_batch, 8)

@@ -1445,7 +1445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dnabert-copies", type=positive_int, default=1, metavar="K",
                    help="the DNABERT-S-alone pass sends the sample's reads K times (ids suffixed), so that it "
                    "lasts long enough to time the steady state rather than its ramp (40,000 reads: ~2.4 s "
-                   "per copy on an H200)"),
+                   "per copy on an H200)")
     p.add_argument("--inprocess-frames", type=int, default=0,
                    help="frames for the in-process baseline (0: all; fewer if --budget-s requires)")
     p.add_argument("--hf-frames", type=int, default=None, help="frames for the transformers baseline [8000; small 48]")

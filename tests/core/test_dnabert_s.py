@@ -262,7 +262,6 @@ def test_empty_and_batch_errors(demo_tokenizer):
     assert [a.tolist() for a in demo_tokenizer.encode_batch(seqs)] == [demo_tokenizer.encode(s).tolist() for s in seqs]
 
 
-
 @pytest.mark.parametrize("bad, index, problem", [
     (["ACGT", "", "ACGT"], 1, "empty sequence"),
     (["ACGT", "acgtn", "ACGTé"], 2, "invalid letter 'é' at position 5"),
@@ -275,6 +274,7 @@ def test_batch_check_names_the_first_bad_sequence(bad, index, problem):
         check_dna_batch(bad)
     assert err.value.index == index
     assert check_dna_batch(["acgtn", "RYKM"]) == ["ACGTN", "RYKM"]
+
 
 def test_demo_tokenizer_has_published_structure(tmp_path, demo_tokenizer_path):
     again = train_demo_tokenizer(tmp_path / "tokenizer.json", vocab_size=SMALL.vocab_size)
