@@ -5,9 +5,9 @@ import dataclasses
 from pathlib import Path
 from typing import Union
 
+from .alphabets import MODEL_KINDS
 from .runtime import Embedder, RuntimeConfig
 
-MODEL_KINDS = ("esm2", "dnabert_s")
 # Longest accepted sequence in letters when RuntimeConfig.max_length is None:
 # ESM-2 as fair-esm (1022 residues + BOS/EOS = 1024 tokens); DNABERT-S 10,000 bp.
 DEFAULT_MAX_LENGTH = {"esm2": 1022, "dnabert_s": 10_000}
