@@ -32,11 +32,12 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import ClassifierError
+from .sink import MERGE_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,15 @@ class Classifier:
     @property
     def input_dim(self) -> int:
         return int(self.w1.shape[1])
+
+    def require_width(self, widths: Mapping[str, int], source: str, path) -> None:
+        """ClassifierError unless the classifier (read from `path`) takes the merged features
+        of models of these `widths` (given by `source`, e.g. the servers)."""
+        width = sum(widths[m] for m in MERGE_ORDER)
+        if self.input_dim != width:
+            raise ClassifierError(
+                f"classifier {path} takes {self.input_dim} features, but {source} give {width} ("
+                + " + ".join(f"{m} {widths[m]}" for m in MERGE_ORDER) + ")")
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Softmax class probabilities [N, 2] float32 (column 0 others, 1 virus) for [N, D]."""
@@ -232,6 +242,22 @@ def _chunk_max(table):
 def predictions_of(probs: np.ndarray) -> List[str]:
     """`others`/`virus` per row: the first maximum wins, as torch.max (a tie is `others`)."""
     return [LABELS[i] for i in np.argmax(probs, axis=1)]
+
+
+def write_with_predictions(classifier: Optional[Classifier], out_dir: Path,
+                           write: Callable) -> Tuple[object, Optional[Dict[str, int]]]:
+    """(write(on_features), the prediction counts or None): with a classifier, every block of
+    merged features that `write` hands to on_features is classified into the prediction files,
+    which are removed again when anything fails (the error goes on to the caller)."""
+    if classifier is None:
+        return write(None), None
+    writer = PredictionWriter(out_dir)
+    try:
+        rows = write(lambda ids, x: writer.add(ids, classifier.predict_proba(x)))
+        return rows, writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 class PredictionWriter:

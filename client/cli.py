@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from embed_core.alphabets import MODEL_KINDS
+
 from .errors import (ClassifierError, ClientError, IncompleteError, InputError, InterruptedRun, OutputError,
                      OutputWriteError, ServerError)
-from .run import CHUNK_SIZES, MODELS, RunOptions, execute
+from .options import CHUNK_SIZES, RunOptions
+from .run import execute
 from .schedule import ScheduleConfig
 from .transport import ServerSpec, TransportConfig
 
@@ -70,10 +73,10 @@ def _positive_float(text: str) -> float:
 
 def _models(text: str) -> tuple:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [n for n in names if n not in MODELS]
+    unknown = [n for n in names if n not in MODEL_KINDS]
     if not names or unknown:
         raise argparse.ArgumentTypeError(
-            f"expected a comma-separated subset of {','.join(MODELS)}, got {text!r}")
+            f"expected a comma-separated subset of {','.join(MODEL_KINDS)}, got {text!r}")
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"a model is listed twice in {text!r}")
     return names
@@ -123,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep = p.add_argument_group("VirNucPro prep")
     prep.add_argument("--chunk", type=int, choices=CHUNK_SIZES, default=300,
                       help="chunk length in bp (use the classifier trained for it)")
-    prep.add_argument("--models", type=_models, default=",".join(MODELS),
-                      help=f"models to run, comma-separated subset of {','.join(MODELS)}")
+    prep.add_argument("--models", type=_models, default=",".join(MODEL_KINDS),
+                      help=f"models to run, comma-separated subset of {','.join(MODEL_KINDS)}")
     srv = p.add_argument_group("servers")
     srv.add_argument("--server", dest="servers", action="append", default=None,
                      metavar="HOST[:PORT]",

@@ -82,6 +82,11 @@ class OutputError(ClientError):
 class OutputWriteError(ClientError):
     """Writing into the output directory failed (e.g. a full disk); the run can be resumed."""
 
+    @classmethod
+    def resumable(cls, what: str, out, error: OSError) -> "OutputWriteError":
+        """`what` in the output directory `out` failed with `error`; the message says how to go on."""
+        return cls(f"{what} in {out} failed: {error}; once fixed, continue with --resume --out {out}")
+
 
 class ClassifierError(ClientError):
     """The classifier weights cannot be read or do not fit the embeddings."""

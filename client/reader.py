@@ -30,11 +30,11 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 
 import dnaio
 import numpy as np
+from embed_core.alphabets import IUPAC_NUCLEOTIDES
 from xopen import xopen
 
 from .errors import InputError, InputProblem
 
-IUPAC_NUCLEOTIDES = "ACGTUNRYKMSWBDHV"
 POLICIES = ("error", "skip")
 MAX_LISTED = 20
 

@@ -7,7 +7,7 @@ cut greedily into requests of at most `token_budget` estimated tokens and at mos
 `max_batch_size` sequences. A block is the unit the sink commits and a resumed run skips.
 
 The cost of a sequence is its letters (divided by the caller's letters-per-token estimate)
-plus 2 (the specials): exact for ESM-2 (one token per residue), an estimate for a BPE
+plus the tokenizers' added tokens (2: BOS/CLS + EOS/SEP): exact for ESM-2 (one token per residue), an estimate for a BPE
 tokenizer such as DNABERT-S's (~4 bp per token). This module knows tokens, not models.
 """
 
@@ -18,12 +18,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
-SPECIAL_TOKENS = 2  # BOS/CLS + EOS/SEP
+from embed_core.alphabets import ADDED_TOKENS_PER_SEQUENCE
 
 
 def token_cost(sequence: str, letters_per_token: float = 1.0) -> int:
     """Estimated tokens of one sequence: its letters / letters_per_token, plus the two specials."""
-    return math.ceil(len(sequence) / letters_per_token) + SPECIAL_TOKENS
+    return math.ceil(len(sequence) / letters_per_token) + ADDED_TOKENS_PER_SEQUENCE
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,10 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class Item:
-    """One sequence to embed: its frame's position in the run, its id, the text sent."""
+    """One sequence to embed: its frame's position in the run, the frame's id, the text sent."""
 
     index: int
-    key: str
+    frame_id: str
     text: str
 
 
@@ -62,7 +62,7 @@ class Request:
     @property
     def tokens(self) -> int:
         """Estimated tokens at one letter per token: token_cost summed over the items."""
-        return self.letters + SPECIAL_TOKENS * len(self.items)
+        return self.letters + ADDED_TOKENS_PER_SEQUENCE * len(self.items)
 
     @property
     def letters(self) -> int:
@@ -109,25 +109,25 @@ class Block:
 
     number: int
     first_index: int
-    keys: List[str] = field(default_factory=list)
+    frame_ids: List[str] = field(default_factory=list)
     items: Dict[str, List[Item]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
-        return len(self.keys)
+        return len(self.frame_ids)
 
 
 def blocks_of(frames: Iterable[Tuple[str, Dict[str, str]]], window: int,
               models: Sequence[str]) -> Iterator[Block]:
     """Group (frame id, {model: text}) pairs into consecutive blocks of `window` frames."""
     block = None
-    for index, (key, texts) in enumerate(frames):
+    for index, (frame_id, texts) in enumerate(frames):
         if block is None or block.size == window:
             if block is not None:
                 yield block
             block = Block(index // window, index, items={m: [] for m in models})
-        block.keys.append(key)
+        block.frame_ids.append(frame_id)
         for model in models:
-            block.items[model].append(Item(index, key, texts[model]))
+            block.items[model].append(Item(index, frame_id, texts[model]))
     if block is not None:
         yield block

@@ -95,9 +95,9 @@ class BlockRecord:
     last_id: str
     rows: Dict[str, int]
 
-    def matches(self, first_index: int, keys: Sequence[str]) -> bool:
-        return (self.first_index == first_index and self.frames == len(keys)
-                and self.first_id == keys[0] and self.last_id == keys[-1])
+    def matches(self, first_index: int, frame_ids: Sequence[str]) -> bool:
+        return (self.first_index == first_index and self.frames == len(frame_ids)
+                and self.first_id == frame_ids[0] and self.last_id == frame_ids[-1])
 
 
 def embedding_schema(hidden: int, metadata: Optional[Dict[str, str]] = None):
@@ -225,6 +225,10 @@ class OutputDir:
         """The committed blocks that have all their parts (the manifest less `missing`)."""
         return {n: r for n, r in self.manifest.items() if n not in self.missing}
 
+    def committed_rows(self, models: Sequence[str]) -> Dict[str, int]:
+        """Rows per model in the committed blocks that have all their parts."""
+        return {m: sum(r.rows.get(m, 0) for r in self.blocks.values()) for m in models}
+
     @property
     def parts_removed(self) -> bool:
         """The run wrote its final files and removed its parts (no parts/ left)."""
@@ -244,10 +248,10 @@ class OutputDir:
     def part_path(self, model: str, block: int) -> Path:
         return self.path / PARTS_DIR / model / f"block-{block:08d}.parquet"
 
-    def commit(self, block: int, first_index: int, keys: Sequence[str],
+    def commit(self, block: int, first_index: int, frame_ids: Sequence[str],
                tables: Dict[str, Tuple[np.ndarray, List[int]]],
                models: Optional[Sequence[str]] = None) -> BlockRecord:
-        """Write one block: per model, embeddings [n, hidden] and lengths, in `keys` order.
+        """Write one block: per model, embeddings [n, hidden] and lengths, in `frame_ids` order.
 
         `models`: every model the block has once these parts are written (default: those of
         `tables`); more when only the missing parts of a committed block were recomputed.
@@ -256,14 +260,14 @@ class OutputDir:
 
         for model, (embeddings, lengths) in tables.items():
             schema = embedding_schema(embeddings.shape[1])
-            table = embedding_table(keys, embeddings, lengths, schema)
+            table = embedding_table(frame_ids, embeddings, lengths, schema)
             final = self.part_path(model, block)
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.with_name(final.name + ".partial")
             pq.write_table(table, tmp, compression="none")
             os.replace(tmp, final)
-        record = BlockRecord(block, first_index, len(keys), keys[0], keys[-1],
-                             {model: len(keys) for model in (models or tables)})
+        record = BlockRecord(block, first_index, len(frame_ids), frame_ids[0], frame_ids[-1],
+                             {model: len(frame_ids) for model in (models or tables)})
         with open(self.path / MANIFEST_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(asdict(record)) + "\n")
             fh.flush()

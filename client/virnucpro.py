@@ -100,6 +100,11 @@ class PrepStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def record_of(frame_id: str) -> str:
+    """The input record id of a frame id `<record>_chunk_<k><F1..R3>`."""
+    return frame_id[:-2].rsplit("_chunk_", 1)[0]
+
+
 def chunk_starts(length: int, chunk_size: int) -> List[int]:
     """0-based start of each chunk of a sequence of `length`, by the original's arithmetic."""
     if chunk_size < 1:

@@ -1,0 +1,79 @@
+"""What one embed-client run is asked to do (RunOptions, built by the CLI) and what it did (RunResult)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Tuple
+
+from embed_core.alphabets import MODEL_KINDS
+
+from .schedule import ScheduleConfig
+from .sink import MERGE_ORDER
+from .transport import ServerSpec, TransportConfig
+
+CHUNK_SIZES = (300, 500)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything one run needs; built by the CLI, usable from tests."""
+
+    sample: Path
+    servers: Tuple[ServerSpec, ...]
+    out: Optional[Path] = None                 # None: <sample stem>_embeddings beside the sample
+    chunk: int = 300
+    models: Tuple[str, ...] = MODEL_KINDS
+    skip_bad_records: bool = False
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    resume: bool = False
+    merged: bool = False
+    classifier: Optional[Path] = None
+    allow_pickle: bool = False
+    tty: Optional[bool] = None                 # None: rich view when stdout is a terminal
+    log_interval: float = 10.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "sample", Path(self.sample))
+        if self.out is None:
+            object.__setattr__(self, "out", default_out(self.sample))
+        object.__setattr__(self, "out", Path(self.out))
+        unknown = [m for m in self.models if m not in MODEL_KINDS]
+        if unknown or not self.models:
+            raise ValueError(f"models must be a non-empty subset of {MODEL_KINDS}, got {self.models}")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models listed twice: {self.models}")
+        # One canonical order (VirNucPro's: nucleotide first), whatever order was given.
+        object.__setattr__(self, "models",
+                           tuple(m for m in MERGE_ORDER if m in self.models))
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        if not self.servers:
+            raise ValueError("at least one server is needed")
+        if (self.merged or self.classifier) and set(self.models) != set(MERGE_ORDER):
+            raise ValueError("--merged and --classifier need both models (--models "
+                             "esm2,dnabert_s)")
+
+
+@dataclass
+class RunResult:
+    """What a run did: its status, summary (also in summary.json) and output directory."""
+
+    status: str
+    out: Path
+    summary: dict
+    message: Optional[str] = None              # set when --resume found nothing to compute
+
+
+def default_out(sample: Path) -> Path:
+    """`<sample stem>_embeddings/` beside the sample (S1.fasta.gz -> S1_embeddings)."""
+    name = sample.name
+    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    for suffix in (".fasta", ".fas", ".fa", ".fna", ".ffn", ".fastq", ".fq"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return sample.parent / f"{name}_embeddings"
