@@ -1,42 +1,66 @@
 """embed-client end to end against the session's real tritonserver (CPU, demo checkpoints).
 
 One run of ~50 records of mixed lengths with --merged and --classifier; every embedding is
-compared with the model core's direct output (Embedder, CPU, float32, same checkpoint).
+compared with the model core's direct output (Embedder, CPU, float32, same checkpoint). The
+expected frames come from VirNucPro's rules written out here (`expected_frames`), not from
+the client's reader and prep; runs on the golden sample check the frames the original tool
+wrote (skipped where ../shared/fixtures is absent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embed_client import cli, reader
+from embed_client import cli
 from embed_client.classifier import HIGHEST_FILE, PREDICTIONS_FILE, from_state_dict
 from embed_client.schedule import Item, Request
 from embed_client.transport import Dispatcher, Server, ServerSpec, TransportConfig
-from embed_client.virnucpro import prepare
 
 pytestmark = pytest.mark.server
 
 MODEL_INPUT = {"dnabert_s": "nucleotide", "esm2": "protein"}
-_STOPS = {"TAA", "TAG", "TGA"}
-_CODONS = [a + b + c for a in "ACGT" for b in "ACGT" for c in "ACGT" if a + b + c not in _STOPS]
+CHUNK = 300
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "virnucpro"
+
+# The standard genetic code (NCBI table 1), as printed in textbooks: amino acid -> codons.
+STANDARD_CODE = {
+    "A": "GCT GCC GCA GCG", "R": "CGT CGC CGA CGG AGA AGG", "N": "AAT AAC", "D": "GAT GAC",
+    "C": "TGT TGC", "Q": "CAA CAG", "E": "GAA GAG", "G": "GGT GGC GGA GGG", "H": "CAT CAC",
+    "I": "ATT ATC ATA", "L": "TTA TTG CTT CTC CTA CTG", "K": "AAA AAG", "M": "ATG",
+    "F": "TTT TTC", "P": "CCT CCC CCA CCG", "S": "TCT TCC TCA TCG AGT AGC",
+    "T": "ACT ACC ACA ACG", "W": "TGG", "Y": "TAT TAC", "V": "GTT GTC GTA GTG",
+    "*": "TAA TAG TGA",
+}
+AMINO_ACID = {codon: aa for aa, codons in STANDARD_CODE.items() for codon in codons.split()}
+assert len(AMINO_ACID) == 64
+_CODONS = sorted(c for c, aa in AMINO_ACID.items() if aa != "*")
+
+
+class ExpectedFrame(NamedTuple):
+    frame_id: str
+    protein: str
+    nucleotide: str
 
 
 def write_sample(path: Path, n: int = 50, seed: int = 0) -> Path:
     """A FASTA of `n` records, 20 bp to 1.5 kb, open in frame 0 (so chunks have frames);
-    some with an N, some lower-case, wrapped at 70 columns."""
+    some with an N, some lower-case, wrapped at 70 columns. Every length is at most 300 or
+    a multiple of 300, so its 300-bp chunks are plain consecutive slices (`expected_frames`)."""
     rng = random.Random(seed)
     with open(path, "w") as fh:
         for i in range(n):
-            length = rng.choice([rng.randint(20, 150), rng.randint(150, 400),
-                                 rng.randint(400, 1500)])
+            length = rng.choice([rng.randint(20, 150), rng.randint(150, CHUNK),
+                                 CHUNK * rng.randint(2, 5)])
             seq = "".join(rng.choice(_CODONS) for _ in range(length // 3 + 1))[:length]
             if i % 9 == 4:
                 p = rng.randrange(len(seq))
@@ -48,9 +72,47 @@ def write_sample(path: Path, n: int = 50, seed: int = 0) -> Path:
     return path
 
 
-def expected_frames(sample: Path, chunk: int = 300):
-    """The frames the prep makes of a sample: the ground truth for ids and inputs."""
-    return list(prepare(reader.validate(sample).records(), chunk))
+def read_fasta(path: Path):
+    """(id, sequence) per record: the header's first word, the lines joined."""
+    records = []
+    for line in path.read_text().splitlines():
+        if line.startswith(">"):
+            records.append((line[1:].split()[0], []))
+        elif line.strip():
+            records[-1][1].append(line.strip())
+    return [(name, "".join(lines)) for name, lines in records]
+
+
+def six_frames(chunk_id: str, chunk: str):
+    """VirNucPro's frame records of one chunk, by its rules: the upper-cased chunk and its
+    reverse complement (only ACGT complemented), frames 1-3 of each; a frame with a stop codon
+    is dropped; codons holding another letter are left out of the protein; the nucleotide
+    slice starts at the frame and is 3 * residues + 1 long (the original's off-by-one). The
+    client drops frames left without any residue (the original keeps them empty)."""
+    forward = chunk.upper()
+    reverse = forward.translate(str.maketrans("ACGT", "TGCA"))[::-1]
+    frames = []
+    for strand, seq in (("F", forward), ("R", reverse)):
+        for k in (1, 2, 3):
+            codons = [seq[i:i + 3] for i in range(k - 1, len(seq) - 2, 3)]
+            if any(AMINO_ACID.get(codon) == "*" for codon in codons):
+                continue
+            protein = "".join(AMINO_ACID[codon] for codon in codons if codon in AMINO_ACID)
+            if protein:
+                frames.append(ExpectedFrame(f"{chunk_id}{strand}{k}", protein,
+                                            seq[k - 1:k + 3 * len(protein)]))
+    return frames
+
+
+def expected_frames(sample: Path):
+    """The frames of a sample from `write_sample`: each record cut into consecutive 300-bp
+    chunks (its length is at most 300 or a multiple of it), each chunk in six frames."""
+    frames = []
+    for name, seq in read_fasta(sample):
+        assert len(seq) <= CHUNK or len(seq) % CHUNK == 0, (name, len(seq))
+        for k in range(max(1, len(seq) // CHUNK)):
+            frames += six_frames(f"{name}_chunk_{k + 1}", seq[k * CHUNK:(k + 1) * CHUNK])
+    return frames
 
 
 _EMBEDDERS = {}
@@ -76,9 +138,11 @@ def read_model_table(out: Path, model: str):
     return table, ids, embeddings
 
 
-def assert_complete_output(out: Path, sample: Path, checkpoints: Path, hidden: dict):
-    """Every frame id exactly once per model, in input order, equal to the core's output."""
-    frames = expected_frames(sample)
+def assert_complete_output(out: Path, sample: Path, checkpoints: Path, hidden: dict,
+                           frames=None):
+    """Every frame id exactly once per model, in input order, equal to the core's output
+    (`frames`: the expected ones, by default those of a `write_sample` sample)."""
+    frames = expected_frames(sample) if frames is None else frames
     for model, field in MODEL_INPUT.items():
         table, ids, embeddings = read_model_table(out, model)
         assert ids == [f.frame_id for f in frames], model
@@ -190,6 +254,30 @@ def test_predictions_follow_the_classifier(run_dir, classifier_file):
         f"{c}\t{s2 >= s1}" for c, (s1, s2) in sorted(chunks.items())]
 
 
+def golden_frames(chunk: int):
+    """The frame records the original VirNucPro wrote for the golden sample, less those with
+    no residue (the client drops them, counted)."""
+    with open(FIXTURES / f"frames_{chunk}.tsv", newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))[1:]   # after the header row
+    return [ExpectedFrame(*row) for row in rows if row[1]]
+
+
+@pytest.mark.skipif(not (FIXTURES / "sample.fasta").is_file(),
+                    reason=f"golden VirNucPro fixtures not found at {FIXTURES}")
+@pytest.mark.parametrize("chunk", [300, 500])
+def test_golden_sample_gives_the_original_tools_frames(tmp_path, embed_server, chunk):
+    out = tmp_path / "golden"
+    args = cli.build_parser().parse_args([
+        "--sample", str(FIXTURES / "sample.fasta"), "--server", embed_server.grpc_url,
+        "--chunk", str(chunk), "--out", str(out), "--window", "16", "--progress", "plain"])
+    assert cli.run(args) == 0, (out / "summary.json").read_text()
+    frames = golden_frames(chunk)
+    assert_complete_output(out, FIXTURES / "sample.fasta", embed_server.checkpoints,
+                           embed_server.hidden_sizes, frames)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"]["prep"]["frames"] == len(frames)
+
+
 def test_rejected_sequence_is_reported_by_id_not_retried(embed_server):
     """A request holding a sequence the server rejects (INVALID_ARGUMENT): it is split, the
     good sequences are embedded, the bad one is reported by its id, nothing is retried."""
@@ -205,12 +293,12 @@ def test_rejected_sequence_is_reported_by_id_not_retried(embed_server):
 
         def on_result(request, embeddings):
             for item, row in zip(request.items, embeddings):
-                results[item.key] = row
+                results[item.frame_id] = row
             if len(results) + len(rejected) == 3:
                 done.set()
 
         def on_reject(request, item, message):
-            rejected.append((item.key, message))
+            rejected.append((item.frame_id, message))
             if len(results) + len(rejected) == 3:
                 done.set()
 
@@ -230,24 +318,3 @@ def test_rejected_sequence_is_reported_by_id_not_retried(embed_server):
     reference = reference_embeddings(embed_server.checkpoints, "esm2", ["MKVLA", "WWQ"])
     np.testing.assert_allclose(np.stack([results["good_chunk_1F1"], results["good_chunk_1R1"]]),
                                reference, atol=1e-5, rtol=0)
-
-
-def test_requests_respect_the_token_budget_and_max_batch_size():
-    from embed_client.schedule import blocks_of, cut_requests, token_cost
-
-    rng = random.Random(1)
-    frames = [(f"f{i}", {"esm2": "M" * rng.randint(1, 300)}) for i in range(1000)]
-    blocks = list(blocks_of(frames, 128, ["esm2"]))
-    assert [b.size for b in blocks] == [128] * 7 + [104]
-    assert [b.first_index for b in blocks] == [128 * k for k in range(8)]
-    for block in blocks:
-        requests = cut_requests("esm2", block.number, block.items["esm2"], 2000, 16)
-        sent = [item for r in requests for item in r.items]
-        assert sorted(i.index for i in sent) == list(range(block.first_index,
-                                                           block.first_index + block.size))
-        lengths = [len(i.text) for i in sent]
-        assert lengths == sorted(lengths)  # length-sorted inside the window
-        for r in requests:
-            assert len(r.items) <= 16
-            assert r.tokens <= 2000 or len(r.items) == 1
-            assert r.tokens == sum(token_cost(i.text) for i in r.items)
