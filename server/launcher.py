@@ -5,6 +5,14 @@ wheel. The Python backend needs three things the wheel leaves to us: a backend d
 holding the backend library together with the stub built for the running Python, the
 wheel's bundled libraries on LD_LIBRARY_PATH, and this environment's `bin` first on PATH
 (the stub finds its packages through the `python3` on PATH, not PYTHONPATH).
+
+Safety (issue 14): Triton's own HTTP server listens only on a Unix socket in the launcher's
+private work directory; the HTTP port is served by `frontend.Frontend`, which refuses
+oversized and malformed requests before Triton parses them (tritonserver 2.51 dies of a stack
+overflow on a form-urlencoded body of ~4.2 MB) and can serve HTTPS. The admin APIs
+(shared memory, model repository, logging, trace) are restricted on HTTP and gRPC with the
+operator's admin key, or with a header name no gRPC client can send when there is none;
+inference needs the API key when one is set. gRPC can run over TLS (Triton's own).
 """
 
 from __future__ import annotations
@@ -14,21 +22,41 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 import shutil
+import socket
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import http.client
+import ssl
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
+from . import frontend
+
 
 class LaunchError(Exception):
     """The server could not be started, or a model in the repository did not load."""
+
+
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9._~+/-]{16,256}$")
+KEY_RULE = "16 to 256 characters from A-Z a-z 0-9 . _ ~ + / - (e.g. `openssl rand -hex 32`)"
+# The name Triton's admin restriction uses when no admin key is configured: upper-case letters
+# are illegal in gRPC metadata keys, so no gRPC client can ever send it (and the HTTP side is
+# closed by the front end); the value is random besides.
+DISABLED_ADMIN_HEADER = "X-Admin-Disabled"
+# tritonserver options that embed-server owns: --triton-arg may not change them.
+OWNED_TRITON_OPTIONS = (
+    "--http", "--grpc", "--allow-http", "--allow-grpc", "--allow-sagemaker", "--sagemaker",
+    "--allow-vertex-ai", "--vertex-ai", "--metrics-address", "--metrics-port", "--model-repository",
+    "--backend-directory", "--model-control-mode", "--load-model", "--model-config-name",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +74,13 @@ class ServerOptions:
     shm_byte_size: int = 16 * 1024 * 1024
     startup_timeout_s: float = 600.0
     address: str = "127.0.0.1"  # where tritonserver listens; 0.0.0.0 for every interface
+    max_request_bytes: int = 32 * 1024 * 1024  # largest HTTP request body (the front end's 413)
+    tls_cert: Optional[Path] = None        # PEM certificate (chain): gRPC over TLS and HTTPS
+    tls_key: Optional[Path] = None         # its PEM private key
+    tls_client_ca: Optional[Path] = None   # PEM CA: clients must present a certificate it signed
+    admin_key: Optional[str] = dataclasses.field(default=None, repr=False)  # opens the admin APIs
+    api_key: Optional[str] = dataclasses.field(default=None, repr=False)    # required for inference
+    triton_args: tuple = ()                # further tritonserver options (not the owned ones)
 
     def __post_init__(self):
         object.__setattr__(self, "model_repository", Path(self.model_repository).resolve())
@@ -54,6 +89,34 @@ class ServerOptions:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
         if len(set(ports)) != 3:
             raise LaunchError(f"HTTP, gRPC and metrics ports must differ, got {ports}")
+        if self.max_request_bytes < 1024:
+            raise LaunchError(f"the request size limit must be at least 1024 bytes, got {self.max_request_bytes}")
+        for label, key in (("admin key", self.admin_key), ("API key", self.api_key)):
+            if key is not None and not KEY_PATTERN.match(key):
+                raise LaunchError(f"the {label} must be {KEY_RULE}")  # the key itself is never shown
+        if self.admin_key and self.api_key and self.admin_key == self.api_key:
+            raise LaunchError("the admin key and the API key must differ")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise LaunchError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise LaunchError("--tls-client-ca needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value is not None:
+                value = Path(value).resolve()
+                if not value.is_file():
+                    raise LaunchError(f"{name.replace('_', '-')} {value} is not a file")
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "triton_args", tuple(self.triton_args))
+        for arg in self.triton_args:
+            if not arg.startswith("--"):
+                raise LaunchError(f"a tritonserver option starts with --, got {arg!r}")
+            if arg.split("=", 1)[0].startswith(OWNED_TRITON_OPTIONS):
+                raise LaunchError(f"{arg.split('=', 1)[0]} is set by embed-server itself (see embed-server --help)")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def host(self) -> str:
@@ -138,6 +201,9 @@ def assemble_backends(binary: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+SECRET_ENV = ("EMBED_ADMIN_KEY", "EMBED_API_KEY", "EMBED_ADMIN_KEY_FILE", "EMBED_API_KEY_FILE")
+
+
 def server_env(binary: Path) -> dict:
     """The child's environment: bundled libraries and this environment's bin first on PATH."""
     env = dict(os.environ)
@@ -150,6 +216,8 @@ def server_env(binary: Path) -> dict:
     # Not resolved: a venv's bin/python is a symlink to the base interpreter, and the
     # stub must find the venv's python3 (and with it the venv's site-packages).
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    for name in SECRET_ENV:  # the keys stay with embed-server
+        env.pop(name, None)
     return env
 
 
@@ -205,16 +273,46 @@ def check_stub_python(env: dict) -> None:
 # ---------------------------------------------------------------- talking to the server
 
 
-def http_request(url: str, data: Optional[bytes] = None, timeout: float = 5.0):
-    """(status, parsed JSON or None); status 0 when nothing answers."""
-    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (tritonserver's HTTP server behind the front end)."""
+
+    def __init__(self, path: str, timeout: float = 5.0):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def http_request(url: str, data: Optional[bytes] = None, timeout: float = 5.0, headers: Optional[dict] = None,
+                 unix_socket: Optional[str] = None):
+    """(status, parsed JSON or None); status 0 when nothing answers. With `unix_socket`, `url`
+    is a path sent over that socket."""
+    method = "POST" if data is not None else "GET"
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read()
-            status = response.status
+        if unix_socket is not None:
+            connection = UnixHTTPConnection(unix_socket, timeout)
+            try:
+                connection.request(method, url, body=data, headers=dict(headers or {}))
+                response = connection.getresponse()
+                body, status = response.read(), response.status
+            finally:
+                connection.close()
+        else:
+            request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                body = response.read()
+                status = response.status
     except urllib.error.HTTPError as err:
         body, status = err.read(), err.code
-    except (urllib.error.URLError, ConnectionError, OSError):
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, OSError):
         return 0, None
     try:
         return status, json.loads(body) if body else None
@@ -283,13 +381,26 @@ class TritonServer:
         self._log_handle = None
         self.log_path: Optional[Path] = None
         self.models: list = []  # names of the models served, once ready
+        self.frontend: Optional[frontend.Frontend] = None
+        # Triton's restriction of the admin APIs: the operator's key, or a name no gRPC client
+        # can send and a random value (the launcher itself uses it for the repository index).
+        if options.admin_key:
+            self.admin_header, self._admin_value = frontend.ADMIN_HEADER, options.admin_key
+        else:
+            self.admin_header, self._admin_value = DISABLED_ADMIN_HEADER, secrets.token_hex(32)
         # Our own prefix for the Python backend's /dev/shm regions, so that stop() can
         # remove any that a killed server or stub leaves behind, and only ours.
         self.shm_prefix = f"embed_server_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.options.host}:{self.options.http_port}"
+        scheme = "https" if self.options.tls else "http"
+        return f"{scheme}://{self.options.host}:{self.options.http_port}"
+
+    @property
+    def http_socket(self) -> Optional[str]:
+        """tritonserver's own HTTP server: a Unix socket in the private work directory."""
+        return str(self._workdir / "triton-http.sock") if self._workdir is not None else None
 
     @property
     def grpc_url(self) -> str:
@@ -301,16 +412,31 @@ class TritonServer:
 
     def command(self, binary: Path, backend_dir: Path) -> list:
         o = self.options
+        admin = ",".join(frontend.ADMIN_APIS) + f":{self.admin_header}={self._admin_value}"
         cmd = [
             str(binary),
             f"--model-repository={o.model_repository}",
             f"--backend-directory={backend_dir}",
-            f"--http-address={o.address}",
+            # Reachable only through the front end (the port is unused for a Unix socket).
+            f"--http-address=unix:{self.http_socket}",
             f"--grpc-address={o.address}",
             f"--metrics-address={o.address}",
             f"--http-port={o.http_port}",
             f"--grpc-port={o.grpc_port}",
             f"--metrics-port={o.metrics_port}",
+            f"--http-restricted-api={admin}",
+            f"--grpc-restricted-protocol={admin}",
+        ]
+        if o.api_key:
+            cmd.append(f"--http-restricted-api=inference:{frontend.API_KEY_HEADER}={o.api_key}")
+            cmd.append(f"--grpc-restricted-protocol=inference:{frontend.API_KEY_HEADER}={o.api_key}")
+        if o.tls_client_ca is not None:
+            cmd += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={o.tls_client_ca}"]
+        elif o.tls:
+            cmd.append("--grpc-use-ssl=true")
+        if o.tls:
+            cmd += [f"--grpc-server-cert={o.tls_cert}", f"--grpc-server-key={o.tls_key}"]
+        defaults = [
             f"--backend-config=python,shm-default-byte-size={o.shm_byte_size}",
             f"--backend-config=python,shm-growth-byte-size={o.shm_byte_size}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
@@ -323,8 +449,41 @@ class TritonServer:
         if self.use_cpu_configs:
             cmd.append("--model-config-name=cpu")
         if o.log_verbose:
-            cmd.append(f"--log-verbose={o.log_verbose}")
-        return cmd
+            defaults.append(f"--log-verbose={o.log_verbose}")
+        overridden = {option_name(arg) for arg in o.triton_args}
+        cmd += [arg for arg in defaults if option_name(arg) not in overridden]
+        return cmd + list(o.triton_args)
+
+    def ssl_context(self) -> Optional[ssl.SSLContext]:
+        """The front end's HTTPS context, from the same files as gRPC's TLS."""
+        o = self.options
+        if not o.tls:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(str(o.tls_cert), str(o.tls_key))
+            if o.tls_client_ca is not None:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(str(o.tls_client_ca))
+        except (ssl.SSLError, OSError) as err:
+            raise LaunchError(f"cannot use the TLS certificate {o.tls_cert} and key {o.tls_key}: {err}") from None
+        return context
+
+    def start_frontend(self) -> None:
+        o = self.options
+        self.frontend = frontend.Frontend(frontend.FrontendOptions(
+            host=o.address, port=o.http_port, backend_socket=self.http_socket,
+            max_body_bytes=o.max_request_bytes, ssl_context=self.ssl_context(),
+            admin_key=o.admin_key, api_key=o.api_key,
+            backend_admin_header=self.admin_header, backend_admin_key=self._admin_value,
+        ))
+        try:
+            self.frontend.start()
+        except OSError as err:
+            self.frontend = None
+            reason = "already in use" if err.errno == 98 else str(err)
+            raise LaunchError(f"cannot listen on HTTP {o.address}:{o.http_port}: {reason}") from None
 
     def start(self) -> "TritonServer":
         """Start tritonserver and return once every model is ready; LaunchError otherwise."""
@@ -337,6 +496,7 @@ class TritonServer:
         try:  # from here on, a failure removes the work directory and stops the child
             try:
                 backend_dir = assemble_backends(binary, self._workdir / "backends")
+                self.start_frontend()
                 self.log_path = Path(o.log_file) if o.log_file else self._workdir / "tritonserver.log"
                 self._log_handle = open(self.log_path, "ab")
                 self.process = subprocess.Popen(
@@ -362,9 +522,14 @@ class TritonServer:
             return ""
         return self.log_path.read_text(errors="replace")
 
+    def triton_http(self, path: str, data: Optional[bytes] = None, timeout: float = 5.0, admin: bool = False):
+        """(status, JSON) straight from tritonserver's HTTP server (its Unix socket)."""
+        headers = {self.admin_header: self._admin_value} if admin else {}
+        return http_request(path, data=data, timeout=timeout, headers=headers, unix_socket=self.http_socket)
+
     def repository_index(self) -> Optional[list]:
         """The models and their states; None when the server did not answer with a list."""
-        status, index = http_request(f"{self.http_url}/v2/repository/index", data=b"{}")
+        status, index = self.triton_http("/v2/repository/index", data=b"{}", admin=True)
         return index if status == 200 and isinstance(index, list) else None
 
     def wait_ready(self) -> None:
@@ -383,7 +548,7 @@ class TritonServer:
                     raise LaunchError(format_failures(failures))
                 tail = "\n".join(self.log_text().splitlines()[-20:])
                 raise LaunchError(f"tritonserver exited with code {code} before it was ready:\n{tail}")
-            status, _ = http_request(f"{self.http_url}/v2/health/live", timeout=2)
+            status, _ = self.triton_http("/v2/health/live", timeout=2)
             if status == 200:
                 index = self.repository_index()
                 if index is None:  # not answered (yet): ask again
@@ -397,7 +562,7 @@ class TritonServer:
                     raise LaunchError(
                         format_failures({n: r or from_log.get(n, "") for n, r in failed.items()})
                     )
-                ready, _ = http_request(f"{self.http_url}/v2/health/ready", timeout=2)
+                ready, _ = self.triton_http("/v2/health/ready", timeout=2)
                 if ready == 200 and all(m.get("state") == "READY" for m in index):
                     self.models = [m["name"] for m in index]
                     return
@@ -414,6 +579,9 @@ class TritonServer:
     def stop(self, timeout_s: float = 30.0) -> Optional[int]:
         """SIGTERM (graceful: in-flight requests finish), then SIGKILL the whole group."""
         code = None
+        if self.frontend is not None:
+            self.frontend.stop()
+            self.frontend = None
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
@@ -436,11 +604,22 @@ class TritonServer:
         return code
 
     def endpoints(self) -> str:
+        o = self.options
+        grpc = f"{self.grpc_url} (TLS{', client certificates' if o.tls_client_ca else ''})" if o.tls else self.grpc_url
         return (
-            f"HTTP     {self.http_url}\n"
-            f"gRPC     {self.grpc_url}\n"
-            f"metrics  {self.metrics_url}"
+            f"HTTP     {self.http_url} (bodies up to {o.max_request_bytes:,} bytes)\n"
+            f"gRPC     {grpc}\n"
+            f"metrics  {self.metrics_url}\n"
+            f"admin APIs {'need the ' + frontend.ADMIN_HEADER + ' header' if o.admin_key else 'disabled'}; "
+            f"inference {'needs the ' + frontend.API_KEY_HEADER + ' header' if o.api_key else 'open'}"
         )
+
+
+def option_name(arg: str) -> str:
+    """What a tritonserver option sets: its name, or for --backend-config its backend and key."""
+    if arg.startswith("--backend-config="):
+        return arg.rsplit("=", 1)[0]
+    return arg.split("=", 1)[0]
 
 
 @contextlib.contextmanager
