@@ -28,7 +28,7 @@ DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "pr
 DASHBOARD_PROVIDERS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "embeddings.yml"
 
 # Metrics only a GPU host exports: Triton's DCGM metrics (label gpu_uuid). A CPU server has
-# no GPU to report; shared/device/NOTES.md saw both on the H200 machine under tritonserver 2.51.
+# no GPU to report; both were seen on the H200 machines under tritonserver 2.51 (docs/triton.md).
 GPU_ONLY_METRICS = {"nv_gpu_utilization", "nv_gpu_memory_used_bytes"}
 # Series Prometheus itself adds to every scrape target.
 PROMETHEUS_SERIES = {"up"}

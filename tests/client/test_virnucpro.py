@@ -60,7 +60,7 @@ def test_frames_match_the_original(sample_records, chunk_size):
     assert streamed == expected
 
 
-# --- chunking, by hand (reference/virnucpro.md, section 1.2) --------------------------------
+# --- chunking, by hand (docs/virnucpro.md, Chunking) ----------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -177,7 +177,7 @@ def test_frame_ids():
 
 
 def _reference_frames(chunk_id, sequence):
-    """The rules of reference/virnucpro.md, one codon at a time."""
+    """The rules of docs/virnucpro.md, one codon at a time."""
     seq = sequence.upper()
     complement = {"A": "T", "C": "G", "G": "C", "T": "A"}
     reverse = "".join(complement.get(letter, letter) for letter in reversed(seq))
