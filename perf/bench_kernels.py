@@ -11,12 +11,10 @@ On one packed stream of `--tokens` tokens (DNA chunks of 55-135 BPE tokens, as i
     (rows per program, warps), against ATen's `x + y` then `F.layer_norm` (ESM-2's eager path);
 Each row: median microseconds (CUDA events, warm, 20 repeats), ns per token, the relative error
 against the torch path. The fastest correct tiling is marked; core/kernels_attention.py's defaults
-should be it (the constants there name what this script measured). Timed here and dropped
-(perf/RESULTS.md, 2026-11-28): a fused GLU+GELU kernel with pointer loads (21 ns/token against
-~19 for cuBLAS + Inductor's GELU x gate); an exact-GELU kernel (22 against ATen's 13 at ESM-2 3B's
-fc1 width); and a persistent TMA GEMM with the GELU (or GELU x gate) in its epilogue, in git
-history as core/kernels_gemm.py: at best 89.3 ns/token against cuBLAS + ATen's GELU 88.7 for
-ESM-2's fc1, 20.6 against 19.4 for DNABERT-S's GLU (its GEMM ran at ~590 TFLOP/s, cuBLAS's at 684).
+should be it (the constants there name what this script measured). Kernels timed here and
+dropped because the torch path beat them: a fused GLU + GELU with pointer loads, an exact GELU, and
+a persistent TMA GEMM with the GELU (or GELU x gate) in its epilogue (in git history as
+core/kernels_gemm.py); perf/RESULTS.md has their figures.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Tokens/s of ESM-2 3B and DNABERT-S (real sizes, random weights) on one GPU, three ways, one run.
 
-    python perf/bench_models.py --out perf/results/bench_models.json        # H200: ~3-5 minutes
+    python perf/bench_models.py --out perf/results/bench_models.json        # one GPU
     python perf/bench_models.py --small                                     # CPU smoke check: seconds
     python perf/bench_models.py --attention padded,flex64,triton,auto --esm-rotary torch,auto \
         --skip-vanilla --profile                # each kernel's share, top kernels, GPU idle time
@@ -311,7 +311,7 @@ ESM_VARIANTS = ("auto", "torch", "triton", "eager", "rotary", "flash")   # rotar
 def rotary_variant(name: str, device: torch.device) -> tuple:
     """--esm-rotary entry -> ((c) key, RuntimeConfig overrides, ESM2 attributes, label), or a reason
     it cannot run here. "auto": the runtime's defaults (key c); "triton" = RuntimeConfig(kernels="triton"),
-    "torch" = kernels="torch"; "rotary": our rotary kernel alone (the second session's default: ATen's
+    "torch" = kernels="torch"; "rotary": our rotary kernel alone (an earlier default: ATen's
     residual adds and LayerNorms, q/k/v as three GEMMs, flash attention); "flash": the defaults
     (add + LayerNorm kernel, one q/k/v GEMM) with flash attention instead of kernels_attention's."""
     if name == "triton":

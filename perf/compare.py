@@ -23,7 +23,7 @@ figures) comes from its client pass alone when that ran (the run then has
 time-slice each GPU and the figure is a lower bound (<model>_tokens_per_s_per_gpu_mixed). It is
 compared only when both runs measured it the same way, else skipped with the reason; ESM-2's
 mixed-run figure is compared on its own (esm2_tokens_per_s_per_gpu_mixed). Runs from before the
-ESM-2 pass alone (the third session's) have ESM-2's from the mixed run.
+ESM-2 pass alone existed (perf/RESULTS.md) have ESM-2's from the mixed run.
 
 Exit codes: 0 nothing worse, 1 at least one figure worse, 2 unreadable input.
 """

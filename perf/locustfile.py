@@ -55,7 +55,7 @@ def _stop_timer(environment, **_kwargs):
 @events.quit.add_listener
 def _exit_even_if_shutdown_hangs(exit_code, **_kwargs):
     """Locust has printed and saved its results when `quit` fires; the interpreter's own shutdown
-    then joins leftover threads, and once (CI, 2026-11-28) it hung there for minutes after the
+    then joins leftover threads, and once (in CI) it hung there for minutes after the
     results were out (grpc's gevent integration). A real OS thread (not a greenlet: the original
     `_thread.start_new_thread`, which gevent's patched threading does not replace for us) ends the
     process 15 s later if it is still alive; a normal exit comes first and takes it along."""
