@@ -55,6 +55,7 @@ class _Run:
         self.classifier: Optional[Classifier] = None
 
     async def main(self) -> RunResult:
+        """The steps of the module docstring; servers and the output directory are closed at the end."""
         options = self.options
         try:
             if options.resume:
@@ -85,6 +86,7 @@ class _Run:
             self.out.close()
 
     async def _validate(self) -> None:
+        """Check the whole input before anything is sent (in a thread: the loop stays free)."""
         options = self.options
         policy = "skip" if options.skip_bad_records else "error"
         log.info("validating %s (bad records: %s)", options.sample, policy)
@@ -93,6 +95,7 @@ class _Run:
         log.info("%d records, %d kept, %d skipped", v.n_records, v.n_kept, len(v.skipped))
 
     def _check_classifier(self) -> None:
+        """The classifier, if any, must take the models' merged width, before anything is sent."""
         if self.classifier is not None:
             source = "the servers' models" if self.pool.joined else "the interrupted run's models"
             self.classifier.require_width(self.pool.hidden, source, self.options.classifier)
@@ -114,6 +117,7 @@ class _Run:
             self.pool.hidden = {m: stored[m] for m in options.models if m in stored}
 
     async def _stream_and_finish(self) -> RunResult:
+        """Stream the input through the pipeline, then finish; a failure leaves its summary."""
         options = self.options
         prep = PrepStats()
         tally = Tally(options.models)
@@ -122,8 +126,9 @@ class _Run:
         frames = frames_of(self.validated.records(), options.chunk, options.models, prep, counters)
         plan = resume.ResumePlan(self.out, options.models, tally, counters)
         pipeline = Pipeline(options, frames, self.out, self.pool, plan, tally, counters)
-        report = Report(options, self.started, tally, counters, self.validated, prep, self.out,
-                        self.pool, pipeline.metrics)
+        report = Report(options=options, started=self.started, tally=tally, counters=counters,
+                        validated=self.validated, prep=prep, out=self.out, pool=self.pool,
+                        metrics=pipeline.metrics)
         try:
             await pipeline.run()
         except BaseException as error:  # every failure still leaves a summary behind

@@ -7,8 +7,9 @@ cut greedily into requests of at most `token_budget` estimated tokens and at mos
 `max_batch_size` sequences. A block is the unit the sink commits and a resumed run skips.
 
 The cost of a sequence is its letters (divided by the caller's letters-per-token estimate)
-plus the tokenizers' added tokens (2: BOS/CLS + EOS/SEP): exact for ESM-2 (one token per residue), an estimate for a BPE
-tokenizer such as DNABERT-S's (~4 bp per token). This module knows tokens, not models.
+plus the two tokens every tokenizer adds (BOS/CLS + EOS/SEP): exact for ESM-2 (one token per
+residue), an estimate for a BPE tokenizer such as DNABERT-S's (~4 bp per token). This module
+knows tokens, not models.
 """
 
 from __future__ import annotations
