@@ -12,7 +12,7 @@ the fused projection [T, 3, heads, head_dim] (no copies, no padding, no mask ten
 Math per sequence, per head (fp32 accumulation, inputs in their own dtype):
     out = softmax(q k^T * scale - slope * |i - j|) v
 
-Never imported by default: `triton` is optional (CI has none). `available(device)` says whether
+Never imported by default: `triton` is optional (the test extra has it). `available(device)` says whether
 the kernel can run there (CUDA, or any device with TRITON_INTERPRET=1: tests).
 """
 from __future__ import annotations

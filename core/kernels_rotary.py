@@ -5,7 +5,7 @@ rotary and then this kernel: one launch rotates q and k together, reading each t
 row once (fp32), doing the math in fp32 and storing in the input dtype. It is exactly
 `apply_rotary` / `rotate_fused`: out = (x1 cos - x2 sin, x2 cos + x1 sin), halves of head_dim.
 
-Never imported by default: `triton` is an optional package (CI has none). `available(device)`
+Never imported by default: `triton` is an optional package (the test extra has it). `available(device)`
 says whether the kernel can run there (CUDA, or any device with TRITON_INTERPRET=1: tests).
 """
 from __future__ import annotations

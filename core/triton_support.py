@@ -1,8 +1,9 @@
 """What our hand-written Triton kernels (kernels_*.py) share: the optional import and where they run.
 
-`triton` is an optional package (CI has none; CUDA builds of torch bring it). Kernels run on CUDA,
-or anywhere under Triton's interpreter (TRITON_INTERPRET=1, set before the kernel is first built):
-that is how the tests check them on a CPU.
+`triton` is an optional package (CUDA builds of torch bring it; the test extra pins it). Kernels run
+on CUDA, or anywhere under Triton's interpreter: TRITON_INTERPRET=1, set before triton is first
+imported (triton.language's own functions, tl.zeros and the like, are built for the interpreter or
+not at that import). That is how the tests check them on a CPU (tests/conftest.py sets it there).
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,17 @@ MODELS = ("esm2", "dnabert_s")
 def pytest_configure(config):
     """One torch thread in the test process: on a 2-core CI machine that also runs the
     tritonserver stubs, torch's default thread pool oversubscribes the cores (measured: a
-    matmul 4x slower with 2 threads than with 1 there)."""
+    matmul 4x slower with 2 threads than with 1 there).
+
+    Without CUDA, our Triton kernels run under Triton's interpreter (tests/core/test_kernels.py):
+    TRITON_INTERPRET=1 must be set before triton is first imported; an explicit value wins."""
     try:
         import torch
     except ImportError:
         return
     torch.set_num_threads(1)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @dataclasses.dataclass(frozen=True)
