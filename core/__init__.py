@@ -10,7 +10,8 @@ _EXPORTS = {
     "errors": ("CheckpointError", "EmbedCoreError", "InvalidSequenceError", "SequenceTooLargeError"),
     "models": ("DEFAULT_MAX_LENGTH", "load_embedder", "load_model"),
     "packing": ("PackedBatch", "mean_pool_packed", "pack"),
-    "runtime": ("EmbedStats", "Embedder", "RuntimeConfig", "choose_dtype", "token_budget_for"),
+    "plan": ("ExecutionPlan", "choose_dtype", "choose_plan"),
+    "runtime": ("EmbedStats", "Embedder", "RuntimeConfig", "token_budget_for"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -21,8 +21,7 @@ and reused by every layer. Paths, fastest first:
     [B, L] slots, SDPA with a key-padding mask plus the optional ALiBi bias, gather back.
     The GEMMs around attention stay packed; only this step sees padding, and
     length-sorted packs keep it small.
-`PackedAttention(backend=...)` picks one; "auto" = "flash" without a bias where available, with
-ALiBi ALIBI_AUTO_BACKEND on CUDA, "padded" otherwise.
+`PackedAttention(backend=...)` runs the one the execution plan chose (plan.py decides, once).
 """
 from __future__ import annotations
 
@@ -48,14 +47,8 @@ def _varlen_attn():
     return varlen_attn
 
 
-BACKENDS = ("auto", "flash", "padded", "flex", "triton")
+BACKENDS = ("flash", "padded", "flex", "triton")
 FLEX_BLOCK = 128          # tokens per FlexAttention block (its default sparse block size)
-FLEX_BLOCKS = (32, 64, 128)  # `flex_block` choices; < 128 is opt-in (short sequences: less masked work)
-ALIBI_AUTO_BACKEND = "padded"
-"""What PackedAttention's own "auto" picks for ALiBi (DNABERT-S): "padded", which runs anywhere.
-The runtime chooses "triton" instead where our kernels are on (RuntimeConfig.kernels; on an H200
-3.4 vs 19.9 ns per token and layer, perf/RESULTS.md); FlexAttention (also faster than padded, slower
-than ours) stays an explicit choice."""
 
 
 _flex_attention_fn = None  # torch's flex_attention once _flex() has run (a plain global: Dynamo reads it)
@@ -91,10 +84,7 @@ def _flex_packed(qkv: torch.Tensor, score_mod, block_mask) -> torch.Tensor:
     q = qkv[:, 0].transpose(0, 1).unsqueeze(0)                                  # [1, heads, T, d]
     k = qkv[:, 1].transpose(0, 1).unsqueeze(0)
     v = qkv[:, 2].transpose(0, 1).unsqueeze(0)
-    # A sparse block under 128 (opt-in flex_block): the CUDA kernel's tiles must divide it
-    # (its default BLOCK_M is 128 on recent GPUs, and one config raises instead of falling back).
-    options = {"BLOCK_M": block, "BLOCK_N": min(block, 64)} if block < FLEX_BLOCK and qkv.is_cuda else None
-    out = _flex_attention_fn(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=options)
+    out = _flex_attention_fn(q, k, v, score_mod=score_mod, block_mask=block_mask)
     return out[0].transpose(0, 1).reshape(n * block, heads * d)
 
 
@@ -166,31 +156,19 @@ class PackedAttention:
     """Attention for one packed batch; build once per forward, call once per layer.
 
     `padded_total`: the token count the encoder must run its forward on (= total except for
-    "flex", which pads the stream to a multiple of `flex_block`; the caller pads its input ids
-    and drops the extra rows at the end). `flex_block`: FlexAttention's sparse block (default
-    FLEX_BLOCK = 128; 64 or 32 opt-in: packs of short sequences waste less masked work).
-    `compile_flex`: run "flex" through torch.compile
+    "flex", which pads the stream to a multiple of FLEX_BLOCK; the caller pads its input ids
+    and drops the extra rows at the end). `compile_flex`: run "flex" through torch.compile
     (None: on CUDA, where the eager fallback would materialise [T, T] scores).
     """
 
     def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int, dtype: torch.dtype,
                  alibi_slopes: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                 head_dim: Optional[int] = None, backend: str = "auto", compile_flex: Optional[bool] = None,
-                 flex_block: int = FLEX_BLOCK):
+                 head_dim: Optional[int] = None, backend: str = "padded", compile_flex: Optional[bool] = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r} (one of {', '.join(BACKENDS)})")
         device = cu_seqlens.device
-        if backend == "auto":
-            if alibi_slopes is None:
-                backend = "flash" if flash_varlen_available(device, dtype) else "padded"
-            else:
-                flex_ok = ALIBI_AUTO_BACKEND == "flex" and device.type == "cuda" and flex_available()
-                backend = "flex" if flex_ok else "padded"
         if backend == "flash" and (alibi_slopes is not None or not flash_varlen_available(device, dtype)):
             raise ValueError("the flash varlen path needs CUDA, fp16/bf16 and no bias")
-        if flex_block not in FLEX_BLOCKS:
-            raise ValueError(f"flex_block must be one of {FLEX_BLOCKS}, got {flex_block!r}")
-        self.flex_block = flex_block
         if backend == "flex" and not flex_available():
             raise ValueError("the flex path needs torch.nn.attention.flex_attention (torch >= 2.5)")
         if backend == "triton":
@@ -234,7 +212,7 @@ class PackedAttention:
     def _init_flex(self, cu_seqlens: torch.Tensor, total: int, alibi_slopes: Optional[torch.Tensor],
                    compiled: bool) -> None:
         device = cu_seqlens.device
-        block = self.flex_block
+        block = FLEX_BLOCK
         padded = max(1, -(-total // block)) * block
         batch = cu_seqlens.numel() - 1
         # Document id of every token; the pad tokens after the last sequence are document B
@@ -277,7 +255,7 @@ class PackedAttention:
             if total != self.padded_total:
                 raise ValueError(f"flex attention expects the padded stream of {self.padded_total} tokens, "
                                  f"got {total}")
-            blocks = qkv.view(total // self.flex_block, self.flex_block, 3, heads, head_dim)
+            blocks = qkv.view(total // FLEX_BLOCK, FLEX_BLOCK, 3, heads, head_dim)
             if abs(self._scale(head_dim) * math.sqrt(head_dim) - 1.0) > 1e-12:
                 raise ValueError("the flex path uses the default scale 1/sqrt(head_dim)")
             return self._flex_fn(blocks, self.score_mod, self.block_mask)

@@ -22,10 +22,13 @@ DEMO_SEED = 0
 
 def write_demo_checkpoints(out_dir: Union[str, Path]) -> dict:
     """Writes both demo models under `out_dir`; returns {"dnabert_s", "esm2", "esm2_fair"} -> path."""
-    from .dnabert_s import DnabertSConfig, random_dnabert_s, train_demo_tokenizer
-    from .dnabert_s import write_hf_checkpoint as write_dnabert_s
-    from .esm2 import Esm2Config, random_esm2, write_fair_esm_checkpoint
-    from .esm2 import write_hf_checkpoint as write_esm2
+    from .dnabert_s import DnabertSConfig
+    from .dnabert_s_checkpoint import random_dnabert_s
+    from .dnabert_s_checkpoint import write_hf_checkpoint as write_dnabert_s
+    from .dnabert_s_tokenizer import train_demo_tokenizer
+    from .esm2 import Esm2Config
+    from .esm2_checkpoint import random_esm2, write_fair_esm_checkpoint
+    from .esm2_checkpoint import write_hf_checkpoint as write_esm2
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,9 @@ def load_model(kind: str, path: Union[str, Path]):
     """(encoder, tokenizer) from a checkpoint: a HF directory, or for esm2 also a fair-esm .pt."""
     _check_kind(kind)
     if kind == "esm2":
-        from .esm2 import load_esm2
+        from .esm2_checkpoint import load_esm2
         return load_esm2(path)
-    from .dnabert_s import load_dnabert_s
+    from .dnabert_s_checkpoint import load_dnabert_s
     return load_dnabert_s(path)
 
 

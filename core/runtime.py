@@ -35,14 +35,11 @@ import torch
 
 from .errors import InvalidSequenceError, SequenceTooLargeError
 from .packing import PackedBatch, mean_pool_packed, pack
+from .plan import ATTENTION_CHOICES, DEVICES_HELP, DTYPES, KERNEL_CHOICES, choose_plan, without_kernels
 
 log = logging.getLogger(__name__)
 
-DEVICES_HELP = "auto | cpu | cuda | cuda:N"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOO_LONG_POLICIES = ("error", "truncate")
-ATTENTION_CHOICES = ("auto", "padded", "flash", "flex", "triton")
-KERNEL_CHOICES = ("auto", "triton", "torch")
 
 CPU_TOKEN_BUDGET = 8192      # fixed on CPU: large packs only add cache misses there
 MIN_TOKEN_BUDGET = 1024
@@ -62,16 +59,14 @@ class RuntimeConfig:
     max_length: longest accepted sequence in letters; None = the model's default.
     too_long: "error" rejects longer sequences; "truncate" keeps their first max_length letters
         and reports each one in `Embedder.last_truncated`.
-    compile: torch.compile the encoder's hot per-layer functions (its `enable_compile()`, where it
-        has one); None = on CUDA only, and not where the encoder runs our kernels and says compiling
-        then gains nothing (`compile_with_kernels = False`: ESM-2). The first forwards then take
-        longer (compilation).
+    compile: torch.compile the encoder's per-layer element-wise functions; None = on CUDA only, and
+        not where the encoder runs our kernels eager (ESM-2). The first forwards then take longer.
     attention: the encoder's packed attention: "triton" (our varlen kernel, kernels_attention.py,
         with DNABERT-S's ALiBi or, for ESM-2, without bias; CUDA), "padded" (SDPA over per-pack
         [B, L] slots; anywhere), "flash" (torch's varlen flash kernel; ESM-2 only: no bias, CUDA),
         "flex" (FlexAttention on the packed stream; DNABERT-S only, CUDA; opt-in: faster than
-        padded, slower than ours, perf/RESULTS.md) or "auto" (= triton where `kernels` allows it,
-        else flash for ESM-2 on CUDA and padded elsewhere).
+        padded, slower than ours) or "auto" (= triton where `kernels` allows it, else flash for
+        ESM-2 on CUDA and padded elsewhere). plan.choose_plan resolves these at load.
     kernels: our hand-written Triton kernels (core/kernels_*.py: ESM-2's rotary, residual add +
         LayerNorm and attention; DNABERT-S's attention): "auto" (used on CUDA when the triton
         package imports; if they fail at `warmup()`, a warning and the PyTorch path instead),
@@ -120,27 +115,6 @@ class EmbedStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda:0 when CUDA is available, else cpu; other names as torch reads them."""
-    if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def choose_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA compute capability >= 8.0 (Ampere and later), float32 elsewhere."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-        return torch.bfloat16
-    return torch.float32
 
 
 def encoder_dims(encoder: torch.nn.Module) -> tuple[int, int, int]:
@@ -207,20 +181,14 @@ class Embedder:
     def __init__(self, encoder: torch.nn.Module, tokenizer, config: RuntimeConfig = RuntimeConfig()):
         self.config = config
         self.tokenizer = tokenizer
-        self.device = resolve_device(config.device)
-        self.dtype = choose_dtype(self.device) if config.dtype == "auto" else DTYPES[config.dtype]
+        self.plan = choose_plan(config, encoder)
+        self.device, self.dtype = self.plan.device, self.plan.dtype
         self.encoder = encoder.to(device=self.device, dtype=self.dtype).eval()
-        self.use_triton_kernels(self._choose_kernels(config.kernels))
-        want_compile = self.device.type == "cuda" if config.compile is None else config.compile
-        if config.compile is None and self.triton_kernels and not getattr(encoder, "compile_with_kernels", True):
-            want_compile = False   # the encoder measured eager + our kernels faster than compiled
-        self.compiled = bool(want_compile and hasattr(encoder, "enable_compile"))
-        if self.compiled:
-            encoder.enable_compile()
+        self.encoder.prepare(self.plan)
         self.hidden_size = int(encoder.hidden_size)
         self.skip_first = int(encoder.pool_skip_first)
         self.skip_last = int(encoder.pool_skip_last)
-        self.max_length = config.max_length or getattr(tokenizer, "default_max_length", None)
+        self.max_length = config.max_length
         if config.token_budget is not None:
             self.token_budget, how = config.token_budget, "configured"
         else:
@@ -232,32 +200,8 @@ class Embedder:
         self.before_forward: Optional[Callable[[PackedBatch], None]] = None
         self._pin = self.device.type == "cuda"
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="embed-pack") if self._pin else None
-        log.info("%s on %s, dtype %s, token budget %d (%s), max_length %s (%s), compiled %s, triton kernels %s",
-                 type(encoder).__name__, self.device, str(self.dtype).replace("torch.", ""), self.token_budget,
-                 how, self.max_length, config.too_long, self.compiled, self.triton_kernels)
-
-    def use_triton_kernels(self, on: bool) -> None:
-        """Points the encoder at our Triton kernels (on) or at the PyTorch path (off)."""
-        self.triton_kernels = bool(on)
-        if hasattr(self.encoder, "rotary_impl"):      # ESM-2: rotary, and residual adds fused into LayerNorms
-            self.encoder.rotary_impl = self.encoder.elementwise_impl = "triton" if on else "torch"
-        if hasattr(self.encoder, "attention_backend"):
-            auto = "triton" if on else "auto"
-            self.encoder.attention_backend = auto if self.config.attention == "auto" else self.config.attention
-
-    def _choose_kernels(self, policy: str) -> bool:
-        """Whether the encoder runs our Triton kernels (RuntimeConfig.kernels on this device)."""
-        if policy == "torch":
-            return False
-        from . import triton_support
-        runnable = triton_support.can_run_on(self.device)
-        fits = getattr(self.encoder, "supports_triton_kernels", lambda: False)()
-        if policy == "triton" and not (runnable and fits):
-            why = ("the triton package is not installed" if triton_support.import_triton() is None
-                   else f"they need CUDA (device {self.device})" if not runnable
-                   else f"{type(self.encoder).__name__}'s sizes do not fit their tiles")
-            raise ValueError(f"kernels='triton' requested but {why}")
-        return bool(runnable and fits and (policy == "triton" or self.device.type == "cuda"))
+        log.info("%s: %s; token budget %d (%s), max_length %s (%s)", type(encoder).__name__, self.plan.describe(),
+                 self.token_budget, how, self.max_length, config.too_long)
 
     # ---- prep (CPU) -------------------------------------------------------------------------
     def tokenize(self, sequences: Sequence[str]) -> list[np.ndarray]:
@@ -418,14 +362,16 @@ class Embedder:
         try:
             self.embed_tokens(arrays)
         except Exception as err:  # noqa: BLE001 (re-raised unless the kernels were only "auto")
-            if not self.triton_kernels or self.config.kernels != "auto" or isinstance(err, torch.cuda.OutOfMemoryError):
+            if not self.plan.kernels or self.config.kernels != "auto" or isinstance(err, torch.cuda.OutOfMemoryError):
                 raise
             # kernels="auto" must not cost the model: e.g. Triton cannot build its launcher
             # without a C compiler. Serve on the PyTorch path and say why.
             log.warning("our Triton kernels failed at warm-up (%s: %s); continuing without them "
                         "(set the kernels parameter to torch to skip them, or triton to make this an error)",
                         type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-            self.use_triton_kernels(False)
+            self.plan = without_kernels(self.plan, self.config, self.encoder)
+            self.encoder.prepare(self.plan)
+            log.info("%s: %s", type(self.encoder).__name__, self.plan.describe())
             self.embed_tokens(arrays)
         self.embed_tokens(arrays[::2])
         self.stats = EmbedStats()

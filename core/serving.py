@@ -170,23 +170,18 @@ def decode_sequences(array: Optional[np.ndarray]) -> Union[list, RequestError]:
     return sequences
 
 
-def embed_requests(embedder, requests: Sequence[Union[list, Exception]],
-                   phases: Optional[PhaseSeconds] = None) -> list:
-    """Each request's [n, hidden] float32 rows, or its error; one core call for all of them.
-
-    A request whose input is already an error, or that holds any invalid sequence, gets
-    that error and the others still succeed. A sequence too large for the device even
-    alone fails only its own request. `phases`, when given, gets the seconds spent
-    tokenizing (prep) and in the encoder call (compute) added.
-    """
-    return launch_requests(embedder, requests, phases).finish()
-
-
 def launch_requests(embedder, requests: Sequence[Union[list, Exception]],
                     phases: Optional[PhaseSeconds] = None) -> "LaunchedRequests":
-    """`embed_requests` up to the device: tokenized, every forward queued; `.finish()` waits for
-    the rows and returns each request's rows or error (the Triton models finish on a second
-    thread, so the next execute's host work overlaps this one's forwards)."""
+    """Each request tokenized and every forward queued, in one core call for all of them;
+    `.finish()` waits for the rows and returns each request's [n, hidden] float32 rows or its error
+    (the Triton models finish on a second thread, so the next execute's host work overlaps this
+    one's forwards).
+
+    A request whose input is already an error, or that holds any invalid sequence, gets that
+    error and the others still succeed. A sequence too large for the device even alone fails
+    only its own request. `phases`, when given, gets the seconds spent tokenizing (prep) and in
+    the encoder (compute) added.
+    """
     phases = phases if phases is not None else PhaseSeconds()
     results: list = list(requests)
     tokens, owners = [], []  # owners: (request index, first row, row count)

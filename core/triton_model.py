@@ -52,13 +52,11 @@ def triton_model_class(pb_utils, kind: str):
                 raise pb_utils.TritonModelException(f"warmup failed: {type(err).__name__}: {err}") from None
             e = self.embedder
             pb_utils.Logger.log_info(
-                f"{self.model_name} ({args['model_instance_name']}): {path} on {e.device}, "
-                f"dtype {str(e.dtype).replace('torch.', '')}, token budget {e.token_budget}, "
-                f"max_length {e.max_length} ({e.config.too_long}), compiled {e.compiled}, "
-                f"triton kernels {e.triton_kernels}"
+                f"{self.model_name} ({args['model_instance_name']}): {path}; plan: {e.plan.describe()}; "
+                f"token budget {e.token_budget}, max_length {e.max_length} ({e.config.too_long})"
             )
             labels = {"model": self.model_name, "gpu": gpu, "instance": args["model_instance_name"]}
-            # The families must outlive their metrics (device/NOTES.md): keep both on self.
+            # The families must outlive their metrics (docs/triton.md): keep both on self.
             self.families = {
                 name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
                 for name, (_, text) in serving.METRICS.items()

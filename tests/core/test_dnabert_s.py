@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from embed_core.dnabert_s import (
-    check_dna_batch,
-    IUPAC_LETTERS, DnabertS, DnabertSConfig, DnabertTokenizer, alibi_slopes, load_dnabert_s,
-    published_state_dict, random_dna, random_dnabert_s, train_demo_tokenizer, write_hf_checkpoint,
-)
+from embed_core.dnabert_s import DnabertS, DnabertSConfig, alibi_slopes
+from embed_core.dnabert_s_checkpoint import load_dnabert_s, published_state_dict, random_dnabert_s, write_hf_checkpoint
+from embed_core.dnabert_s_tokenizer import (IUPAC_LETTERS, DnabertTokenizer, check_dna_batch, random_dna,
+                                            train_demo_tokenizer)
 from embed_core.errors import CheckpointError, InvalidSequenceError
 from embed_core.packing import mean_pool_packed, pack
 
@@ -336,7 +335,8 @@ def test_loader_names_every_bad_tensor(tmp_path, small_model, demo_tokenizer_pat
         load_dnabert_s(folder)
     message = str(info.value)
     for name in ("encoder.layer.1.mlp.wo.bias", "encoder.layer.2.mlp.wo.bias", "pooler.dense.bias",
-                 f"embeddings.word_embeddings.weight [{SMALL.vocab_size + 1}, {SMALL.hidden_size}]"):
+                 f"wrong shape: embeddings.word_embeddings.weight: checkpoint [{SMALL.vocab_size + 1}, {SMALL.hidden_size}], "
+                 f"model [{SMALL.vocab_size}, {SMALL.hidden_size}]"):
         assert name in message
     assert "pytorch_model.bin" in message
 

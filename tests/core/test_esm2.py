@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from embed_core.errors import CheckpointError, InvalidSequenceError
-from embed_core.esm2 import (ESM2, Esm2Config, Esm2Tokenizer, load_esm2, random_esm2, write_fair_esm_checkpoint,
-                             write_hf_checkpoint)
+from embed_core.esm2 import ESM2, Esm2Config
+from embed_core.esm2_checkpoint import load_esm2, random_esm2, write_fair_esm_checkpoint, write_hf_checkpoint
+from embed_core.esm2_tokenizer import Esm2Tokenizer
 from embed_core.packing import mean_pool_packed, pack
 
 LAYERS, HIDDEN, HEADS, FFN = 3, 80, 4, 320

@@ -1,5 +1,6 @@
-"""The CUDA fast paths, checked on CPU: DNABERT-S FlexAttention (block mask, ALiBi score_mod, padded
-stream) against the padded SDPA path, and the compiled ESM-2 layer against eager.
+"""The execution plans' fast paths, checked on CPU: DNABERT-S FlexAttention (block mask, ALiBi score_mod,
+padded stream) against the padded SDPA path, our Triton kernels (under TRITON_INTERPRET=1) and the
+compiled ESM-2 layer against eager, and how plan.choose_plan decides.
 
 The quick tests run everywhere (no compilation). The compiled ones take tens of seconds of
 Inductor work on CPU, so they run only with EMBED_SLOW_TESTS=1 or on a machine with CUDA
@@ -17,9 +18,12 @@ import torch.nn.functional as F
 
 from embed_core import attention
 from embed_core import esm2 as esm2_module
-from embed_core.dnabert_s import DnabertSConfig, random_dnabert_s
-from embed_core.esm2 import Esm2Config, random_esm2
+from embed_core.dnabert_s import DnabertSConfig
+from embed_core.dnabert_s_checkpoint import random_dnabert_s
+from embed_core.esm2 import Esm2Config
+from embed_core.esm2_checkpoint import random_esm2
 from embed_core.packing import pack, sequence_index
+from embed_core.plan import ExecutionPlan
 
 SLOW = os.environ.get("EMBED_SLOW_TESTS") == "1" or torch.cuda.is_available()
 slow = pytest.mark.skipif(not SLOW, reason="compiles with Inductor (tens of seconds on CPU): "
@@ -31,6 +35,12 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DNA = DnabertSConfig(vocab_size=64, hidden_size=96, num_hidden_layers=2, num_attention_heads=6,
                      intermediate_size=96)
 ESM = Esm2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+
+
+def planned(model, **plan):
+    """`model` following an ExecutionPlan with these fields (the rest: the portable defaults)."""
+    model.prepare(ExecutionPlan(**plan))
+    return model
 
 
 def packed_batch(lengths, vocab: int, seed: int, low: int = 5):
@@ -47,7 +57,7 @@ PACKS = [[128, 128, 256], [5], [3, 7, 90, 2, 200, 31], [130, 1, 1, 127, 64, 64, 
 
 
 @needs_flex
-@pytest.mark.parametrize("block", attention.FLEX_BLOCKS)
+@pytest.mark.parametrize("block", [32, attention.FLEX_BLOCK])
 @pytest.mark.parametrize("lengths", PACKS + [[17] * 40, [300, 2, 400]])
 def test_document_block_mask_equals_create_block_mask(lengths, block):
     from torch.nn.attention.flex_attention import create_block_mask
@@ -72,36 +82,26 @@ def test_document_block_mask_equals_create_block_mask(lengths, block):
 
 @needs_flex
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("block", [attention.FLEX_BLOCK, 64])
-def test_flex_eager_equals_padded_dnabert_s(block):
+def test_flex_eager_equals_padded_dnabert_s():
     """The math of the flex path (padding to the block, pad tokens as their own document, ALiBi
     from packed indices) without compiling: flex_attention's eager reference on CPU."""
     model = random_dnabert_s(DNA, seed=3)
-    model.flex_block = block
     with torch.inference_mode():
         for i, lengths in enumerate(PACKS):
             batch = packed_batch(lengths, DNA.vocab_size, seed=i)
-            model.attention_backend = "padded"
-            ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-            model.attention_backend = "flex"
-            out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            ref = planned(model, attention="padded").forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            out = planned(model, attention="flex").forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
             assert out.shape == ref.shape == (sum(lengths), DNA.hidden_size)
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
-def test_auto_backend_on_cpu_is_padded_and_flex_refuses_a_custom_scale():
+def test_packed_attention_backends_and_flex_refuses_a_custom_scale():
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
     slopes = torch.tensor([0.5, 0.25])
     assert attention.PackedAttention(cu, 5, 8, torch.float32, alibi_slopes=slopes, head_dim=4).backend == "padded"
-    assert attention.PackedAttention(cu, 5, 8, torch.float32, head_dim=4).backend == "padded"
     with pytest.raises(ValueError, match="unknown attention backend"):
-        attention.PackedAttention(cu, 5, 8, torch.float32, backend="nope")
-    with pytest.raises(ValueError, match="flex_block"):
-        attention.PackedAttention(cu, 5, 8, torch.float32, alibi_slopes=slopes, head_dim=4, flex_block=48)
+        attention.PackedAttention(cu, 5, 8, torch.float32, backend="auto")   # the plan resolves "auto"
     if attention.flex_available():
-        plan = attention.PackedAttention(cu, 5, 8, torch.float32, alibi_slopes=slopes, head_dim=4,
-                                         backend="flex", compile_flex=False, flex_block=64)
-        assert plan.padded_total == 64
         plan = attention.PackedAttention(cu, 5, 8, torch.float32, alibi_slopes=slopes, scale=0.1, head_dim=4,
                                          backend="flex", compile_flex=False)
         assert plan.padded_total == attention.FLEX_BLOCK
@@ -112,13 +112,6 @@ def test_auto_backend_on_cpu_is_padded_and_flex_refuses_a_custom_scale():
 # --------------------------------------------------------------------------- esm-2: quick
 
 
-def esm_head_args(model, total: int = 50):
-    layer = model.encoder.layer[0]
-    proj, norm = layer.attention.self, layer.attention.LayerNorm
-    cos, sin = model.rotary_embeddings(torch.arange(total))
-    x = torch.randn(total, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    return (x, norm.weight, norm.bias, proj.query.weight, proj.query.bias, proj.key.weight, proj.key.bias,
-            proj.value.weight, proj.value.bias, cos, sin, norm.eps, model.config.num_attention_heads)
 
 
 def test_rotate_fused_equals_apply_rotary():
@@ -137,16 +130,23 @@ def test_compiled_esm2_layer_has_no_graph_break():
     head into 3 graphs with the rotary left eager. The compiled forms must trace as one graph."""
     import torch._dynamo
 
+    import functools
+
     model = random_esm2(ESM)
-    args = esm_head_args(model)
+    layer, total = model.encoder.layer[0], 50
+    cos, sin = model.rotary_embeddings(torch.arange(total))
+    x = torch.randn(total, ESM.hidden_size, generator=torch.Generator().manual_seed(0))
+    head_fn = functools.partial(esm2_module.layer_head, esm2_module.rotate_qkv_torch)
+    tail_fn = functools.partial(esm2_module.layer_tail, esm2_module.add_norm_torch)
     with torch.inference_mode():
-        head = torch._dynamo.explain(esm2_module.layer_head_fusable)(*args)
-        q, _, _ = esm2_module.layer_head(*args)
-        layer = model.encoder.layer[0]
-        tail = torch._dynamo.explain(esm2_module.layer_tail)(
-            args[0], q, layer.attention.output.dense.weight, layer.attention.output.dense.bias,
-            layer.LayerNorm.weight, layer.LayerNorm.bias, layer.intermediate.dense.weight,
-            layer.intermediate.dense.bias, layer.output.dense.weight, layer.output.dense.bias, layer.LayerNorm.eps)
+        weight, bias = layer.fused_qkv()
+        head = torch._dynamo.explain(head_fn)(x, weight, bias, cos, sin, ESM.num_attention_heads)
+        context = head_fn(x, weight, bias, cos, sin, ESM.num_attention_heads)[:, 0].flatten(-2)
+        out, norm = layer.attention.output.dense, layer.LayerNorm
+        tail = torch._dynamo.explain(tail_fn)(
+            x, context, out.weight, out.bias, norm.weight, norm.bias, layer.intermediate.dense.weight,
+            layer.intermediate.dense.bias, layer.output.dense.weight, layer.output.dense.bias,
+            norm.weight, norm.bias, norm.eps)
     assert (head.graph_count, head.graph_break_count) == (1, 0), head.break_reasons
     assert (tail.graph_count, tail.graph_break_count) == (1, 0), tail.break_reasons
 
@@ -195,30 +195,6 @@ def test_triton_rotary_equals_apply_rotary(device, dtype, shape):
     assert torch.equal(qkv.select(-3, 2), v_before)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_esm2_rotary_impl_triton_equals_torch(device):
-    _triton_kernels_or_skip("rotary", device)
-    model = random_esm2(ESM, seed=2).to(device)
-    batch = packed_batch([40, 7, 100], 24, seed=21, low=4).to(device)
-    with torch.inference_mode():
-        ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-        model.rotary_impl = "triton"
-        out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("switch", ["rotary_impl", "elementwise_impl"])
-def test_esm2_kernel_switches_default_and_errors(switch):
-    model = random_esm2(ESM)
-    assert getattr(model, switch) == "torch"
-    batch = packed_batch([5, 9], 24, seed=1, low=4)
-    setattr(model, switch, "nope")
-    with pytest.raises(ValueError, match=f"unknown {switch}"):
-        model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-    if os.environ.get("TRITON_INTERPRET") != "1":   # CPU without the interpreter: a clear refusal
-        setattr(model, switch, "triton")
-        with pytest.raises(RuntimeError, match=f"{switch} 'triton' needs"):
-            model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
 
 
 # --------------------------------------------------------------------------- esm-2: Triton add + LayerNorm
@@ -263,19 +239,6 @@ def test_triton_add_layer_norm_refuses_mismatched_shapes():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rotary_impl", ["torch", "triton"])
-def test_esm2_elementwise_impl_triton_equals_torch(device, rotary_impl):
-    _triton_kernels_or_skip("elementwise", device)
-    model = random_esm2(ESM, seed=3).to(device)
-    batch = packed_batch([40, 7, 100, 1], 24, seed=22, low=4).to(device)
-    with torch.inference_mode():
-        ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-        model.rotary_impl, model.elementwise_impl = rotary_impl, "triton"
-        out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("device", DEVICES)
 def test_esm2_all_triton_kernels_equal_torch_path(device):
     """What the runtime runs with kernels on: our rotary, add + LayerNorm, one q/k/v GEMM and our
     varlen attention kernel (its bias term compiled out), against the plain path."""
@@ -284,9 +247,9 @@ def test_esm2_all_triton_kernels_equal_torch_path(device):
     batch = packed_batch([40, 7, 100, 1, 64], 24, seed=23, low=4).to(device)
     with torch.inference_mode():
         ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-        model.rotary_impl = model.elementwise_impl = model.attention_backend = "triton"
-        out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+        for plan in (dict(kernels=True, attention="padded"), dict(kernels=True, attention="triton")):
+            out = planned(model, **plan).forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
 def test_esm2_fused_qkv_shares_the_parameters_and_follows_moves():
@@ -310,11 +273,9 @@ def test_esm2_fused_qkv_shares_the_parameters_and_follows_moves():
 
 
 def test_esm2_refuses_the_flex_backend():
-    model = random_esm2(ESM)
-    model.attention_backend = "flex"
-    batch = packed_batch([5, 9], 24, seed=1, low=4)
+    from embed_core import RuntimeConfig, choose_plan
     with pytest.raises(ValueError, match="does not take the flex"):
-        model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+        choose_plan(RuntimeConfig(device="cpu", attention="flex"), random_esm2(ESM))
 
 
 # --------------------------------------------------------------------------- dnabert-s: Triton attention
@@ -378,21 +339,17 @@ def test_dnabert_s_triton_attention_equals_padded(device):
     with torch.inference_mode():
         for i, lengths in enumerate(PACKS):
             batch = packed_batch(lengths, config.vocab_size, seed=30 + i).to(device)
-            model.attention_backend = "padded"
-            ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
-            model.attention_backend = "triton"
-            out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            ref = planned(model, attention="padded").forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+            out = planned(model, attention="triton").forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
 def test_triton_attention_backend_refused_without_the_kernel():
-    from embed_core import kernels_attention
+    from embed_core import RuntimeConfig, choose_plan, kernels_attention
     if kernels_attention.available("cpu"):
         pytest.skip("the kernel can run here (TRITON_INTERPRET=1): nothing to refuse")
-    cu = torch.tensor([0, 5], dtype=torch.int32)
     with pytest.raises(ValueError, match="triton attention path needs"):
-        attention.PackedAttention(cu, 5, 5, torch.float32, alibi_slopes=torch.ones(4), head_dim=16,
-                                  backend="triton")
+        choose_plan(RuntimeConfig(device="cpu", attention="triton"), random_dnabert_s(DNA))
 
 
 # --------------------------------------------------------------------------- runtime: kernels policy
@@ -413,8 +370,8 @@ def test_dnabert_s_all_triton_kernels_equal_torch_path(device):
         model = random_dnabert_s(config, seed=8)
         embedder = Embedder(model, None, RuntimeConfig(device=device, dtype="float32", kernels=kernels,
                                                        compile=False))
-        assert embedder.triton_kernels == (kernels == "triton")
-        assert model.attention_backend == ("triton" if kernels == "triton" else "auto")
+        assert embedder.plan.kernels == (kernels == "triton") and model.plan is embedder.plan
+        assert embedder.plan.attention == ("triton" if kernels == "triton" else "padded")
         outs[kernels] = embedder.embed_tokens(arrays)
         embedder.close()
     np.testing.assert_allclose(outs["triton"], outs["torch"], rtol=0, atol=1e-5)
@@ -426,15 +383,15 @@ def test_kernels_policy_on_cpu_without_the_interpreter():
     model = random_dnabert_s(DnabertSConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1,
                                             num_attention_heads=4, intermediate_size=128))
     embedder = Embedder(model, None, RuntimeConfig(device="cpu", compile=False))
-    assert not embedder.triton_kernels and model.attention_backend == "auto"
+    assert embedder.plan == ExecutionPlan() and model.plan == ExecutionPlan()   # the portable path
     embedder.close()
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="kernels='triton' requested but"):
             Embedder(model, None, RuntimeConfig(device="cpu", kernels="triton", compile=False))
     narrow = random_dnabert_s(DnabertSConfig(vocab_size=64, hidden_size=48, num_hidden_layers=1,
                                              num_attention_heads=6, intermediate_size=96))
-    assert not narrow.supports_triton_kernels()   # head_dim 8: the attention kernel's tiles do not fit
-    assert random_dnabert_s(DNA).supports_triton_kernels()
+    assert not narrow.kernels_fit()   # head_dim 8: the attention kernel's tiles do not fit
+    assert random_dnabert_s(DNA).kernels_fit()
 
 
 def test_auto_kernels_failing_at_warmup_fall_back_to_torch(caplog):
@@ -450,12 +407,12 @@ def test_auto_kernels_failing_at_warmup_fall_back_to_torch(caplog):
     expected = reference.embed_tokens(arrays)
     model = random_dnabert_s(DNA, seed=9)
     embedder = Embedder(model, None, RuntimeConfig(device="cpu", dtype="float32"))
-    embedder.use_triton_kernels(True)          # what "auto" does on CUDA
-    assert model.attention_backend == "triton"
+    embedder.plan = ExecutionPlan(kernels=True, attention="triton")   # what "auto" chooses on CUDA
+    model.prepare(embedder.plan)
     with caplog.at_level("WARNING", logger="embed_core.runtime"):
         embedder.warmup()
     assert "Triton kernels failed at warm-up" in caplog.text
-    assert not embedder.triton_kernels and model.attention_backend == "auto"
+    assert embedder.plan == ExecutionPlan() and model.plan == ExecutionPlan()
     assert embedder.stats.sequences == 0
     np.testing.assert_allclose(embedder.embed_tokens(arrays), expected, rtol=0, atol=1e-6)
     for e in (reference, embedder):
@@ -467,18 +424,12 @@ def test_auto_kernels_failing_at_warmup_fall_back_to_torch(caplog):
 
 @slow
 @needs_flex
-@pytest.mark.parametrize("block", [attention.FLEX_BLOCK, 64])
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_flex_equals_padded_dnabert_s(device, block):
-    """enable_compile() + "flex": compiled flex_attention (block-sparse kernel reading our block
-    mask) and compiled layer tail, against the eager padded path, fp32: < 1e-5 (128-token blocks,
-    the default, and the opt-in 64)."""
-    eager = random_dnabert_s(DNA, seed=5).to(device)
-    fast = random_dnabert_s(DNA, seed=5).to(device)
-    fast.enable_compile()
-    fast.attention_backend = "flex"
-    fast.flex_block = block
-    eager.attention_backend = "padded"
+def test_compiled_flex_equals_padded_dnabert_s(device):
+    """A compiled plan with "flex": compiled flex_attention (block-sparse kernel reading our block
+    mask) and compiled layer tail, against the eager padded path, fp32: < 1e-5."""
+    eager = planned(random_dnabert_s(DNA, seed=5).to(device), attention="padded")
+    fast = planned(random_dnabert_s(DNA, seed=5).to(device), attention="flex", compiled=True)
     with torch.inference_mode():
         for i, lengths in enumerate(PACKS):
             batch = packed_batch(lengths, DNA.vocab_size, seed=10 + i).to(device)
@@ -488,15 +439,10 @@ def test_compiled_flex_equals_padded_dnabert_s(device, block):
 
 
 @slow
-@pytest.mark.parametrize("rotary", ["torch", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_esm2_equals_eager(device, rotary):
-    if rotary == "triton":
-        _triton_kernels_or_skip("rotary", device)
+def test_compiled_esm2_equals_eager(device):
     eager = random_esm2(ESM, seed=2).to(device)
-    fast = random_esm2(ESM, seed=2).to(device)
-    fast.enable_compile()
-    fast.rotary_impl = rotary
+    fast = planned(random_esm2(ESM, seed=2).to(device), compiled=True)
     with torch.inference_mode():
         for i, lengths in enumerate(([40, 7, 100], [3, 3], [120, 55, 61, 9])):
             batch = packed_batch(lengths, 24, seed=20 + i, low=4).to(device)
@@ -513,12 +459,31 @@ def test_bf16_fast_attention_close_to_padded_on_cuda(backend):
     if backend == "triton":
         _triton_kernels_or_skip("attention", "cuda")
     model = random_dnabert_s(DNA, seed=7).to("cuda", torch.bfloat16)
-    model.enable_compile()
     batch = packed_batch([55, 135, 90, 100, 77] * 30, DNA.vocab_size, seed=30).to("cuda")
     with torch.inference_mode():
-        model.attention_backend = "padded"
+        planned(model, attention="padded", compiled=True)
         ref = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen).float()
-        model.attention_backend = backend
+        planned(model, attention=backend, compiled=True)
         out = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen).float()
     cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
     assert cos.min() > 0.999, cos.min()
+
+
+# --------------------------------------------------------------------------- the plan itself
+
+
+def test_choose_plan_resolves_every_auto_once():
+    """On CPU, RuntimeConfig's defaults give the portable plan for both models; explicit choices
+    are checked against what the model can take, at load rather than at the first forward."""
+    from embed_core import RuntimeConfig, choose_plan
+    esm, dna = random_esm2(ESM), random_dnabert_s(DNA)
+    for model in (esm, dna):
+        assert choose_plan(RuntimeConfig(device="cpu"), model) == ExecutionPlan()
+        assert choose_plan(RuntimeConfig(device="cpu", compile=True, kernels="torch"), model).compiled
+    assert choose_plan(RuntimeConfig(device="cpu", dtype="bfloat16"), dna).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="does not take the flash"):
+        choose_plan(RuntimeConfig(device="cpu", attention="flash"), dna)        # ALiBi: no flash
+    with pytest.raises(ValueError, match="flash varlen path needs CUDA"):
+        choose_plan(RuntimeConfig(device="cpu", attention="flash"), esm)
+    assert ExecutionPlan().describe() == ("device cpu, dtype float32, attention padded, our kernels off, "
+                                          "compiled off")

@@ -30,7 +30,12 @@ def model(request, demo_checkpoints):
     return request.param, encoder, tokenizer
 
 
-def padded_reference(encoder, token_arrays) -> np.ndarray:
+# The published pooling rules, stated here rather than read from the encoder under test:
+# ESM-2 averages residues only (BOS and EOS left out), DNABERT-S every token ([CLS], [SEP] in).
+SPECIALS_LEFT_OUT = {"esm2": (1, 1), "dnabert_s": (0, 0)}   # (first, last) tokens not averaged
+
+
+def padded_reference(kind: str, encoder, token_arrays) -> np.ndarray:
     """forward_padded over one zero-padded batch, then the masked mean (the reference path)."""
     lengths = torch.tensor([len(t) for t in token_arrays])
     ids = torch.zeros(len(token_arrays), int(lengths.max()), dtype=torch.long)
@@ -38,7 +43,8 @@ def padded_reference(encoder, token_arrays) -> np.ndarray:
         ids[i, :len(t)] = torch.from_numpy(t)
     pos = torch.arange(ids.shape[1])[None]
     mask = pos < lengths[:, None]
-    keep = (pos >= encoder.pool_skip_first) & (pos < (lengths - encoder.pool_skip_last)[:, None])
+    first, last = SPECIALS_LEFT_OUT[kind]
+    keep = (pos >= first) & (pos < (lengths - last)[:, None])
     with torch.inference_mode():
         hidden = encoder.forward_padded(ids, mask).float()          # [B, L, H]
     pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
@@ -55,7 +61,7 @@ def test_packed_equals_padded_equals_single(model):
     packed = embedder.embed_tokens(ids)
     assert packed.shape == (n, encoder.hidden_size) and packed.dtype == np.float32
     assert embedder.stats.forward_passes > 1, "the token budget cuts several packs"
-    padded = padded_reference(encoder, ids)
+    padded = padded_reference(kind, encoder, ids)
     single = np.concatenate([embedder.embed([s]) for s in sequences])
     np.testing.assert_allclose(packed, padded, rtol=0, atol=1e-5)
     np.testing.assert_allclose(packed, single, rtol=0, atol=1e-5)
@@ -185,7 +191,7 @@ def test_device_policy(model):
     assert embedder.embed_tokens([]).shape == (0, encoder.hidden_size)
     embedder.warmup()
     assert embedder.stats.sequences == 0 and embedder.stats.forward_passes == 0
-    assert not embedder.compiled, "CPU stays eager"
+    assert not embedder.plan.compiled, "CPU stays eager"
 
 
 @pytest.mark.parametrize("bad", [dict(device="gpu"), dict(device="cuda:x"), dict(dtype="fp8"),

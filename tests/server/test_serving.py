@@ -50,14 +50,15 @@ def test_parameters_become_a_runtime_config():
 
 
 def test_the_attention_parameter_reaches_the_encoder():
-    """RuntimeConfig.attention sets DNABERT-S's ALiBi attention backend (and is ignored by ESM-2)."""
-    from embed_core.dnabert_s import DnabertSConfig, random_dnabert_s
+    """RuntimeConfig.attention reaches the encoder through the execution plan."""
+    from embed_core.dnabert_s import DnabertSConfig
+    from embed_core.dnabert_s_checkpoint import random_dnabert_s
     from embed_core.runtime import Embedder, RuntimeConfig
 
     model = random_dnabert_s(DnabertSConfig(vocab_size=16, hidden_size=24, num_hidden_layers=1,
                                             num_attention_heads=12, intermediate_size=32))
-    Embedder(model, tokenizer=None, config=RuntimeConfig(device="cpu", attention="padded"))
-    assert model.attention_backend == "padded"
+    embedder = Embedder(model, tokenizer=None, config=RuntimeConfig(device="cpu", attention="padded"))
+    assert model.plan is embedder.plan and model.plan.attention == "padded"
 
 
 def test_checkpoint_path_resolves_against_the_model_folder(tmp_path):
@@ -98,9 +99,9 @@ def embedder(demo_checkpoints):
     return load_embedder("esm2", demo_checkpoints / "esm2", RuntimeConfig(device="cpu", dtype="float32"))
 
 
-def test_embed_requests_fails_only_the_bad_requests(embedder):
+def test_launch_requests_fails_only_the_bad_requests(embedder):
     requests = [["MKTAY", "MKL"], ["MK1"], serving.RequestError("broken"), ["ACDEFG"]]
-    results = serving.embed_requests(embedder, requests)
+    results = serving.launch_requests(embedder, requests).finish()
     np.testing.assert_allclose(results[0], embedder.embed(["MKTAY", "MKL"]), atol=1e-5, rtol=0)
     assert isinstance(results[1], InvalidSequenceError) and "sequence 0" in str(results[1])
     assert results[2] is requests[2]
@@ -117,7 +118,7 @@ def test_a_sequence_too_large_for_the_device_fails_only_its_request(embedder):
 
     embedder.before_forward = fail_long
     try:
-        results = serving.embed_requests(embedder, [["MKTAY"], ["MKTAY", "A" * 30], ["MKL"]])
+        results = serving.launch_requests(embedder, [["MKTAY"], ["MKTAY", "A" * 30], ["MKL"]]).finish()
     finally:
         embedder.before_forward = None
     assert isinstance(results[1], SequenceTooLargeError) and str(results[1]).startswith("sequence 1:")
@@ -136,7 +137,7 @@ def test_metric_deltas_follow_the_stats(embedder):
 
 
 def test_phase_seconds_split_the_wall_time_and_become_counters(embedder):
-    """embed_requests adds its tokenizing (prep) and encoder (compute) seconds to the PhaseSeconds;
+    """launch_requests adds its tokenizing (prep) and encoder (compute) seconds to the PhaseSeconds;
     together they are within the call's own wall time, and MetricDeltas turns them (floats) into
     increments of embed_prep/compute_seconds_total beside the EmbedStats counters."""
     import time
@@ -145,7 +146,7 @@ def test_phase_seconds_split_the_wall_time_and_become_counters(embedder):
     deltas = serving.MetricDeltas()
     deltas.take(embedder.stats, phases)
     started = time.perf_counter()
-    serving.embed_requests(embedder, [["MKTAY" * 20, "MKL"], ["ACDEFG"]], phases)
+    serving.launch_requests(embedder, [["MKTAY" * 20, "MKL"], ["ACDEFG"]], phases).finish()
     wall = time.perf_counter() - started
     assert phases.prep_seconds > 0 and phases.compute_seconds > 0
     assert phases.prep_seconds + phases.compute_seconds <= wall
@@ -306,7 +307,7 @@ def test_launcher_refuses_numpy_2_for_the_stub(tmp_path):
 def test_a_malformed_request_counts_as_a_failure(embedder):
     deltas = serving.MetricDeltas()
     deltas.take(embedder.stats)
-    serving.embed_requests(embedder, [serving.RequestError("not UTF-8"), ["MKL"]])
+    serving.launch_requests(embedder, [serving.RequestError("not UTF-8"), ["MKL"]]).finish()
     got = deltas.take(embedder.stats)
     assert got["embed_failures_total"] == 1 and got["embed_sequences_total"] == 1
 
