@@ -196,6 +196,18 @@ def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return bool(depth.max() > limit - passes or depth.min() < 0)
 
 
+def declared_body(request: Request) -> int:
+    """The body bytes a request announces: its Content-Length, LINGER_BYTES when chunked or
+    unparseable, 0 when it has none."""
+    if request.header(b"transfer-encoding"):
+        return LINGER_BYTES
+    lengths = request.header(b"content-length")
+    if not lengths:
+        return 0
+    text = lengths[0].strip()
+    return int(text) if text.isdigit() and len(text) <= 18 else LINGER_BYTES
+
+
 def _same(given: Optional[bytes], expected: str) -> bool:
     return given is not None and hmac.compare_digest(given, expected.encode())
 
@@ -282,8 +294,10 @@ class Frontend:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         backend = None
         first = True
+        unread = 0  # body bytes the client is still expected to send (for a lingering close)
         try:
             while True:
+                unread = 0
                 timeout = self.options.head_timeout_s if first else self.options.idle_timeout_s
                 first = False
                 try:
@@ -297,10 +311,12 @@ class Frontend:
                 except asyncio.TimeoutError:  # idle, or a head trickling in too slowly: hang up
                     return
                 request = parse_head(head)
+                unread = declared_body(request)
                 self._authorize(request)
                 reserved = 0
                 try:
                     body, reserved = await self._read_body(request, reader, writer)
+                    unread = 0
                     await self._check_json(request, body)
                     if backend is None:
                         backend = await self._open_backend()
@@ -320,7 +336,8 @@ class Frontend:
             try:
                 writer.write(error_response(err.status, err.message, err.headers))
                 await asyncio.wait_for(writer.drain(), 10)
-                await self._linger(reader, writer)
+                if unread:
+                    await self._linger(reader, writer, unread)
             except (ConnectionError, asyncio.TimeoutError, OSError, RuntimeError, ssl.SSLError):
                 pass
         except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, OSError, ssl.SSLError):
@@ -330,13 +347,14 @@ class Frontend:
                 self._close(backend[1])
             self._close(writer)
 
-    async def _linger(self, reader, writer) -> None:
-        """After an error answer: stop sending, then read and drop what the client still sends
-        (a bounded amount, for a bounded time), so that a client that writes its whole body
-        before reading (Python's http.client, requests) reads the 413 instead of a reset."""
+    async def _linger(self, reader, writer, unread: int) -> None:
+        """After an error answer to a request whose body was not read: stop sending, then read
+        and drop that body (at most LINGER_BYTES, for at most LINGER_SECONDS), so that a client
+        that writes its whole body before reading (Python's http.client, requests) reads the
+        answer instead of a connection reset."""
         if writer.can_write_eof():
             writer.write_eof()
-        left = LINGER_BYTES
+        left = min(unread, LINGER_BYTES)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LINGER_SECONDS
         while left > 0:
@@ -517,7 +535,8 @@ class Frontend:
             raise HttpError(502, "malformed answer from tritonserver") from None
         headers = [line.partition(b":") for line in lines[1:]]
         fields = {n.strip().lower(): v.strip() for n, _, v in headers}
-        reusable = b"close" not in fields.get(b"connection", b"").lower()
+        # after HEAD, evhtp may or may not send a body: do not reuse that connection
+        reusable = b"close" not in fields.get(b"connection", b"").lower() and request.method != b"HEAD"
         out = [lines[0]] + [n + b":" + v for n, _, v in headers
                             if n.strip().lower() not in (b"connection", b"keep-alive")]
         chunked = b"chunked" in fields.get(b"transfer-encoding", b"").lower()

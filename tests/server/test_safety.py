@@ -1,0 +1,726 @@
+"""Hostile requests against the real server (issue 14): none takes it down.
+
+Each hostile request is followed by a good HTTP and a good gRPC request that must succeed.
+The session server (tests/conftest.py) runs with embed-server's defaults (front end, no keys,
+no TLS); a second, smaller server (dnabert_s only) runs once for this module with TLS, an admin
+key and an API key. All traffic goes to 127.0.0.1, bounded in count and time.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.server
+
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is needed (extra 'client')")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from embed_server.frontend import MAX_JSON_DEPTH, classify, json_too_deep  # noqa: E402
+from embed_server.launcher import LaunchError, ServerOptions  # noqa: E402
+
+GOOD = {"esm2": "MKTAYIAKQRQISFVKSHFSRQ", "dnabert_s": "ACGTACGGTACCATGCA"}
+LIMIT = 32 * 1024 * 1024  # embed-server's default --max-request-bytes
+ADMIN_KEY = "admin-" + "a1b2c3d4" * 4
+API_KEY = "api-" + "f00dfeed" * 4
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def http_bytes(method, path, body=b"", headers=(), length=True):
+    """A raw HTTP/1.1 request; the server closes the connection after answering."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *headers]
+    if length:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def exchange(port, payload, timeout=60.0, context=None):
+    """Sends raw bytes, reads until the server closes; (first status or None, raw answer)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    if context is not None:
+        sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+    chunks = []
+    try:
+        try:
+            sock.sendall(payload)
+            if context is None:
+                sock.shutdown(socket.SHUT_WR)  # nothing more: the server sees the end at once
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except (ConnectionResetError, socket.timeout, ssl.SSLError):
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        sock.close()
+    raw = b"".join(chunks)
+    try:
+        status = int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.") else None
+    except (IndexError, ValueError):
+        status = None
+    return status, raw
+
+
+def answer_json(raw):
+    body = raw.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in raw else b""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def infer_body(sequences, **tensor):
+    spec = {"name": "SEQUENCE", "shape": [len(sequences), 1], "datatype": "BYTES", "data": sequences}
+    spec.update(tensor)
+    return json.dumps({"inputs": [spec]}).encode()
+
+
+def http_port(url):
+    return int(url.rsplit(":", 1)[1])
+
+
+def good_http(server_url, model="esm2", headers=None, context=None):
+    request = urllib.request.Request(f"{server_url}/v2/models/{model}/infer", data=infer_body([GOOD[model]]),
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(request, timeout=60, context=context) as response:
+        assert response.status == 200
+        (output,) = json.loads(response.read())["outputs"]
+    return output
+
+
+def good_grpc(grpc_url, model="esm2", headers=None, **client_options):
+    client = grpcclient.InferenceServerClient(grpc_url, **client_options)
+    try:
+        tensor = grpcclient.InferInput("SEQUENCE", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[GOOD[model].encode()]], dtype=object))
+        return client.infer(model, [tensor], headers=headers, client_timeout=60).as_numpy("EMBEDDING")
+    finally:
+        client.close()
+
+
+def assert_serves(server):
+    """The server still answers a good request on both transports."""
+    output = good_http(server.http_url)
+    assert output["shape"] == [1, server.hidden_sizes["esm2"]]
+    assert good_grpc(server.grpc_url, "dnabert_s").shape == (1, server.hidden_sizes["dnabert_s"])
+
+
+# ------------------------------------------------------------------ the reproduction (issue 14, 1)
+
+
+def test_a_5_mb_form_urlencoded_body_no_longer_kills_the_server(embed_server):
+    """What `curl -d @big.json` and Python's urllib send: 4.2 MB+ with this Content-Type
+    SIGSEGVed tritonserver 2.51 (evhtp parses it as a query string on the stack)."""
+    body = infer_body(["M" * 5_000_000])
+    for content_type in ("application/x-www-form-urlencoded", None):
+        headers = [f"Content-Type: {content_type}"] if content_type else []
+        status, raw = exchange(http_port(embed_server.http_url),
+                               http_bytes("POST", "/v2/models/esm2/infer", body, headers))
+        assert status == 400, raw[:300]
+        assert "5000000" in answer_json(raw)["error"]  # the model's own refusal: too long
+        assert_serves(embed_server)
+    # whitespace only, 4,194,303 bytes and 8 MB (the issue's smallest and a larger one)
+    for size in (4_194_303, 8 << 20):
+        status, raw = exchange(http_port(embed_server.http_url), http_bytes(
+            "POST", "/v2/models/esm2/infer", b" " * size, ["Content-Type: application/x-www-form-urlencoded"]))
+        assert status in (400, 500), raw[:300]
+        assert_serves(embed_server)
+
+
+def test_a_body_over_the_limit_gets_413_naming_the_limit(embed_server):
+    port = http_port(embed_server.http_url)
+    body = infer_body(["M" * (LIMIT + 1000)])
+    status, raw = exchange(port, http_bytes("POST", "/v2/models/esm2/infer", body))
+    assert status == 413, raw[:300]
+    assert f"{LIMIT:,}" in answer_json(raw)["error"] and "--max-request-bytes" in answer_json(raw)["error"]
+    assert_serves(embed_server)
+    # announced but never sent: refused at once, from the header
+    status, raw = exchange(port, http_bytes("POST", "/v2/models/esm2/infer", headers=[
+        "Content-Length: 1000000000000"], length=False))
+    assert status == 413, raw[:300]
+    # Expect: 100-continue (curl for bodies over 1 MB): refused before the body is sent
+    status, raw = exchange(port, http_bytes("POST", "/v2/models/esm2/infer", headers=[
+        f"Content-Length: {LIMIT + 1}", "Expect: 100-continue"], length=False))
+    assert status == 413 and b"100 Continue" not in raw, raw[:300]
+    assert_serves(embed_server)
+
+
+def test_a_chunked_body_over_the_limit_gets_413_and_a_good_one_is_served(embed_server):
+    port = http_port(embed_server.http_url)
+    chunk = b"M" * (1 << 20)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(LIMIT // len(chunk) + 2)) + b"0\r\n\r\n"
+    status, raw = exchange(port, http_bytes("POST", "/v2/models/esm2/infer", chunked,
+                                            ["Transfer-Encoding: chunked"], length=False))
+    assert status == 413, raw[:300]
+    body = infer_body([GOOD["esm2"]])
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7]) for i in range(0, len(body), 7))
+    status, raw = exchange(port, http_bytes("POST", "/v2/models/esm2/infer", chunked + b"0\r\n\r\n",
+                                            ["Transfer-Encoding: chunked"], length=False))
+    assert status == 200, raw[:300]
+    assert answer_json(raw)["outputs"][0]["shape"] == [1, embed_server.hidden_sizes["esm2"]]
+    # Expect: 100-continue with a body within the limit: 100, then the answer
+    status, raw = exchange(port, http_bytes("POST", "/v2/models/esm2/infer", body, ["Expect: 100-continue"]))
+    assert raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), raw[:300]
+
+
+# ------------------------------------------------------------------ hostile HTTP
+
+
+def deep(n):
+    return b"[" * n + b"]" * n
+
+
+def hostile_http_cases():
+    """(id, raw request, the statuses it may get). 502 is never allowed: it means tritonserver
+    dropped the connection."""
+    infer = "/v2/models/esm2/infer"
+    good = infer_body([GOOD["esm2"]])
+    bad_request = (400, 404, 500)
+    return [
+        ("json-nested-2M", http_bytes("POST", infer, deep(2_000_000)), (400,)),  # SIGSEGV in 2.51
+        ("json-nested-65", http_bytes("POST", infer, deep(MAX_JSON_DEPTH + 1)), (400,)),
+        ("json-nested-in-data", http_bytes("POST", infer, b'{"inputs":[{"name":"SEQUENCE","shape":[1,1],'
+                                           b'"datatype":"BYTES","data":' + deep(100_000) + b"}]}"), (400,)),
+        ("json-open-brackets-only", http_bytes("POST", infer, b"{" * 3_000_000), (400,)),
+        ("json-truncated", http_bytes("POST", infer, good[:-5]), bad_request),
+        ("json-not-json", http_bytes("POST", infer, b"\x00\xff" * 1000), bad_request),
+        ("json-empty", http_bytes("POST", infer, b""), bad_request),
+        ("json-array", http_bytes("POST", infer, b"[1,2,3]"), bad_request),
+        ("json-invalid-utf8", http_bytes("POST", infer, good.replace(b"MKTAY", b"MK\xff\xfeY")), bad_request),
+        ("json-data-numbers", http_bytes("POST", infer, infer_body([1, 2]), ), bad_request),
+        ("json-data-nested-objects", http_bytes("POST", infer, infer_body([{"a": {"b": [1]}}])), bad_request),
+        ("json-shape-string", http_bytes("POST", infer, infer_body(["MK"], shape="x")), bad_request),
+        ("json-shape-negative", http_bytes("POST", infer, infer_body(["MK"], shape=[-1, 1])), bad_request),
+        ("json-shape-overflow", http_bytes("POST", infer, infer_body(["MK"], shape=[2 ** 40, 2 ** 40])), bad_request),
+        ("json-shape-many-dims", http_bytes("POST", infer, infer_body(["MK"], shape=[1] * 10_000)), bad_request),
+        ("json-shape-float", http_bytes("POST", infer, infer_body(["MK"], shape=[1.5, 1])), bad_request),
+        ("json-batch-over-max", http_bytes("POST", infer, infer_body(["MK"] * 2000)), bad_request),
+        ("json-datatype-fp64", http_bytes("POST", infer, infer_body(["MK"], datatype="FP64")), bad_request),
+        ("json-datatype-junk", http_bytes("POST", infer, infer_body(["MK"], datatype="\u00e9" * 100)), bad_request),
+        ("json-inputs-object", http_bytes("POST", infer, b'{"inputs":{"name":"SEQUENCE"}}'), bad_request),
+        ("json-1000-inputs", http_bytes("POST", infer, json.dumps({"inputs": [
+            {"name": f"I{i}", "shape": [1, 1], "datatype": "BYTES", "data": ["MK"]} for i in range(1000)]}).encode()),
+         bad_request),
+        ("json-huge-string-name", http_bytes("POST", infer, infer_body(["MK"], name="N" * 1_000_000)), bad_request),
+        ("json-unknown-output", http_bytes("POST", infer, json.dumps({
+            "inputs": json.loads(good)["inputs"], "outputs": [{"name": "X" * 1000}]}).encode()), bad_request),
+        ("json-parameters-junk", http_bytes("POST", infer, json.dumps({
+            "inputs": json.loads(good)["inputs"], "parameters": {"binary_data_output": "yes", "x": [[1]]}}).encode()),
+         bad_request + (200,)),
+        ("shm-input-unregistered", http_bytes("POST", infer, json.dumps({"inputs": [{
+            "name": "SEQUENCE", "shape": [1, 1], "datatype": "BYTES",
+            "parameters": {"shared_memory_region": "nope", "shared_memory_byte_size": 64}}]}).encode()), bad_request),
+        ("binary-header-length-over-body", http_bytes("POST", infer, good, ["Inference-Header-Content-Length: 999999"]),
+         bad_request),
+        ("binary-bytes-length-lies", http_bytes("POST", infer, json.dumps({"inputs": [{
+            "name": "SEQUENCE", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]}).encode()
+            + struct.pack("<I", 2 ** 31) + b"MK", [f"Inference-Header-Content-Length: {len(json.dumps({'inputs': [{'name': 'SEQUENCE', 'shape': [1, 1], 'datatype': 'BYTES', 'parameters': {'binary_data_size': 6}}]}))}"]),
+         bad_request),
+        ("unknown-model", http_bytes("POST", "/v2/models/" + "x" * 5000 + "/infer", good), bad_request),
+        ("unknown-version", http_bytes("POST", "/v2/models/esm2/versions/99999999999999999999/infer", good), bad_request),
+        ("unknown-path", http_bytes("GET", "/v2/no/such/thing"), (404,)),
+        ("percent-encoded-path", http_bytes("POST", "/v2/%72epository/index", b"{}"), (400,)),
+        ("get-with-body", http_bytes("GET", "/v2/health/ready", good), (200, 400)),
+        ("wrong-method", http_bytes("DELETE", infer, good), bad_request + (405,)),
+        ("head-request", http_bytes("HEAD", "/v2/models/esm2"), (200, 400, 404, 405)),
+        ("two-content-lengths", http_bytes("POST", infer, good, [f"Content-Length: {len(good) + 1}"]), (400,)),
+        ("length-and-chunked", http_bytes("POST", infer, good, ["Transfer-Encoding: chunked"]), (400,)),
+        ("transfer-encoding-gzip", http_bytes("POST", infer, good, ["Transfer-Encoding: gzip"], length=False), (501,)),
+        ("content-length-junk", http_bytes("POST", infer, good, ["Content-Length: 12abc"], length=False), (400,)),
+        ("content-length-negative", http_bytes("POST", infer, good, ["Content-Length: -1"], length=False), (400,)),
+        ("chunk-size-junk", http_bytes("POST", infer, b"zz\r\n", ["Transfer-Encoding: chunked"], length=False), (400,)),
+        ("chunk-size-huge", http_bytes("POST", infer, b"ffffffffffffffff\r\n", ["Transfer-Encoding: chunked"],
+                                       length=False), (400, 413)),
+        ("head-100-kb", http_bytes("GET", "/v2/health/ready", headers=["X-Junk: " + "j" * 100_000]), (431,)),
+        ("10000-headers", http_bytes("GET", "/v2/health/ready", headers=["X-J: j"] * 10_000), (431,)),
+        ("target-10-kb", http_bytes("GET", "/v2/health/ready?" + "a=b&" * 2500), (414,)),
+        ("target-absolute", http_bytes("GET", "http://evil.example/v2/health/ready"), (400,)),
+        ("target-non-ascii", http_bytes("GET", "/v2/health/r\u00e9ady"), (400,)),
+        ("header-control-char", http_bytes("GET", "/v2/health/ready", headers=["X-A: a\x01b"]), (400,)),
+        ("header-no-colon", http_bytes("GET", "/v2/health/ready", headers=["NoColonHere"]), (400,)),
+        ("header-space-in-name", http_bytes("GET", "/v2/health/ready", headers=["X A: b"]), (400,)),
+        ("request-line-junk", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 200 + b"\r\n\r\n", (400,)),
+        ("request-line-too-many-parts", b"GET / / HTTP/1.1\r\n\r\n", (400,)),
+        ("http-2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", (400, 505)),
+        ("http-0.9", b"GET /v2/health/ready\r\n\r\n", (400,)),
+        ("http-version-junk", b"GET /v2/health/ready HTTP/9.9\r\n\r\n", (505,)),
+        ("truncated-body", http_bytes("POST", infer, good, [f"Content-Length: {len(good) + 100}"], length=False),
+         (None,)),
+        ("empty-connection", b"", (None,)),
+    ]
+
+
+HOSTILE_HTTP = hostile_http_cases()
+
+
+@pytest.mark.parametrize("case, payload, allowed", HOSTILE_HTTP, ids=[c[0] for c in HOSTILE_HTTP])
+def test_hostile_http_request_is_refused_and_the_server_goes_on(embed_server, case, payload, allowed):
+    status, raw = exchange(http_port(embed_server.http_url), payload, timeout=60)
+    assert status in allowed, (case, raw[:400])
+    if status is not None and status >= 400:
+        assert isinstance((answer_json(raw) or {}).get("error"), str) or raw.startswith(b"HTTP/1.1 405"), raw[:400]
+    assert_serves(embed_server)
+
+
+def test_pipelined_and_kept_alive_requests_are_answered_in_order(embed_server):
+    port = http_port(embed_server.http_url)
+    one = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+    two = b"POST /v2/models/esm2/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(infer_body(["MK"]))
+    status, raw = exchange(port, one + two + infer_body(["MK"]) + http_bytes("GET", "/v2/models/esm2"))
+    assert raw.count(b"HTTP/1.1 200") == 3, raw[:600]
+
+
+def test_many_concurrent_hostile_and_good_requests(embed_server):
+    """64 connections at once, good and hostile mixed: every good one answered correctly."""
+    port = http_port(embed_server.http_url)
+    good = http_bytes("POST", "/v2/models/esm2/infer", infer_body([GOOD["esm2"], "MKV"]))
+    hostile = [c[1] for c in HOSTILE_HTTP if c[0] in (
+        "json-nested-2M", "json-truncated", "json-shape-overflow", "head-100-kb", "request-line-junk", "truncated-body")]
+    payloads = [good if i % 2 else hostile[i // 2 % len(hostile)] for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda p: exchange(port, p), payloads))
+    for i, (status, raw) in enumerate(answers):
+        if i % 2:
+            assert status == 200, raw[:300]
+            assert answer_json(raw)["outputs"][0]["shape"] == [2, embed_server.hidden_sizes["esm2"]]
+        else:
+            assert status != 502, raw[:300]
+    assert_serves(embed_server)
+
+
+def test_slow_and_idle_clients_do_not_block_others(embed_server):
+    """Connections that send half a head, or nothing, are left open while others are served."""
+    port = http_port(embed_server.http_url)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(50)]
+    try:
+        for sock in idle[::2]:
+            sock.sendall(b"POST /v2/models/esm2/infer HTTP/1.1\r\nContent-Length: 100\r\n")
+        assert_serves(embed_server)
+    finally:
+        for sock in idle:
+            sock.close()
+    assert_serves(embed_server)
+
+
+# ------------------------------------------------------------------ hostile gRPC
+
+
+def grpc_infer_raw(grpc_url, request, timeout=60):
+    """A ModelInferRequest sent as built, bypassing tritonclient's checks."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    channel = grpc.insecure_channel(grpc_url, options=[("grpc.max_send_message_length", -1),
+                                                       ("grpc.max_receive_message_length", -1)])
+    try:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        return stub.ModelInfer(service_pb2.ModelInferRequest(**request), timeout=timeout)
+    finally:
+        channel.close()
+
+
+def grpc_tensor(name="SEQUENCE", datatype="BYTES", shape=(1, 1), **kwargs):
+    from tritonclient.grpc import service_pb2
+
+    return service_pb2.ModelInferRequest().InferInputTensor(name=name, datatype=datatype, shape=list(shape), **kwargs)
+
+
+def hostile_grpc_cases():
+    from tritonclient.grpc import service_pb2
+
+    contents = service_pb2.InferTensorContents
+    big = 64 << 20
+    return [
+        ("sequence-64-MB", dict(model_name="esm2", inputs=[grpc_tensor()],
+                                raw_input_contents=[struct.pack("<I", big) + b"M" * big])),
+        ("bytes-length-lies", dict(model_name="esm2", inputs=[grpc_tensor()],
+                                   raw_input_contents=[struct.pack("<I", 2 ** 31) + b"MK"])),
+        ("bytes-length-truncated", dict(model_name="esm2", inputs=[grpc_tensor()], raw_input_contents=[b"\x05\x00"])),
+        ("shape-negative", dict(model_name="esm2", inputs=[grpc_tensor(shape=(-5, 1))],
+                                raw_input_contents=[struct.pack("<I", 2) + b"MK"])),
+        ("shape-10000-dims", dict(model_name="esm2", inputs=[grpc_tensor(shape=[1] * 10_000)],
+                                  raw_input_contents=[struct.pack("<I", 2) + b"MK"])),
+        ("batch-over-max", dict(model_name="esm2", inputs=[grpc_tensor(shape=(5000, 1))],
+                                raw_input_contents=[(struct.pack("<I", 2) + b"MK") * 5000])),
+        ("contents-and-raw", dict(model_name="esm2", inputs=[grpc_tensor(contents=contents(bytes_contents=[b"MK"]))],
+                                  raw_input_contents=[struct.pack("<I", 2) + b"MK"])),
+        ("no-inputs", dict(model_name="esm2")),
+        ("raw-without-inputs", dict(model_name="esm2", raw_input_contents=[b"x" * 1000])),
+        ("wrong-datatype-raw", dict(model_name="esm2", inputs=[grpc_tensor(datatype="FP32")],
+                                    raw_input_contents=[b"\x00" * 4])),
+        ("datatype-junk", dict(model_name="esm2", inputs=[grpc_tensor(datatype="X" * 10_000)],
+                               raw_input_contents=[b"\x00" * 4])),
+        ("invalid-utf8", dict(model_name="dnabert_s", inputs=[grpc_tensor()],
+                              raw_input_contents=[struct.pack("<I", 4) + b"\xff\xfeAC"])),
+        ("1000-inputs", dict(model_name="esm2", inputs=[grpc_tensor(name=f"I{i}") for i in range(1000)],
+                             raw_input_contents=[struct.pack("<I", 2) + b"MK"] * 1000)),
+        ("unknown-model", dict(model_name="m" * 100_000, inputs=[grpc_tensor()],
+                               raw_input_contents=[struct.pack("<I", 2) + b"MK"])),
+        ("unknown-output", dict(model_name="esm2", inputs=[grpc_tensor()], raw_input_contents=[
+            struct.pack("<I", 2) + b"MK"], outputs=[service_pb2.ModelInferRequest().InferRequestedOutputTensor(
+                name="NOPE")])),
+        ("shm-input-unregistered", dict(model_name="esm2", inputs=[grpc_tensor(parameters={
+            "shared_memory_region": service_pb2.InferParameter(string_param="nope"),
+            "shared_memory_byte_size": service_pb2.InferParameter(int64_param=64)})])),
+    ]
+
+
+HOSTILE_GRPC = hostile_grpc_cases() if grpcclient else []
+
+
+@pytest.mark.parametrize("case, request_fields", HOSTILE_GRPC, ids=[c[0] for c in HOSTILE_GRPC])
+def test_hostile_grpc_request_gets_an_error_and_the_server_goes_on(embed_server, case, request_fields):
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as info:
+        grpc_infer_raw(embed_server.grpc_url, request_fields)
+    # RESOURCE_EXHAUSTED: Triton's error echoes a 100 kB name, over gRPC's metadata limit
+    assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                 grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
+                                 grpc.StatusCode.RESOURCE_EXHAUSTED), (case, info.value)
+    assert info.value.details(), case
+    assert_serves(embed_server)
+
+
+@pytest.mark.parametrize("rows", [2 ** 62, 2 ** 32 + 1])
+def test_a_shape_claiming_more_rows_than_sent_is_answered_for_the_rows_sent(embed_server, rows):
+    """Triton 2.51 counts a BYTES tensor's elements in 32 bits: [2**62, 1] or [2**32 + 1, 1]
+    with one element passes its checks (and max_batch_size). Nothing breaks and nothing is
+    invented: the answer has one row per sequence actually sent."""
+    status, raw = exchange(http_port(embed_server.http_url),
+                           http_bytes("POST", "/v2/models/esm2/infer", infer_body([GOOD["esm2"]], shape=[rows, 1])))
+    assert status in (200, 400), raw[:300]
+    if status == 200:
+        assert answer_json(raw)["outputs"][0]["shape"] == [1, embed_server.hidden_sizes["esm2"]]
+    try:
+        answer = grpc_infer_raw(embed_server.grpc_url, dict(model_name="esm2", inputs=[grpc_tensor(shape=(rows, 1))],
+                                                            raw_input_contents=[struct.pack("<I", 2) + b"MK"]))
+        assert list(answer.outputs[0].shape) == [1, embed_server.hidden_sizes["esm2"]]
+    except Exception as err:  # noqa: BLE001 - a refusal is fine too (a later Triton)
+        assert "INVALID_ARGUMENT" in str(err), err
+    assert_serves(embed_server)
+
+
+def test_junk_bytes_on_the_grpc_port(embed_server):
+    port = http_port("x:" + embed_server.grpc_url.rsplit(":", 1)[1])
+    for junk in (b"\x00" * 10_000, b"GET / HTTP/1.1\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 5000):
+        exchange(port, junk, timeout=10)
+    assert_serves(embed_server)
+
+
+def test_concurrent_grpc_mix_of_good_and_bad(embed_server):
+    def one(i):
+        sequence = GOOD["esm2"] if i % 3 else "MK#L"
+        try:
+            return good_grpc(embed_server.grpc_url) if sequence == GOOD["esm2"] else grpc_infer_raw(
+                embed_server.grpc_url, dict(model_name="esm2", inputs=[grpc_tensor()],
+                                            raw_input_contents=[struct.pack("<I", 4) + b"MK#L"]))
+        except Exception as err:  # noqa: BLE001 - returned for the check below
+            return err
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(48)))
+    for i, answer in enumerate(answers):
+        if i % 3:
+            assert isinstance(answer, np.ndarray) and answer.shape == (1, embed_server.hidden_sizes["esm2"]), answer
+        else:
+            assert isinstance(answer, Exception) and "'#'" in str(answer), answer
+    assert_serves(embed_server)
+
+
+# ------------------------------------------------------------------ admin APIs closed by default
+
+
+def test_admin_apis_are_refused_over_http(embed_server):
+    port = http_port(embed_server.http_url)
+    register = json.dumps({"key": "/" + "embed_server_x", "offset": 0, "byte_size": 1 << 20}).encode()
+    cases = [
+        ("POST", "/v2/systemsharedmemory/region/evil/register", register),
+        ("GET", "/v2/systemsharedmemory/status", b""),
+        ("POST", "/v2/cudasharedmemory/region/evil/register", b'{"raw_handle":{"b64":"AAAA"},"device_id":0,"byte_size":8}'),
+        ("POST", "/v2/logging", b'{"log_verbose_level": 3}'),
+        ("GET", "/v2/logging", b""),
+        ("POST", "/v2/trace/setting", b'{"trace_level":["TIMESTAMPS"]}'),
+        ("POST", "/v2/models/esm2/trace/setting", b'{"trace_level":["TIMESTAMPS"]}'),
+        ("POST", "/v2/repository/index", b"{}"),
+        ("POST", "/v2/repository/models/esm2/unload", b"{}"),
+        ("POST", "/v2/repository/models/esm2/load", b"{}"),
+    ]
+    for method, path, body in cases:
+        for headers in ([], [f"x-admin-key: {ADMIN_KEY}"], ["X-Admin-Disabled: x"]):
+            status, raw = exchange(port, http_bytes(method, path, body, headers))
+            assert status == 403, (path, headers, raw[:300])
+            assert "disabled" in answer_json(raw)["error"], raw[:300]
+    assert_serves(embed_server)
+    for model in ("esm2", "dnabert_s"):  # nothing was unloaded
+        with urllib.request.urlopen(f"{embed_server.http_url}/v2/models/{model}/ready", timeout=10) as response:
+            assert response.status == 200
+
+
+def test_admin_apis_are_refused_over_grpc(embed_server):
+    client = grpcclient.InferenceServerClient(embed_server.grpc_url)
+    try:
+        calls = {
+            "register system shm": lambda h: client.register_system_shared_memory(
+                "evil", "/embed_server_x", 1 << 20, headers=h),
+            "system shm status": lambda h: client.get_system_shared_memory_status(headers=h),
+            "register cuda shm": lambda h: client.register_cuda_shared_memory("evil", b"\x00" * 64, 0, 8, headers=h),
+            "log settings": lambda h: client.get_log_settings(headers=h),
+            "update log settings": lambda h: client.update_log_settings({"log_verbose_level": 3}, headers=h),
+            "trace settings": lambda h: client.update_trace_settings(settings={"trace_rate": "1"}, headers=h),
+            "repository index": lambda h: client.get_model_repository_index(headers=h),
+            "unload": lambda h: client.unload_model("esm2", headers=h),
+        }
+        for name, call in calls.items():
+            for headers in (None, {"triton-grpc-protocol-x-admin-key": ADMIN_KEY}, {"x-admin-key": ADMIN_KEY}):
+                with pytest.raises(InferenceServerException) as info:
+                    call(headers)
+                assert "restricted" in info.value.message(), (name, info.value.message())
+        # open: health, metadata, config, statistics
+        assert client.is_server_ready() and client.is_model_ready("esm2")
+        assert client.get_model_metadata("esm2").name == "esm2"
+        assert client.get_model_config("esm2").config.name == "esm2"
+        assert client.get_inference_statistics("esm2").model_stats
+    finally:
+        client.close()
+    assert_serves(embed_server)
+
+
+# ------------------------------------------------------------------ TLS and keys
+
+
+def self_signed(tmp_path):
+    """(certificate, key) for 127.0.0.1 and localhost, valid for a day."""
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+        import datetime
+        import ipaddress
+    except ImportError:
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.skip("neither the cryptography package nor the openssl command is available")
+        subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=60)
+        return cert, key
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                               x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .sign(private, hashes.SHA256()))
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory, demo_checkpoints):
+    """A second embed-server (dnabert_s, one CPU instance) with TLS, an admin key and an API key."""
+    from embed_server.launcher import free_ports, start_server
+    from embed_server.repository import assemble_repository
+
+    root = tmp_path_factory.mktemp("secured")
+    cert, key = self_signed(root)
+    repo = assemble_repository(root / "repo", {"dnabert_s": demo_checkpoints / "dnabert_s"}, cpu_instances=1)
+    log = root / "tritonserver.log"
+    for attempt in (1, 2):
+        http, grpc_port, metrics = free_ports(3)
+        context = start_server(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics, cpu=True,
+                               log_file=log, startup_timeout_s=300, tls_cert=cert, tls_key=key,
+                               admin_key=ADMIN_KEY, api_key=API_KEY, max_request_bytes=1 << 20)
+        try:
+            server = context.__enter__()
+            break
+        except LaunchError as err:
+            if attempt == 1 and "already in use" in str(err):
+                continue
+            pytest.fail(f"the secured embed-server did not start: {err}", pytrace=False)
+    try:
+        yield server, cert, log
+    finally:
+        context.__exit__(None, None, None)
+
+
+def tls_client(server, cert, **options):
+    return dict(url=server.grpc_url, ssl=True, root_certificates=str(cert), **options)
+
+
+API = {"triton-grpc-protocol-x-api-key": API_KEY}
+
+
+def test_grpc_over_tls_with_the_api_key(secured):
+    server, cert, _ = secured
+    got = good_grpc(server.grpc_url, "dnabert_s", headers=API, ssl=True, root_certificates=str(cert))
+    assert got.shape[0] == 1
+    for headers in (None, {"triton-grpc-protocol-x-api-key": "wrong-" + API_KEY}, {"x-api-key": API_KEY}):
+        with pytest.raises(InferenceServerException) as info:
+            good_grpc(server.grpc_url, "dnabert_s", headers=headers, ssl=True, root_certificates=str(cert))
+        assert "restricted" in info.value.message()
+    # health and metadata stay open without the key
+    client = grpcclient.InferenceServerClient(server.grpc_url, ssl=True, root_certificates=str(cert))
+    try:
+        assert client.is_server_ready() and client.get_model_metadata("dnabert_s").name == "dnabert_s"
+    finally:
+        client.close()
+
+
+def test_plain_grpc_is_refused_when_tls_is_on(secured):
+    server, cert, _ = secured
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException):
+            client.is_server_live(client_timeout=10)
+    finally:
+        client.close()
+    assert good_grpc(server.grpc_url, "dnabert_s", headers=API, ssl=True, root_certificates=str(cert)).shape[0] == 1
+
+
+def test_https_with_the_api_key_and_plain_http_refused(secured):
+    server, cert, _ = secured
+    assert server.http_url.startswith("https://")
+    context = ssl.create_default_context(cafile=str(cert))
+    for header in ("x-api-key", "triton-grpc-protocol-x-api-key"):
+        assert good_http(server.http_url, "dnabert_s", headers={header: API_KEY}, context=context)["shape"][0] == 1
+    for headers in ({}, {"x-api-key": "wrong-" + API_KEY}, {"x-api-key": API_KEY.upper()}):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            good_http(server.http_url, "dnabert_s", headers=headers, context=context)
+        assert info.value.code == 401 and "x-api-key" in json.loads(info.value.read())["error"]
+    with urllib.request.urlopen(f"{server.http_url}/v2/health/ready", timeout=10, context=context) as response:
+        assert response.status == 200  # open without a key
+    # plain HTTP to the HTTPS port: no answer, the server goes on
+    status, _ = exchange(int(server.http_url.rsplit(":", 1)[1]), http_bytes("GET", "/v2/health/ready"), timeout=15)
+    assert status is None
+    # TLS junk and an abandoned handshake
+    port = int(server.http_url.rsplit(":", 1)[1])
+    exchange(port, b"\x16\x03\x01\x00\x05hello" + b"\x00" * 1000, timeout=15)
+    # its (smaller) size limit, over TLS
+    status, raw = exchange(port, http_bytes("POST", "/v2/models/dnabert_s/infer", b" " * (2 << 20),
+                                            [f"x-api-key: {API_KEY}"]), context=context)
+    assert status == 413 and "1,048,576" in answer_json(raw)["error"]
+    assert good_http(server.http_url, "dnabert_s", headers={"x-api-key": API_KEY}, context=context)["shape"][0] == 1
+
+
+def test_admin_apis_with_the_admin_key(secured):
+    server, cert, _ = secured
+    context = ssl.create_default_context(cafile=str(cert))
+    request = urllib.request.Request(f"{server.http_url}/v2/logging", headers={"x-admin-key": ADMIN_KEY})
+    with urllib.request.urlopen(request, timeout=10, context=context) as response:
+        assert "log_verbose_level" in json.loads(response.read())
+    for headers in ({}, {"x-admin-key": API_KEY}, {"x-admin-key": ADMIN_KEY + "x"}):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(urllib.request.Request(f"{server.http_url}/v2/systemsharedmemory/status",
+                                                          headers=headers), timeout=10, context=context)
+        assert info.value.code == 403 and "x-admin-key" in json.loads(info.value.read())["error"]
+    client = grpcclient.InferenceServerClient(server.grpc_url, ssl=True, root_certificates=str(cert))
+    try:
+        admin = {"triton-grpc-protocol-x-admin-key": ADMIN_KEY}
+        assert "log_verbose_level" in str(client.get_log_settings(headers=admin))
+        assert client.get_system_shared_memory_status(headers=admin) is not None
+        for headers in (None, API, {"triton-grpc-protocol-x-admin-key": API_KEY}):
+            with pytest.raises(InferenceServerException) as info:
+                client.get_system_shared_memory_status(headers=headers)
+            assert "restricted" in info.value.message()
+    finally:
+        client.close()
+
+
+def test_keys_are_not_in_the_log_or_the_printed_endpoints(secured):
+    server, _, log = secured
+    text = log.read_text(errors="replace") + server.endpoints() + repr(server.options)
+    assert ADMIN_KEY not in text and API_KEY not in text
+
+
+# ------------------------------------------------------------------ unit checks (no server)
+
+
+def test_routes_are_classified_as_triton_routes_them():
+    expected = {
+        "/v2/health/live": "health", "/v2/health/ready": "health", "/v2": "metadata",
+        "/v2/models/esm2": "metadata", "/v2/models/esm2/versions/1": "metadata",
+        "/v2/models/esm2/ready": "health", "/v2/models/esm2/infer": "inference",
+        "/v2/models/esm2/versions/1/infer": "inference", "/v2/models/esm2/generate_stream": "inference",
+        "/v2/models/esm2/config": "model-config", "/v2/models/esm2/stats": "statistics",
+        "/v2/models/stats": "statistics", "/v2/models/esm2/trace/setting": "trace", "/v2/trace/setting": "trace",
+        "/v2/logging": "logging", "/v2/repository/index": "model-repository",
+        "/v2/repository/models/esm2/load": "model-repository", "/v2/repository/x/models/esm2/unload": "model-repository",
+        "/v2/systemsharedmemory/status": "shared-memory", "/v2/systemsharedmemory/region/r/register": "shared-memory",
+        "/v2/cudasharedmemory/region/r/unregister": "shared-memory",
+        "/v2/": None, "/v2//repository/index": None, "/v2/models/esm2/infer/": None, "/metrics": None, "/": None,
+        "/v2/models/esm2/versions/x/infer": None, "/v2/repository/../logging": None,
+    }
+    assert {path: classify(path) for path in expected} == expected
+
+
+def test_json_depth_check():
+    assert not json_too_deep(infer_body([GOOD["esm2"]] * 1000))
+    assert not json_too_deep(b'{"inputs":[{"data":[[["a"],["b"]],[["c"],["d"]]]}]}')
+    assert not json_too_deep(b'{"s": "' + b"[" * 10_000 + b'"}')  # brackets in strings do not count
+    assert not json_too_deep(b'{"s": "\\"' + b"[" * 10_000 + b'"}')
+    assert not json_too_deep(deep(MAX_JSON_DEPTH))
+    assert json_too_deep(deep(MAX_JSON_DEPTH + 1))
+    assert json_too_deep(b"[[]" * (MAX_JSON_DEPTH + 1))
+    assert json_too_deep(b"{" * 1000)
+    assert json_too_deep(b"]" * 100 + b"[" * 100)
+
+
+def test_options_are_checked_and_keys_never_shown(tmp_path):
+    for key in ("short", "has space in it, long enough", "x" * 300, "colon:inside-a-long-key"):
+        with pytest.raises(LaunchError) as info:
+            ServerOptions(model_repository=tmp_path, admin_key=key)
+        assert key not in str(info.value)
+    with pytest.raises(LaunchError, match="differ"):
+        ServerOptions(model_repository=tmp_path, admin_key=ADMIN_KEY, api_key=ADMIN_KEY)
+    assert ADMIN_KEY not in repr(ServerOptions(model_repository=tmp_path, admin_key=ADMIN_KEY, api_key=API_KEY))
+    with pytest.raises(LaunchError, match="both"):
+        ServerOptions(model_repository=tmp_path, tls_cert=tmp_path)
+    for arg in ("--http-address=0.0.0.0", "--grpc-restricted-protocol=inference:a=b", "--allow-http=true",
+                "--model-control-mode=explicit", "oops"):
+        with pytest.raises(LaunchError):
+            ServerOptions(model_repository=tmp_path, triton_args=(arg,))
+    ServerOptions(model_repository=tmp_path, triton_args=("--model-load-thread-count=8",))
+
+
+def test_cli_reads_keys_from_files_and_environment(tmp_path, monkeypatch, capsys):
+    from embed_server.cli import read_key
+
+    path = tmp_path / "key"
+    path.write_text(ADMIN_KEY + "\n")
+    path.chmod(0o600)
+    assert read_key(path, "EMBED_ADMIN_KEY", "admin key") == ADMIN_KEY
+    path.chmod(0o644)
+    assert read_key(path, "EMBED_ADMIN_KEY", "admin key") == ADMIN_KEY
+    assert "readable by other users" in capsys.readouterr().err
+    monkeypatch.setenv("EMBED_API_KEY", API_KEY)
+    assert read_key(None, "EMBED_API_KEY", "API key") == API_KEY
+    monkeypatch.delenv("EMBED_API_KEY")
+    assert read_key(None, "EMBED_API_KEY", "API key") is None
+    with pytest.raises(LaunchError):
+        read_key(tmp_path / "missing", "EMBED_API_KEY", "API key")
+    assert ADMIN_KEY not in capsys.readouterr().err
