@@ -313,7 +313,7 @@ class ESM2(nn.Module):
     # What the execution plan may choose for this model (plan.choose_plan reads these).
     ATTENTION_BACKENDS = ("flash", "triton", "padded")   # flex pads the stream; ESM-2 runs it unpadded
     HAS_ALIBI = False
-    COMPILE_WITH_KERNELS = False   # with our kernels eager measured faster than compiled (perf/RESULTS.md)
+    COMPILE_WITH_KERNELS = False   # with our kernels, eager measured faster than compiled (perf/RESULTS.md)
 
     def __init__(self, config: Esm2Config):
         super().__init__()

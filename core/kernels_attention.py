@@ -23,13 +23,8 @@ import torch
 
 from .triton_support import can_run_on, lazy_kernel
 
-# Tiling (queries per program, keys per step of the inner loop, warps), with and without a bias.
-# With ALiBi (DNABERT-S), measured by perf/bench_kernels.py on an H200 (2026-11-28, 131,072 tokens
-# of 55-135-token chunks, 12 x 64 heads): 64x32 with 4 warps 3.42 ns/token, 64x64 3.47, 128x64
-# 4.14, 128x128 6.01; padded SDPA with the bias 19.85 (~95-token chunks take two query blocks).
-# Without (ESM-2, 40 x 64 heads, 42-172-residue frames; the kernel skips its bias term), measured
-# the same way (fourth session): 64x32 w4 10.24 ns/token, 64x64 10.75, 128x32 11.13, 128x64
-# 12.3-12.9; torch's flash varlen 17.55.
+# Tiling (queries per program, keys per step of the inner loop, warps), with and without a bias:
+# the fastest of perf/bench_kernels.py's sweep for both models' lengths (figures in perf/RESULTS.md).
 TILINGS = {True: (64, 32, 4), False: (64, 32, 4)}
 LOG2E = 1.4426950408889634
 

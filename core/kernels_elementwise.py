@@ -3,15 +3,15 @@
 * `add_layer_norm`: residual add and LayerNorm in one pass. In a pre-LN layer every residual add
   is followed by a LayerNorm of the sum (the layer's second norm, the next layer's first, or the
   final `emb_layer_norm_after`). ATen runs them as two passes; this reads x and y once and writes
-  the sum (the residual stream) and its normalisation. On an H200, 2560-wide bf16 rows: 5.1 ns
-  per token against 7.7 (perf/RESULTS.md, 2026-11-28 third session).
+  the sum (the residual stream) and its normalisation (faster than ATen's two passes on GPU:
+  perf/RESULTS.md).
   Numerics follow the two-pass form: the sum is rounded to the stream's dtype first (as `x + y`
   would be), and the LayerNorm (fp32 math, biased variance, eps inside the root, as torch's)
   normalises that rounded sum.
 
 `available(device)` says where it can run (CUDA, or any device with TRITON_INTERPRET=1: tests).
-Row offsets are 64-bit (large packs of wide rows pass 2^31 values). An exact-GELU kernel was
-measured here too and dropped: 22 ns per token of ESM-2 3B's fc1 output against ATen's 13.
+Row offsets are 64-bit (large packs of wide rows pass 2^31 values). An exact-GELU kernel lost to
+ATen's and was dropped (perf/RESULTS.md).
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def _kernel(triton, tl):
         s = tl.load(sin_ptr + t * s_st + d, mask=t_ok, other=0.0).to(tl.float32)
 
         # q and k written out twice on purpose: a shared @triton.jit helper fails under the
-        # interpreter the CPU tests use (closure NameError), and this is the form measured on the H200.
+        # interpreter the CPU tests use (closure NameError).
         q_off = t * q_st + h * q_sh + d
         q1 = tl.load(q_ptr + q_off, mask=m, other=0.0).to(tl.float32)
         q2 = tl.load(q_ptr + q_off + HALF, mask=m, other=0.0).to(tl.float32)

@@ -43,7 +43,7 @@ TOO_LONG_POLICIES = ("error", "truncate")
 
 CPU_TOKEN_BUDGET = 8192      # fixed on CPU: large packs only add cache misses there
 MIN_TOKEN_BUDGET = 1024
-MAX_TOKEN_BUDGET = 131072    # H200: beats 32,768 (perf/README.md); more only holds more memory
+MAX_TOKEN_BUDGET = 131072    # larger packs measured faster up to here (perf/RESULTS.md); more only holds memory
 BUDGET_SAFETY = 0.6          # fraction of the free memory the activations may use
 BUDGET_RESERVE = 1 << 30     # bytes kept free for the allocator's fragmentation and cuBLAS workspaces
 ATTENTION_REF_LEN = 512      # tokens: the sequence length the attention-scratch term is sized for

@@ -2,7 +2,7 @@
 
     python perf/bench_models.py --out perf/results/bench_models.json        # one GPU
     python perf/bench_models.py --small                                     # CPU smoke check: seconds
-    python perf/bench_models.py --attention padded,flex64,triton,auto --esm-rotary torch,auto \
+    python perf/bench_models.py --attention padded,flex,triton,auto --esm-rotary torch,auto \
         --skip-vanilla --profile                # each kernel's share, top kernels, GPU idle time
 
 For each model, on the same synthetic workload (ESM-2: protein frames of 40-170 residues, mean
@@ -13,7 +13,7 @@ For each model, on the same synthetic workload (ESM-2: protein frames of 40-170 
                  DNABERT-S: our forward_padded bf16 (SDPA with the ALiBi bias), length-sorted;
   (c) ours:      embed_core Embedder bf16: packed, no padding, token budget from free memory;
                  on CUDA first eager (c_eager), then compiled: one run per `--attention` entry for
-                 DNABERT-S (c = defaults, c_padded, c_flex64, c_triton ...) and per `--esm-rotary`
+                 DNABERT-S (c = defaults, c_padded, c_flex, c_triton ...) and per `--esm-rotary`
                  entry for ESM-2 (c, c_torch, c_triton); the best compiled run is "(c)" in the
                  ratios and targets. `--profile` prints each (c) run's top CUDA kernels.
 Paths (b) and (c) run the whole workload once untimed (compilation, kernel selection, the
@@ -207,7 +207,8 @@ def free_memory(device: torch.device) -> None:
 
 
 def bench_esm2(core, args, device: torch.device, dtype: torch.dtype) -> dict:
-    from embed_core.esm2 import ESM2, Esm2Config, Esm2Tokenizer
+    from embed_core.esm2 import ESM2, Esm2Config
+    from embed_core.esm2_tokenizer import Esm2Tokenizer
     from transformers import EsmModel
 
     dims = ESM2_SMALL if args.small else ESM2_3B
@@ -274,8 +275,8 @@ def with_budget(variant_of):
         out = variant_of(name, *rest)
         if not budget or isinstance(out, str):
             return out
-        key, overrides, attrs, label = out
-        return f"{key}_b{int(budget)}", {**overrides, "token_budget": int(budget)}, attrs, f"{label}, {int(budget)} tok"
+        key, overrides, label = out
+        return f"{key}_b{int(budget)}", {**overrides, "token_budget": int(budget)}, f"{label}, {int(budget)} tok"
     return variant
 
 
@@ -289,55 +290,45 @@ def variant_name(entry: str) -> str:
 
 @with_budget
 def attention_variant(name: str) -> tuple:
-    """--attention entry -> ((c) key, RuntimeConfig overrides, DNABERT-S attributes, label).
+    """--attention entry -> ((c) key, RuntimeConfig overrides, label).
 
-    "auto": the runtime's defaults (on CUDA with triton: our attention and GLU kernels), key "c".
-    Any other entry pins the attention and keeps the GLU on the torch path (kernels="torch"), so
-    each kernel's share shows: "flexN" = "flex" with N-token FlexAttention blocks (`flex_block`;
-    "flex" = the default 128), "triton" = our attention kernel alone."""
-    from embed_core.attention import FLEX_BLOCK
+    "auto": the runtime's defaults (on CUDA with triton: our attention kernel), key "c". Any other
+    entry pins the attention with kernels="torch", so each backend's share shows."""
     if name == "auto":
-        return "c", {}, {"flex_block": FLEX_BLOCK}, ", defaults"
-    block = int(name[4:]) if name.startswith("flex") and name != "flex" else FLEX_BLOCK
-    attention = "flex" if name.startswith("flex") else name
-    label = f", attention {attention}" + (f", {block}-token blocks" if block != FLEX_BLOCK else "") + ", torch GLU"
-    return f"c_{name}", {"attention": attention, "kernels": "torch"}, {"flex_block": block}, label
+        return "c", {}, ", defaults"
+    return f"c_{name}", {"attention": name, "kernels": "torch"}, f", attention {name}"
 
 
-ESM_VARIANTS = ("auto", "torch", "triton", "eager", "rotary", "flash")   # rotary_variant's names
+ESM_VARIANTS = ("auto", "torch", "triton", "eager", "flash")   # rotary_variant's names
 
 
 @with_budget
 def rotary_variant(name: str, device: torch.device) -> tuple:
-    """--esm-rotary entry -> ((c) key, RuntimeConfig overrides, ESM2 attributes, label), or a reason
-    it cannot run here. "auto": the runtime's defaults (key c); "triton" = RuntimeConfig(kernels="triton"),
-    "torch" = kernels="torch"; "rotary": our rotary kernel alone (an earlier default: ATen's
-    residual adds and LayerNorms, q/k/v as three GEMMs, flash attention); "flash": the defaults
-    (add + LayerNorm kernel, one q/k/v GEMM) with flash attention instead of kernels_attention's."""
+    """--esm-rotary entry -> ((c) key, RuntimeConfig overrides, label), or a reason it cannot run
+    here. "auto": the runtime's defaults (key c); "triton" = RuntimeConfig(kernels="triton"),
+    "torch" = kernels="torch"; "eager" = compile=False; "flash": the defaults (our rotary and
+    add + LayerNorm kernels) with flash attention instead of kernels_attention's."""
     if name == "triton":
         from embed_core import kernels_rotary, triton_support
         if not kernels_rotary.available(device):
             why = ("the triton package is not installed" if triton_support.import_triton() is None
                    else f"needs CUDA (or TRITON_INTERPRET=1), device is {device.type}")
             return f"skip: {why}"
-        return "c_triton", {"kernels": "triton"}, {}, ", rotary triton kernel"
+        return "c_triton", {"kernels": "triton"}, ", rotary triton kernel"
     if name == "torch":
-        return "c_torch", {"kernels": "torch"}, {}, ", rotary torch (Inductor)"
+        return "c_torch", {"kernels": "torch"}, ", rotary torch (Inductor)"
     if name == "eager":
-        return "c_uncomp", {"compile": False}, {}, ", defaults, not compiled"
-    if name == "rotary":
-        return ("c_rotary", {}, {"elementwise_impl": "torch", "attention_backend": "auto"},
-                ", our rotary only (ATen adds + LayerNorms, 3 q/k/v GEMMs, flash)")
+        return "c_uncomp", {"compile": False}, ", defaults, not compiled"
     if name == "flash":
-        return "c_flash", {}, {"attention_backend": "auto"}, ", defaults but flash attention"
-    return "c", {}, {}, ", defaults"
+        return "c_flash", {"attention": "flash"}, ", defaults but flash attention"
+    return "c", {}, ", defaults"
 
 
 def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_b=None, variants=(None,)):
     """(c): the Embedder under the runtime's policy; on CUDA with a compilable encoder also eager, first.
 
-    `variants`: the (c) runs, each (key, RuntimeConfig overrides, encoder attributes to set,
-    label suffix) (see attention_variant / rotary_variant); None = the encoder's defaults, key "c".
+    `variants`: the (c) runs, each (key, RuntimeConfig overrides, label suffix) (see
+    attention_variant / rotary_variant); None = the runtime's defaults, key "c".
     Returns (the last embedder, the output of the fastest (c) run, its key). A run that fails is
     reported and skipped, so one broken variant does not cost the others.
     """
@@ -361,24 +352,15 @@ def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_
         return out
 
     policy = {"auto": None, "on": True, "off": False}[args.compile]
-    if device.type == "cuda" and hasattr(model, "enable_compile") and policy is not False:
-        eager = embedder_for(False)   # before compiling: enable_compile() changes the model for good
+    if device.type == "cuda" and policy is not False:
+        eager = embedder_for(False)
         run_one("c_eager", f"ours: Embedder {name_of(dtype)} packed, eager (budget {eager.token_budget})", eager)
         eager.close()
     best, out_best, embedder = None, None, None
-    defaults_ = {}
     for variant in variants:
-        key, overrides, attrs, label = variant or ("c", {}, {}, "")
-        for name, value in attrs.items():
-            defaults_.setdefault(name, getattr(model, name))
-        for name, value in {**defaults_, **attrs}.items():   # each run: its attributes, the rest default
-            setattr(model, name, value)
-        # Kernel choices go through the RuntimeConfig (Embedder sets the encoder's attributes from it);
-        # the variant's own attributes are set again after, where they pin one of those choices.
-        embedder = embedder_for(policy, overrides)
-        for name, value in attrs.items():
-            setattr(model, name, value)
-        how = "compiled" if embedder.compiled else "eager"
+        key, overrides, label = variant or ("c", {}, "")
+        embedder = embedder_for(policy, overrides)   # its execution plan: the model follows it from here
+        how = "compiled" if embedder.plan.compiled else "eager"
         out = run_one(key, f"ours: Embedder {name_of(dtype)} packed, {how}{label} (budget {embedder.token_budget})",
                       embedder)
         embedder.close()
@@ -476,7 +458,7 @@ def summarize(model, dims, build_s, work, vanilla_work, runs, out_a, out_b, out_
         "workload": {"sequences": len(work), "vanilla_sequences": len(vanilla_work),
                      "mean_tokens": float(lengths.mean()), "min_tokens": int(lengths.min()),
                      "max_tokens": int(lengths.max())},
-        "runs": runs, "best_c": c_key, "token_budget": embedder.token_budget, "compiled": embedder.compiled,
+        "runs": runs, "best_c": c_key, "token_budget": embedder.token_budget, "compiled": embedder.plan.compiled, "plan": embedder.plan.describe(),
         "forward_passes": embedder.stats.forward_passes,
         "ratios": {"c_over_b": c["tokens_per_s"] / runs["b"]["tokens_per_s"],
                    "c_over_a": c["tokens_per_s"] / runs["a"]["tokens_per_s"] if "a" in runs else None},
@@ -578,18 +560,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dna-sorted-tokens", type=int, default=65536, help="(b) padded tokens per batch")
     p.add_argument("--attention", default="auto",
                    help="DNABERT-S (c): comma-separated attention backends to run, each a separate (c) run "
-                        "(auto | padded | flex | flex32 | flex64 | flex128 | triton; auto: the runtime's "
-                        "defaults, on CUDA our attention + GLU kernels; the others pin the attention with the "
-                        "torch GLU: flexN = N-token FlexAttention blocks, flex = flex128, triton = our varlen "
-                        "ALiBi kernel), e.g. padded,flex64,triton,auto; any entry may end in @TOKENS, a token "
-                        "budget (e.g. auto@32768)")
+                        "(auto | padded | flex | triton; auto: the runtime's "
+                        "defaults, on CUDA our attention kernel; the others pin the attention with "
+                        "kernels=torch: triton = our varlen ALiBi kernel), e.g. padded,flex,triton,auto; any "
+                        "entry may end in @TOKENS, a token budget (e.g. auto@32768)")
     p.add_argument("--esm-rotary", default="auto",
                    help="ESM-2 (c): comma-separated rotary implementations, each a separate (c) run: auto "
                         "(key c: the runtime's defaults), torch (c_torch: fused by Inductor), triton (c_triton: "
                         "the hand-written kernel, kernels_rotary.py; needs the triton package and CUDA, else "
-                        "skipped with the reason printed), eager (the defaults not compiled), rotary (our rotary "
-                        "kernel alone: ATen adds + LayerNorms, 3 q/k/v GEMMs, flash), flash (the defaults with "
-                        "flash attention); any entry may end in @TOKENS, a token budget (e.g. auto@32768)")
+                        "skipped with the reason printed), eager (the defaults not compiled), flash (the defaults "
+                        "with flash attention); any entry may end in @TOKENS, a token budget (e.g. auto@32768)")
     p.add_argument("--attention-tiling", default=None,
                    help="DNABERT-S attention kernel tiling block_m,block_n,num_warps (default kernels_attention's)")
     p.add_argument("--esm-attention-tiling", default=None,
@@ -615,11 +595,9 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, name, small if args.small else full)
     if args.skip_vanilla:
         args.esm_vanilla_seqs = args.dna_vanilla_seqs = 0
-    flex_blocks = [f"flex{n}" for n in (32, 64, 128)]   # attention.FLEX_BLOCKS (core not imported yet)
-    bad = [b for b in args.attention.split(",") if variant_name(b) not in ["auto", "padded", "flex", "triton"] + flex_blocks]
+    bad = [b for b in args.attention.split(",") if variant_name(b) not in ("auto", "padded", "flex", "triton")]
     if bad:
-        raise SystemExit(f"bench_models: --attention takes auto, padded, flex, triton, {', '.join(flex_blocks)} "
-                         f"(comma-separated), got {bad}")
+        raise SystemExit(f"bench_models: --attention takes auto, padded, flex, triton (comma-separated), got {bad}")
     bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ESM_VARIANTS]
     if bad:
         raise SystemExit(f"bench_models: --esm-rotary takes {', '.join(ESM_VARIANTS)} (comma-separated, each "

@@ -27,7 +27,7 @@ BATCHES = (256, 1024, 4096)
 
 def measure(tokenizer_path: str, sequences: int, batches, repeats: int = 3) -> list:
     """In this process: per batch size, median microseconds per sequence of each prep stage."""
-    from embed_core.dnabert_s import DnabertTokenizer, check_dna_batch, random_dna
+    from embed_core.dnabert_s_tokenizer import DnabertTokenizer, check_dna_batch, random_dna
 
     tokenizer = DnabertTokenizer.from_file(tokenizer_path)
     rust = tokenizer._tokenizer
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.tokenizer
         if path is None:
-            from embed_core.dnabert_s import train_demo_tokenizer
+            from embed_core.dnabert_s_tokenizer import train_demo_tokenizer
             path = str(train_demo_tokenizer(Path(tmp) / "tokenizer.json", vocab_size=4096))
         results = {}
         for n in threads:

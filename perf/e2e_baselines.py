@@ -18,8 +18,8 @@ def embed_in_process(s: Scenario, m: str, seed: int, sequences: list) -> tuple:
     with the server's runtime policy on `sequences`, timed after its warm-up, tokenization included
     (the server tokenizes in execute too)."""
     import numpy as np
-    from embed_core.dnabert_s import DnabertTokenizer
-    from embed_core.esm2 import Esm2Tokenizer
+    from embed_core.dnabert_s_tokenizer import DnabertTokenizer
+    from embed_core.esm2_tokenizer import Esm2Tokenizer
     from embed_core.models import DEFAULT_MAX_LENGTH
     from embed_core.runtime import Embedder, RuntimeConfig
     bm = load_perf_module("bench_models")
@@ -43,7 +43,7 @@ def embed_in_process(s: Scenario, m: str, seed: int, sequences: list) -> tuple:
     tokens = after["tokens"] - before["tokens"]
     figures = {"sequences": len(sequences), "tokens": int(tokens), "seconds": seconds,
                "tokens_per_s": tokens / seconds, "setup_s": setup_s,
-               "token_budget": embedder.token_budget, "compiled": embedder.compiled,
+               "token_budget": embedder.token_budget, "compiled": embedder.plan.compiled, "plan": embedder.plan.describe(),
                "dtype": bm.name_of(embedder.dtype), "runtime_overrides": overrides,
                "forward_passes": after["forward_passes"] - before["forward_passes"],
                "finite": bool(np.isfinite(rows).all())}
@@ -78,7 +78,7 @@ def transformers_baseline(s: Scenario, frames: list, ours) -> dict:
     the plain fast path (bench_models' (b)), on `frames` (a prefix of the run's), with our weights."""
     import numpy as np
     import torch
-    from embed_core.esm2 import Esm2Tokenizer
+    from embed_core.esm2_tokenizer import Esm2Tokenizer
     from transformers import EsmModel
     bm = load_perf_module("bench_models")
     device = s.device

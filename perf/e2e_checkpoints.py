@@ -37,11 +37,11 @@ def build_model(kind: str, dims: dict, device, seed: int):
 
 def write_esm2_fast(model, out_dir: Path) -> Path:
     """The published HF ESM-2 layout (`esm.`-prefixed encoder tensors, config.json, vocab.txt) in the
-    model's own dtype: bf16 halves what embed_core.esm2.write_hf_checkpoint (fp32 always, plus the
+    model's own dtype: bf16 halves what embed_core.esm2_checkpoint.write_hf_checkpoint (fp32 always, plus the
     unused lm_head/contact head) writes; load_esm2 reads it (it converts to fp32 and recomputes the
     rotary inv_freq, as it does for any checkpoint without one)."""
     from safetensors.torch import save_file
-    from embed_core.esm2 import Esm2Tokenizer
+    from embed_core.esm2_tokenizer import Esm2Tokenizer
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {f"esm.{name}": t.detach().to("cpu").contiguous()
              for name, t in model.state_dict().items() if not name.endswith("inv_freq")}
@@ -54,9 +54,9 @@ def write_esm2_fast(model, out_dir: Path) -> Path:
 def write_checkpoints(args, dims: dict, device, workdir: Path) -> tuple:
     """(repository, {model: seconds to build and write}); the tokenizer.json lands in checkpoints/."""
     import torch
-    from embed_core.dnabert_s import train_demo_tokenizer
-    from embed_core.dnabert_s import write_hf_checkpoint as write_dnabert_s
-    from embed_core.esm2 import write_hf_checkpoint as write_esm2_core
+    from embed_core.dnabert_s_tokenizer import train_demo_tokenizer
+    from embed_core.dnabert_s_checkpoint import write_hf_checkpoint as write_dnabert_s
+    from embed_core.esm2_checkpoint import write_hf_checkpoint as write_esm2_core
     from embed_server.repository import assemble_repository
     bm = load_perf_module("bench_models")
     seconds, paths = {}, {}

@@ -1,5 +1,5 @@
 # Source at the start of every run on a GPU machine, from the repo root, with `.dev`
-# carried (built here by perf/bundle/make-bundle.sh). After it:
+# carried (built by the GPU lender's make-bundle.sh, which is not part of this repository). After it:
 #   python3        the image's Python (torch, transformers, numpy 2) + our packages
 #   $STUB_PATH     put first on PATH for tritonserver: numpy 1.26 + torch + our packages
 #   $TRITONSERVER, $TRITON_BACKENDS   the tritonserver 2.51 binary and backend dir
