@@ -35,7 +35,7 @@ import ssl
 import threading
 from typing import Optional
 
-ADMIN_HEADER = "x-admin-key"
+ADMIN_HEADER = "admin-key"
 API_KEY_HEADER = "x-api-key"
 # Triton's gRPC server expects a restricted protocol's header under this prefix.
 GRPC_HEADER_PREFIX = "triton-grpc-protocol-"

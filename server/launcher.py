@@ -33,6 +33,7 @@ import time
 import http.client
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -291,16 +292,24 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def http_request(url: str, data: Optional[bytes] = None, timeout: float = 5.0, headers: Optional[dict] = None,
-                 unix_socket: Optional[str] = None):
-    """(status, parsed JSON or None); status 0 when nothing answers. With `unix_socket`, `url`
-    is a path sent over that socket."""
+UNIX_SCHEME = "http+unix://"
+
+
+def unix_url(socket_path: str) -> str:
+    """`http+unix://<socket path, percent-encoded>`: http_request sends to that socket."""
+    return UNIX_SCHEME + urllib.parse.quote(socket_path, safe="")
+
+
+def http_request(url: str, data: Optional[bytes] = None, timeout: float = 5.0, headers: Optional[dict] = None):
+    """(status, parsed JSON or None); status 0 when nothing answers. `url` may be
+    `http+unix://<socket>/path` (see unix_url)."""
     method = "POST" if data is not None else "GET"
     try:
-        if unix_socket is not None:
-            connection = UnixHTTPConnection(unix_socket, timeout)
+        if url.startswith(UNIX_SCHEME):
+            socket_part, _, path = url[len(UNIX_SCHEME):].partition("/")
+            connection = UnixHTTPConnection(urllib.parse.unquote(socket_part), timeout)
             try:
-                connection.request(method, url, body=data, headers=dict(headers or {}))
+                connection.request(method, "/" + path, body=data, headers=dict(headers or {}))
                 response = connection.getresponse()
                 body, status = response.read(), response.status
             finally:
@@ -403,6 +412,11 @@ class TritonServer:
         return str(self._workdir / "triton-http.sock") if self._workdir is not None else None
 
     @property
+    def triton_url(self) -> str:
+        """tritonserver's own HTTP server, for http_request (the launcher's health checks)."""
+        return unix_url(self.http_socket or "")
+
+    @property
     def grpc_url(self) -> str:
         return f"{self.options.host}:{self.options.grpc_port}"
 
@@ -413,6 +427,10 @@ class TritonServer:
     def command(self, binary: Path, backend_dir: Path) -> list:
         o = self.options
         admin = ",".join(frontend.ADMIN_APIS) + f":{self.admin_header}={self._admin_value}"
+        # The HTTP server is reachable only through the front end, which gates every admin API
+        # itself; the model-repository index stays unrestricted there for the launcher's checks.
+        http_admin = ",".join(a for a in frontend.ADMIN_APIS if a != "model-repository")
+        http_admin += f":{self.admin_header}={self._admin_value}"
         cmd = [
             str(binary),
             f"--model-repository={o.model_repository}",
@@ -424,7 +442,7 @@ class TritonServer:
             f"--http-port={o.http_port}",
             f"--grpc-port={o.grpc_port}",
             f"--metrics-port={o.metrics_port}",
-            f"--http-restricted-api={admin}",
+            f"--http-restricted-api={http_admin}",
             f"--grpc-restricted-protocol={admin}",
         ]
         if o.api_key:
@@ -522,14 +540,9 @@ class TritonServer:
             return ""
         return self.log_path.read_text(errors="replace")
 
-    def triton_http(self, path: str, data: Optional[bytes] = None, timeout: float = 5.0, admin: bool = False):
-        """(status, JSON) straight from tritonserver's HTTP server (its Unix socket)."""
-        headers = {self.admin_header: self._admin_value} if admin else {}
-        return http_request(path, data=data, timeout=timeout, headers=headers, unix_socket=self.http_socket)
-
     def repository_index(self) -> Optional[list]:
         """The models and their states; None when the server did not answer with a list."""
-        status, index = self.triton_http("/v2/repository/index", data=b"{}", admin=True)
+        status, index = http_request(f"{self.triton_url}/v2/repository/index", data=b"{}")
         return index if status == 200 and isinstance(index, list) else None
 
     def wait_ready(self) -> None:
@@ -548,7 +561,7 @@ class TritonServer:
                     raise LaunchError(format_failures(failures))
                 tail = "\n".join(self.log_text().splitlines()[-20:])
                 raise LaunchError(f"tritonserver exited with code {code} before it was ready:\n{tail}")
-            status, _ = self.triton_http("/v2/health/live", timeout=2)
+            status, _ = http_request(f"{self.triton_url}/v2/health/live", timeout=2)
             if status == 200:
                 index = self.repository_index()
                 if index is None:  # not answered (yet): ask again
@@ -562,7 +575,7 @@ class TritonServer:
                     raise LaunchError(
                         format_failures({n: r or from_log.get(n, "") for n, r in failed.items()})
                     )
-                ready, _ = self.triton_http("/v2/health/ready", timeout=2)
+                ready, _ = http_request(f"{self.triton_url}/v2/health/ready", timeout=2)
                 if ready == 200 and all(m.get("state") == "READY" for m in index):
                     self.models = [m["name"] for m in index]
                     return

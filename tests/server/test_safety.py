@@ -57,7 +57,7 @@ def exchange(port, payload, timeout=60.0, context=None):
             sock.sendall(payload)
             if context is None:
                 sock.shutdown(socket.SHUT_WR)  # nothing more: the server sees the end at once
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # the server hung up first (a refusal, or junk on the gRPC port)
             pass
         while True:
             try:
@@ -463,7 +463,7 @@ def test_admin_apis_are_refused_over_http(embed_server):
         ("POST", "/v2/repository/models/esm2/load", b"{}"),
     ]
     for method, path, body in cases:
-        for headers in ([], [f"x-admin-key: {ADMIN_KEY}"], ["X-Admin-Disabled: x"]):
+        for headers in ([], [f"admin-key: {ADMIN_KEY}"], ["X-Admin-Disabled: x"]):
             status, raw = exchange(port, http_bytes(method, path, body, headers))
             assert status == 403, (path, headers, raw[:300])
             assert "disabled" in answer_json(raw)["error"], raw[:300]
@@ -488,7 +488,7 @@ def test_admin_apis_are_refused_over_grpc(embed_server):
             "unload": lambda h: client.unload_model("esm2", headers=h),
         }
         for name, call in calls.items():
-            for headers in (None, {"triton-grpc-protocol-x-admin-key": ADMIN_KEY}, {"x-admin-key": ADMIN_KEY}):
+            for headers in (None, {"triton-grpc-protocol-admin-key": ADMIN_KEY}, {"admin-key": ADMIN_KEY}):
                 with pytest.raises(InferenceServerException) as info:
                     call(headers)
                 assert "restricted" in info.value.message(), (name, info.value.message())
@@ -630,20 +630,20 @@ def test_https_with_the_api_key_and_plain_http_refused(secured):
 def test_admin_apis_with_the_admin_key(secured):
     server, cert, _ = secured
     context = ssl.create_default_context(cafile=str(cert))
-    request = urllib.request.Request(f"{server.http_url}/v2/logging", headers={"x-admin-key": ADMIN_KEY})
+    request = urllib.request.Request(f"{server.http_url}/v2/logging", headers={"admin-key": ADMIN_KEY})
     with urllib.request.urlopen(request, timeout=10, context=context) as response:
         assert "log_verbose_level" in json.loads(response.read())
-    for headers in ({}, {"x-admin-key": API_KEY}, {"x-admin-key": ADMIN_KEY + "x"}):
+    for headers in ({}, {"admin-key": API_KEY}, {"admin-key": ADMIN_KEY + "x"}):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(urllib.request.Request(f"{server.http_url}/v2/systemsharedmemory/status",
                                                           headers=headers), timeout=10, context=context)
-        assert info.value.code == 403 and "x-admin-key" in json.loads(info.value.read())["error"]
+        assert info.value.code == 403 and "admin-key" in json.loads(info.value.read())["error"]
     client = grpcclient.InferenceServerClient(server.grpc_url, ssl=True, root_certificates=str(cert))
     try:
-        admin = {"triton-grpc-protocol-x-admin-key": ADMIN_KEY}
+        admin = {"triton-grpc-protocol-admin-key": ADMIN_KEY}
         assert "log_verbose_level" in str(client.get_log_settings(headers=admin))
         assert client.get_system_shared_memory_status(headers=admin) is not None
-        for headers in (None, API, {"triton-grpc-protocol-x-admin-key": API_KEY}):
+        for headers in (None, API, {"triton-grpc-protocol-admin-key": API_KEY}):
             with pytest.raises(InferenceServerException) as info:
                 client.get_system_shared_memory_status(headers=headers)
             assert "restricted" in info.value.message()
@@ -724,3 +724,33 @@ def test_cli_reads_keys_from_files_and_environment(tmp_path, monkeypatch, capsys
     with pytest.raises(LaunchError):
         read_key(tmp_path / "missing", "EMBED_API_KEY", "API key")
     assert ADMIN_KEY not in capsys.readouterr().err
+
+
+def test_tritonserver_command_restricts_admin_apis_and_carries_tls(tmp_path):
+    from pathlib import Path
+
+    from embed_server.launcher import TritonServer
+
+    for name in ("c.pem", "k.pem", "ca.pem"):
+        (tmp_path / name).write_text("x")
+    plain = TritonServer(ServerOptions(model_repository=tmp_path, cpu=True))
+    plain._workdir = tmp_path
+    command = plain.command(Path("tritonserver"), tmp_path)
+    assert f"--http-address=unix:{tmp_path / 'triton-http.sock'}" in command
+    (grpc_admin,) = [a for a in command if a.startswith("--grpc-restricted-protocol=")]
+    assert grpc_admin.startswith("--grpc-restricted-protocol=shared-memory,model-repository,logging,trace:X-Admin-Disabled=")
+    assert not [a for a in command if "ssl" in a or "inference:" in a]
+    keyed = TritonServer(ServerOptions(
+        model_repository=tmp_path, tls_cert=tmp_path / "c.pem", tls_key=tmp_path / "k.pem",
+        tls_client_ca=tmp_path / "ca.pem", admin_key=ADMIN_KEY, api_key=API_KEY,
+        triton_args=("--exit-timeout-secs=60", "--backend-config=python,shm-default-byte-size=1048576")))
+    keyed._workdir = tmp_path
+    command = keyed.command(Path("tritonserver"), tmp_path)
+    assert f"--grpc-restricted-protocol=shared-memory,model-repository,logging,trace:admin-key={ADMIN_KEY}" in command
+    assert f"--grpc-restricted-protocol=inference:x-api-key={API_KEY}" in command
+    assert "--grpc-use-ssl-mutual=true" in command and f"--grpc-root-cert={tmp_path / 'ca.pem'}" in command
+    assert f"--grpc-server-cert={tmp_path / 'c.pem'}" in command and f"--grpc-server-key={tmp_path / 'k.pem'}" in command
+    # --triton-arg replaces embed-server's default of the same option, once
+    assert [a for a in command if a.startswith("--exit-timeout-secs")] == ["--exit-timeout-secs=60"]
+    assert [a for a in command if "shm-default-byte-size" in a] == ["--backend-config=python,shm-default-byte-size=1048576"]
+    assert [a for a in command if "shm-growth-byte-size" in a]  # the other default stays
