@@ -102,6 +102,7 @@ class FrontendOptions:
     # What the front end sends Triton for the admin APIs (Triton's own restriction, behind ours).
     backend_admin_header: str = ADMIN_HEADER
     backend_admin_key: Optional[str] = dataclasses.field(default=None, repr=False)
+    metrics_only: bool = False               # serve GET /metrics only (Triton's metrics server)
     head_timeout_s: float = 30.0             # a request head must arrive within this
     idle_timeout_s: float = 75.0             # a kept-alive connection with no request is closed
     read_timeout_s: float = 60.0             # each read of a body must deliver within this
@@ -117,7 +118,8 @@ class HttpError(Exception):
 
 
 _REASONS = {
-    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 408: "Request Timeout",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    408: "Request Timeout",
     411: "Length Required", 413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
     501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
@@ -378,6 +380,15 @@ class Frontend:
         path = request.target.split(b"?", 1)[0].decode("ascii")
         if "%" in path:
             raise HttpError(400, "percent-encoded request paths are not served")
+        if o.metrics_only:
+            if path != "/metrics":
+                raise HttpError(404, f"no such endpoint: {path} (this port serves /metrics)")
+            if request.method not in (b"GET", b"HEAD"):
+                raise HttpError(405, "/metrics answers GET only", ("Allow: GET, HEAD",))
+            if declared_body(request):
+                raise HttpError(413, "/metrics takes no request body")
+            request.api = "metrics"
+            return
         api = classify(path)
         if api is None:
             raise HttpError(404, f"no such endpoint: {path}")
@@ -553,12 +564,16 @@ class Frontend:
             await self._relay(back_reader, writer, int(fields[b"content-length"]))
         else:
             await self._relay(back_reader, writer, None)
-            await writer.drain()
+            await self._drain(writer)
             return None
-        await writer.drain()
+        await self._drain(writer)
         if not client_keeps:
             request.keep_alive = False
         return reusable
+
+    async def _drain(self, writer) -> None:
+        """A client that stops reading its answer is dropped after read_timeout_s."""
+        await asyncio.wait_for(writer.drain(), self.options.read_timeout_s)
 
     async def _relay(self, reader, writer, n: Optional[int]) -> None:
         t = self.options.backend_timeout_s
@@ -569,7 +584,7 @@ class Frontend:
                     return
                 raise ConnectionError("tritonserver closed mid-answer")
             writer.write(chunk)
-            await writer.drain()
+            await self._drain(writer)
             if n is not None:
                 n -= len(chunk)
 

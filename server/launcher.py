@@ -6,8 +6,8 @@ holding the backend library together with the stub built for the running Python,
 wheel's bundled libraries on LD_LIBRARY_PATH, and this environment's `bin` first on PATH
 (the stub finds its packages through the `python3` on PATH, not PYTHONPATH).
 
-Safety (issue 14): Triton's own HTTP server listens only on a Unix socket in the launcher's
-private work directory; the HTTP port is served by `frontend.Frontend`, which refuses
+Safety (issue 14): Triton's own HTTP and metrics servers listen only on Unix sockets in the
+launcher's private work directory; the HTTP and metrics ports are served by `frontend.Frontend`, which refuses
 oversized and malformed requests before Triton parses them (tritonserver 2.51 dies of a stack
 overflow on a form-urlencoded body of ~4.2 MB) and can serve HTTPS. The admin APIs
 (shared memory, model repository, logging, trace) are restricted on HTTP and gRPC with the
@@ -390,7 +390,8 @@ class TritonServer:
         self._log_handle = None
         self.log_path: Optional[Path] = None
         self.models: list = []  # names of the models served, once ready
-        self.frontend: Optional[frontend.Frontend] = None
+        self.frontend: Optional[frontend.Frontend] = None          # the HTTP port
+        self.metrics_frontend: Optional[frontend.Frontend] = None  # the metrics port
         # Triton's restriction of the admin APIs: the operator's key, or a name no gRPC client
         # can send and a random value (the launcher itself uses it for the repository index).
         if options.admin_key:
@@ -410,6 +411,11 @@ class TritonServer:
     def http_socket(self) -> Optional[str]:
         """tritonserver's own HTTP server: a Unix socket in the private work directory."""
         return str(self._workdir / "triton-http.sock") if self._workdir is not None else None
+
+    @property
+    def metrics_socket(self) -> Optional[str]:
+        """tritonserver's metrics server (evhtp too, with the same crash): a Unix socket as well."""
+        return str(self._workdir / "triton-metrics.sock") if self._workdir is not None else None
 
     @property
     def triton_url(self) -> str:
@@ -438,7 +444,7 @@ class TritonServer:
             # Reachable only through the front end (the port is unused for a Unix socket).
             f"--http-address=unix:{self.http_socket}",
             f"--grpc-address={o.address}",
-            f"--metrics-address={o.address}",
+            f"--metrics-address=unix:{self.metrics_socket}",
             f"--http-port={o.http_port}",
             f"--grpc-port={o.grpc_port}",
             f"--metrics-port={o.metrics_port}",
@@ -496,12 +502,17 @@ class TritonServer:
             admin_key=o.admin_key, api_key=o.api_key,
             backend_admin_header=self.admin_header, backend_admin_key=self._admin_value,
         ))
-        try:
-            self.frontend.start()
-        except OSError as err:
-            self.frontend = None
-            reason = "already in use" if err.errno == 98 else str(err)
-            raise LaunchError(f"cannot listen on HTTP {o.address}:{o.http_port}: {reason}") from None
+        self.metrics_frontend = frontend.Frontend(frontend.FrontendOptions(
+            host=o.address, port=o.metrics_port, backend_socket=self.metrics_socket,
+            max_body_bytes=0, metrics_only=True,
+        ))
+        for label, port, front in (("HTTP", o.http_port, self.frontend), ("metrics", o.metrics_port,
+                                                                          self.metrics_frontend)):
+            try:
+                front.start()
+            except OSError as err:
+                reason = "already in use" if err.errno == 98 else str(err)
+                raise LaunchError(f"cannot listen on {label} {o.address}:{port}: {reason}") from None
 
     def start(self) -> "TritonServer":
         """Start tritonserver and return once every model is ready; LaunchError otherwise."""
@@ -592,9 +603,10 @@ class TritonServer:
     def stop(self, timeout_s: float = 30.0) -> Optional[int]:
         """SIGTERM (graceful: in-flight requests finish), then SIGKILL the whole group."""
         code = None
-        if self.frontend is not None:
-            self.frontend.stop()
-            self.frontend = None
+        for front in (self.frontend, self.metrics_frontend):
+            if front is not None:
+                front.stop()
+        self.frontend = self.metrics_frontend = None
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)

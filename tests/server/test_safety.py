@@ -143,6 +143,25 @@ def test_a_5_mb_form_urlencoded_body_no_longer_kills_the_server(embed_server):
         assert_serves(embed_server)
 
 
+def test_the_metrics_port_is_behind_the_front_end_too(embed_server):
+    """tritonserver's metrics server is evhtp as well and died of the same form body."""
+    port = embed_server.metrics_port
+    form = ["Content-Type: application/x-www-form-urlencoded"]
+    for payload, allowed in (
+        (http_bytes("POST", "/metrics", b" " * 5_000_000, form), 405),
+        (http_bytes("GET", "/metrics", b" " * 5_000_000, form), 413),
+        (http_bytes("GET", "/metrics", deep(2_000_000)), 413),
+        (http_bytes("GET", "/v2/health/ready"), 404),
+        (http_bytes("GET", "/metrics?" + "a" * 10_000), 414),
+        (b"\x00" * 1000 + b"\r\n\r\n", 400),
+    ):
+        status, raw = exchange(port, payload)
+        assert status == allowed, raw[:300]
+    status, raw = exchange(port, http_bytes("GET", "/metrics"))
+    assert status == 200 and b"nv_inference_count" in raw
+    assert_serves(embed_server)
+
+
 def test_a_body_over_the_limit_gets_413_naming_the_limit(embed_server):
     port = http_port(embed_server.http_url)
     body = infer_body(["M" * (LIMIT + 1000)])
