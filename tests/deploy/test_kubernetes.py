@@ -1,18 +1,15 @@
 """deploy/kubernetes: every overlay renders, validates against the Kubernetes API schemas
 (kubernetes-validate, offline), and is wired the way the docs say: GPUs, probes, the headless
-Service, monitoring, PDB/HPA targets, admin APIs closed, gRPC TLS. The Triton arguments are
-also handed to the real tritonserver 2.51 (empty model repository): it must accept every one,
-close the admin APIs it names and speak TLS on gRPC.
+Service, monitoring, PDB/HPA targets, admin APIs closed, TLS. The container's arguments go
+through embed-server's own parser and launcher: the tritonserver command they produce must
+restrict the admin APIs on HTTP and gRPC with the key from the mounted Secret and serve gRPC
+over TLS (tests/server/test_safety.py runs such a server and tries those APIs).
 """
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -164,14 +161,20 @@ def test_probes_on_triton_health_endpoints(overlay):
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     expected = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready",
                 "livenessProbe": "/v2/health/live"}
-    http_port = int(args_of(container).get("--http-port", ["8000"])[0])
+    args = args_of(container)
+    http_port = int(args.get("--http-port", ["8000"])[0])
+    scheme = "HTTPS" if "--tls-cert" in args else "HTTP"     # the front end serves HTTPS with TLS
     for probe, path in expected.items():
         get = container[probe]["httpGet"]
         assert get["path"] == path, probe
         port = ports[get["port"]] if isinstance(get["port"], str) else get["port"]
         assert port == http_port == 8000, probe
+        assert get.get("scheme", "HTTP") == scheme, probe
     startup = container["startupProbe"]
-    assert startup["failureThreshold"] * startup["periodSeconds"] >= 600, "3B loads need >= 10 min"
+    budget = startup["failureThreshold"] * startup["periodSeconds"]
+    assert budget >= 600, "3B loads need >= 10 min"
+    # embed-server gives up (naming the model) no later than the kubelet would kill it
+    assert float(args["--startup-timeout"][0]) <= budget
     assert container["livenessProbe"]["failureThreshold"] * container["livenessProbe"]["periodSeconds"] >= 30
 
 
@@ -224,30 +227,32 @@ def test_monitoring_pdb_hpa_target_the_workload(overlay):
     assert rule["metricsQuery"].count("(") == rule["metricsQuery"].count(")")
 
 
+def secret_mount(objects, container, volume_name):
+    """(mountPath, secretName) of the Secret volume `volume_name` in `container`."""
+    volume = next(v for v in pod_spec(objects)["volumes"] if v["name"] == volume_name)
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume_name)
+    assert mount.get("readOnly") is True and volume["secret"]["secretName"]
+    return mount["mountPath"], volume["secret"]["secretName"]
+
+
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
-def test_admin_apis_closed_and_grpc_tls(overlay):
+def test_admin_key_and_tls_from_secrets(overlay):
     objects = render(overlay)
     container = triton(objects)
+    assert container["command"] == ["embed-server"]     # the front ends, restrictions, TLS
     args = args_of(container)
-    env = {e["name"]: e for e in container["env"]}
-    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
-        assert len(args.get(flag, [])) == 1, f"{flag} missing"
-        apis, _, header = args[flag][0].partition(":")
-        apis = set(apis.split(","))
-        assert ADMIN_APIS <= apis, f"{flag}: {ADMIN_APIS - apis} left open"
-        assert not apis & OPEN_APIS, f"{flag} closes {apis & OPEN_APIS}: probes or embed-client would fail"
-        key, _, value = header.partition("=")
-        assert key and value == "$(TRITON_ADMIN_KEY)", "the key comes from the environment, not the manifest"
-    ref = env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
-    assert ref["name"] and ref["key"] and "value" not in env["TRITON_ADMIN_KEY"]
-    assert args["--grpc-use-ssl"] == ["true"]
-    tls_volume = next(v for v in pod_spec(objects)["volumes"] if v["name"] == "tls")
-    mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
-    assert tls_volume["secret"]["secretName"] and mount["readOnly"] is True
-    for flag, name in (("--grpc-server-cert", "tls.crt"), ("--grpc-server-key", "tls.key")):
-        assert args[flag] == [f"{mount['mountPath']}/{name}"]
-    assert args.get("--model-control-mode", ["none"]) == ["none"]
-    # Only gRPC and metrics are admitted from other pods (HTTP: probes only, issue 14's crash).
+    key_dir, _ = secret_mount(objects, container, "admin-key")
+    tls_dir, _ = secret_mount(objects, container, "tls")
+    assert args["--admin-key-file"] == [f"{key_dir}/admin-key"]
+    assert args["--tls-cert"] == [f"{tls_dir}/tls.crt"] and args["--tls-key"] == [f"{tls_dir}/tls.key"]
+    assert args["--address"] == ["0.0.0.0"]
+    # No key in the manifest: not in the arguments, not in the environment.
+    assert not [e for e in container.get("env", []) if "KEY" in e["name"].upper()]
+    assert not [a for a in container["args"] if "$(" in a]
+    triton_args = args.get("--triton-arg", [])
+    assert not [a for a in triton_args if "restricted" in a or "ssl" in a or "address" in a]
+    assert "--triton-arg=--model-control-mode=explicit" not in container["args"]
+    # Only gRPC and metrics are admitted from other pods.
     policy = one(objects, "NetworkPolicy")
     assert selects(policy["spec"]["podSelector"], one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"])
     admitted = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
@@ -260,103 +265,49 @@ def test_admin_apis_closed_and_grpc_tls(overlay):
         assert not c["securityContext"].get("privileged")
 
 
-# ------------------------------------------------------------------ the real tritonserver
-
-
-def _free_ports(n):
-    from embed_server.launcher import free_ports
-    return free_ports(n)
-
-
-def _http(url, data=None, headers=None):
-    request = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:   # not listening yet
-        return 0
-
-
-@pytest.mark.server
-def test_tritonserver_accepts_the_manifest_arguments(tmp_path):
-    """The Deployment's own arguments on the real tritonserver 2.51: admin APIs answer only with
-    the key, health and metadata stay open, gRPC speaks TLS with the Secret's certificate."""
+def test_embed_server_turns_the_arguments_into_a_closed_tls_tritonserver(tmp_path):
+    """The container's arguments through embed-server's own parser and launcher: the
+    tritonserver command restricts shared-memory, model-repository, logging and trace on
+    both protocols with the mounted admin key, and serves gRPC over TLS from the mounted files."""
+    cli = pytest.importorskip("embed_server.cli")
     launcher = pytest.importorskip("embed_server.launcher")
-    grpcclient = pytest.importorskip("tritonclient.grpc")
-    from tritonclient.utils import InferenceServerException
-
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is needed to make a test certificate")
-    try:
-        binary = launcher.find_tritonserver()
-    except launcher.LaunchError as e:
-        pytest.skip(str(e))
-    cert, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-keyout", str(key_file), "-out", str(cert), "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    objects = render("per-gpu")
+    container = triton(objects)
+    key_dir, _ = secret_mount(objects, container, "admin-key")
+    tls_dir, _ = secret_mount(objects, container, "tls")
+    admin_key = "k8s-test-admin-key-0123456789"
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "admin-key").write_text(admin_key + "\n")
+    (tmp_path / "tls").mkdir()
+    for name in ("tls.crt", "tls.key"):
+        (tmp_path / "tls" / name).write_text("PEM\n")
     (tmp_path / "repository").mkdir()
-    admin_key = "test-admin-key-0123"
-    http, grpc, metrics = _free_ports(3)
-    container = triton(render("per-gpu"))
-    mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")["mountPath"]
-    args = []
-    for arg in container["args"]:
-        flag = arg.split("=", 1)[0]
-        if flag in ("--metrics-port", "--allow-gpu-metrics"):
-            continue   # ports: ours below; GPU metrics: no GPU here
-        arg = arg.replace("$(TRITON_ADMIN_KEY)", admin_key)
-        arg = arg.replace(f"{mount}/tls.crt", str(cert)).replace(f"{mount}/tls.key", str(key_file))
-        arg = arg.replace("/models/repository", str(tmp_path / "repository"))
-        args.append(arg)
-    assert not [a for a in args if "$(" in a], "every $(VAR) in the args has an env entry"
-    command = [str(binary), *args, f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
-               "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"]
-    log = open(tmp_path / "tritonserver.log", "wb")
-    process = subprocess.Popen(command, env=launcher.server_env(binary), stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{http}"
-    try:
-        deadline = time.monotonic() + 60
-        while _http(base + "/v2/health/ready") != 200:
-            assert process.poll() is None, (tmp_path / "tritonserver.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "tritonserver not ready in 60 s"
-            time.sleep(0.2)
-        assert _http(base + "/v2/health/live") == 200 and _http(base + "/v2") == 200
-        admin = {"/v2/logging": None, "/v2/repository/index": b"{}", "/v2/systemsharedmemory/status": None,
-                 "/v2/cudasharedmemory/status": None, "/v2/trace/setting": None}
-        for path, body in admin.items():
-            assert _http(base + path, body) == 403, f"{path} open without the key"
-        assert _http(base + "/v2/logging", headers={"admin-key": "wrong"}) == 403
-        assert _http(base + "/v2/logging", headers={"admin-key": admin_key}) == 200
-        assert _http(base + "/v2/repository/index", b"{}", {"admin-key": admin_key}) == 200
-
-        client = grpcclient.InferenceServerClient(f"localhost:{grpc}", ssl=True, root_certificates=str(cert))
-        try:
-            assert client.is_server_live() and client.get_server_metadata().version == "2.51.0"
-            for call in (client.get_log_settings, client.get_system_shared_memory_status,
-                         client.get_cuda_shared_memory_status, client.get_model_repository_index,
-                         client.get_trace_settings):
-                with pytest.raises(InferenceServerException, match="restricted"):
-                    call()
-            header = {"triton-grpc-protocol-admin-key": admin_key}
-            assert client.get_log_settings(headers=header) is not None
-        finally:
-            client.close()
-        plain = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
-        try:   # no TLS, no answer
-            with pytest.raises(InferenceServerException):
-                plain.is_server_live(client_timeout=5)
-        finally:
-            plain.close()
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    args = [a.replace(key_dir, str(tmp_path / "keys")).replace(tls_dir, str(tmp_path / "tls"))
+             .replace("/models/repository", str(tmp_path / "repository")) for a in container["args"]]
+    parsed = cli.build_parser().parse_args(args)         # every argument is one embed-server takes
+    options = launcher.ServerOptions(
+        model_repository=parsed.model_repository, address=parsed.address, http_port=parsed.http_port,
+        grpc_port=parsed.grpc_port, metrics_port=parsed.metrics_port,
+        max_request_bytes=parsed.max_request_bytes, tls_cert=parsed.tls_cert, tls_key=parsed.tls_key,
+        admin_key=cli.read_key(parsed.admin_key_file, "EMBED_ADMIN_KEY", "admin key"),
+        triton_args=tuple(parsed.triton_arg))
+    command = launcher.TritonServer(options).command(Path("tritonserver"), tmp_path / "backends")
+    flags = {}
+    for arg in command[1:]:
+        flag, _, value = arg.partition("=")
+        flags.setdefault(flag, []).append(value)
+    for flag, closed in (("--grpc-restricted-protocol", ADMIN_APIS),
+                         # HTTP: tritonserver listens on a private socket; the front end gates
+                         # model-repository itself (tests/server/test_safety.py)
+                         ("--http-restricted-api", ADMIN_APIS - {"model-repository"})):
+        (value,) = flags[flag]
+        apis, _, header = value.partition(":")
+        assert closed <= set(apis.split(",")) and not set(apis.split(",")) & OPEN_APIS, flag
+        assert header == f"admin-key={admin_key}", flag
+    assert set(launcher.frontend.ADMIN_APIS) >= ADMIN_APIS
+    assert flags["--grpc-use-ssl"] == ["true"]
+    assert flags["--grpc-server-cert"] == [str((tmp_path / "tls" / "tls.crt").resolve())]
+    assert flags["--grpc-server-key"] == [str((tmp_path / "tls" / "tls.key").resolve())]
+    assert flags["--grpc-address"] == ["0.0.0.0"] and flags["--http-address"][0].startswith("unix:")
+    assert flags["--metrics-address"][0].startswith("unix:")   # behind the metrics front end
+    assert flags["--exit-timeout-secs"] == ["60"] and flags["--allow-gpu-metrics"] == ["true"]
