@@ -532,8 +532,10 @@ def main(argv=None) -> int:
           f"efficiency {r['efficiency']:.1%} of the capacity bound {r['capacity_bound_s']:.1f} s")
     print(f"tail {r['tail_s']:.1f} s after the last first pull (a slow server's largest request: "
           f"{r['slow_request_s']:.2f} s); {r['retried_sends']} sends retried; servers given up {r['given_up']}")
+    if r["clients_failed"]:
+        print(f"{r['clients_failed']} client(s) gave every server up: their runs ended (resumable with --resume)")
     print(f"requests {r['requests']}: answered once {r['answered_once']}, lost {r['lost']}, "
-          f"duplicated {r['duplicated']}")
+          f"duplicated {r['duplicated']} (of the clients that finished)")
     print("class     servers  speed  busy min / mean / max   frames/s per server")
     for kind, b in r["balance"].items():
         print(f"{kind:<9} {b['servers']:>7}  {b['speed']:>5.2f}  {b['busy_min']:>6.1%} / {b['busy_mean']:>6.1%} / "

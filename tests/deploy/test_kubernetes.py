@@ -20,7 +20,8 @@ import kustomize_lite  # noqa: E402  (tests/deploy/kustomize_lite.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
-OVERLAYS = {"per-gpu": 1, "per-node": 8}           # overlay -> GPUs per pod
+OVERLAYS = {"per-gpu": 1, "per-node": 8, "plaintext-grpc": 1}   # overlay -> GPUs per pod
+PLAINTEXT = {"plaintext-grpc"}                       # overlays without TLS (trusted networks)
 TARGETS = {"base": K8S / "base", **{o: K8S / "overlays" / o for o in OVERLAYS}}
 ADAPTER = K8S / "prometheus-adapter" / "values.yaml"
 SCHEMA_VERSIONS = ("1.28.0", "1.37.0")               # an older cluster and the newest schemas
@@ -242,9 +243,13 @@ def test_admin_key_and_tls_from_secrets(overlay):
     assert container["command"] == ["embed-server"]     # the front ends, restrictions, TLS
     args = args_of(container)
     key_dir, _ = secret_mount(objects, container, "admin-key")
-    tls_dir, _ = secret_mount(objects, container, "tls")
     assert args["--admin-key-file"] == [f"{key_dir}/admin-key"]
-    assert args["--tls-cert"] == [f"{tls_dir}/tls.crt"] and args["--tls-key"] == [f"{tls_dir}/tls.key"]
+    if overlay in PLAINTEXT:
+        assert "--tls-cert" not in args and "--tls-key" not in args
+        assert "tls" not in {v["name"] for v in pod_spec(objects)["volumes"]}
+    else:
+        tls_dir, _ = secret_mount(objects, container, "tls")
+        assert args["--tls-cert"] == [f"{tls_dir}/tls.crt"] and args["--tls-key"] == [f"{tls_dir}/tls.key"]
     assert args["--address"] == ["0.0.0.0"]
     # No key in the manifest: not in the arguments, not in the environment.
     assert not [e for e in container.get("env", []) if "KEY" in e["name"].upper()]
@@ -263,6 +268,15 @@ def test_admin_key_and_tls_from_secrets(overlay):
     for c in spec["containers"] + spec["initContainers"]:
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert not c["securityContext"].get("privileged")
+
+
+def test_plaintext_overlay_differs_only_by_tls():
+    """Its argument list replaces the base's whole: the same arguments, less the two TLS ones."""
+    base = triton(render("per-gpu"))
+    plain = triton(render("plaintext-grpc"))
+    assert plain["args"] == [a for a in base["args"] if not a.startswith(("--tls-cert=", "--tls-key="))]
+    assert {k: v for k, v in plain.items() if k not in ("args", "volumeMounts") and not k.endswith("Probe")} == \
+        {k: v for k, v in base.items() if k not in ("args", "volumeMounts") and not k.endswith("Probe")}
 
 
 def test_embed_server_turns_the_arguments_into_a_closed_tls_tritonserver(tmp_path):
