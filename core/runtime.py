@@ -112,6 +112,7 @@ class EmbedStats:
     forward_passes: int = 0   # forwards that completed
     failures: int = 0         # sequences rejected (bad input) or too large for the device
     oom_retries: int = 0      # packs that ran out of memory and were split
+    cancelled: int = 0        # sequences not computed: every request they belong to was cancelled
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -262,11 +263,15 @@ class Embedder:
         """
         return self.launch_tokens(token_arrays, failures).result()
 
-    def launch_tokens(self, token_arrays: Sequence[np.ndarray], failures: Optional[dict] = None) -> "Launched":
+    def launch_tokens(self, token_arrays: Sequence[np.ndarray], failures: Optional[dict] = None,
+                      gone: Optional[Callable[[], np.ndarray]] = None) -> "Launched":
         """`embed_tokens` without waiting for the device: every forward is queued (out-of-memory
         splits and SequenceTooLargeError happen here, at allocation), then the copy of the rows to
         the host; `.result()` waits for them. On CUDA the device runs while the caller prepares the
-        next batch (the Triton models return from execute here and answer from a second thread)."""
+        next batch (the Triton models return from execute here and answer from a second thread).
+
+        `gone()`, asked before each forward, marks the inputs (bool [N]) nobody waits for any more
+        (their request was cancelled): a pack of only such inputs is skipped, its rows left NaN."""
         n = len(token_arrays)
         out = torch.empty(n, self.hidden_size, dtype=torch.float32, device=self.device)
         if n == 0:
@@ -282,6 +287,10 @@ class Embedder:
                 p.batch = pending.result() if self._prefetch else pending
                 if k + 1 < len(packs):                 # build the next pack while this one runs
                     pending = self._submit(sorted_arrays, packs[k + 1])
+                if gone is not None and gone()[order[p.lo:p.hi]].all():
+                    out[order_dev[p.lo:p.hi]] = float("nan")
+                    self.stats.cancelled += p.hi - p.lo
+                    continue
                 self._run(p, sorted_arrays, order, order_dev, out, failures)
         return Launched(out)
 

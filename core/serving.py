@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -25,6 +25,7 @@ METRICS = {
     "embed_tokens_total": ("tokens", "Tokens (specials included) run through the encoder"),
     "embed_forward_passes_total": ("forward_passes", "Encoder forward passes"),
     "embed_failures_total": ("failures", "Sequences rejected (bad input) or too large for the device"),
+    "embed_cancelled_total": ("cancelled", "Sequences not computed because their request was cancelled"),
     "embed_prep_seconds_total": (
         "prep_seconds", "Wall seconds in execute decoding request tensors and tokenizing"),
     "embed_compute_seconds_total": (
@@ -58,8 +59,25 @@ class PhaseSeconds:
             return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_lock"}
 
 
+# Tokens one request may hold (config parameter max_request_tokens): one request must not hold an
+# instance for long. 1M tokens is ~10 s of ESM-2 3B on an H200; our client sends far smaller ones.
+DEFAULT_MAX_REQUEST_TOKENS = 1 << 20
+
+
 class RequestError(EmbedCoreError):
-    """One request is malformed as a whole (missing input, undecodable bytes)."""
+    """One request is malformed as a whole (missing input, undecodable bytes, over the token cap)."""
+
+
+class RequestCancelled(EmbedCoreError):
+    """The request's client has gone (deadline, cancel, disconnect): its rows were not sent."""
+
+
+def max_request_tokens(params: dict) -> int:
+    """The max_request_tokens parameter (a positive int, or auto = DEFAULT_MAX_REQUEST_TOKENS)."""
+    value = _optional_int(params, "max_request_tokens")
+    if value is not None and value < 1:
+        raise ValueError(f"parameter max_request_tokens must be positive, got {value}")
+    return DEFAULT_MAX_REQUEST_TOKENS if value is None else value
 
 
 def numpy_problem() -> Optional[str]:
@@ -171,7 +189,8 @@ def decode_sequences(array: Optional[np.ndarray]) -> Union[list, RequestError]:
 
 
 def launch_requests(embedder, requests: Sequence[Union[list, Exception]],
-                    phases: Optional[PhaseSeconds] = None) -> "LaunchedRequests":
+                    phases: Optional[PhaseSeconds] = None, max_tokens: Optional[int] = None,
+                    cancelled: Optional[Sequence[Callable[[], bool]]] = None) -> "LaunchedRequests":
     """Each request tokenized and every forward queued, in one core call for all of them;
     `.finish()` waits for the rows and returns each request's [n, hidden] float32 rows or its error
     (the Triton models finish on a second thread, so the next execute's host work overlaps this
@@ -180,9 +199,13 @@ def launch_requests(embedder, requests: Sequence[Union[list, Exception]],
     A request whose input is already an error, or that holds any invalid sequence, gets that
     error and the others still succeed. A sequence too large for the device even alone fails
     only its own request. `phases`, when given, gets the seconds spent tokenizing (prep) and in
-    the encoder (compute) added.
+    the encoder (compute) added. A request over `max_tokens` tokens gets a RequestError naming the
+    cap. `cancelled[k]()` says whether request k's client has gone: such a request is not
+    tokenized, its forwards are skipped where they hold nobody else's rows (asked between
+    forwards), and it is answered RequestCancelled.
     """
     phases = phases if phases is not None else PhaseSeconds()
+    watch = _CancelWatch(cancelled, len(requests))
     results: list = list(requests)
     tokens, owners = [], []  # owners: (request index, first row, row count)
     started = time.perf_counter()
@@ -190,10 +213,19 @@ def launch_requests(embedder, requests: Sequence[Union[list, Exception]],
         if isinstance(sequences, Exception):  # a malformed request: bad input, counted as such
             embedder.stats.failures += 1
             continue
+        if watch.is_gone(k):
+            results[k] = RequestCancelled("cancelled before it was computed")
+            continue
         try:
             ids = embedder.tokenize(sequences)
         except InvalidSequenceError as err:
             results[k] = err
+            continue
+        total = sum(len(t) for t in ids)
+        if max_tokens is not None and total > max_tokens:
+            embedder.stats.failures += len(ids)
+            results[k] = RequestError(f"{len(ids)} sequences of {total} tokens in one request, over the "
+                                      f"server's max_request_tokens {max_tokens}: send them in smaller requests")
             continue
         owners.append((k, len(tokens), len(ids)))
         tokens.extend(ids)
@@ -201,10 +233,35 @@ def launch_requests(embedder, requests: Sequence[Union[list, Exception]],
     phases.add("prep_seconds", tokenized - started)
     failures: dict = {}
     try:
-        launched = embedder.launch_tokens(tokens, failures=failures)
+        launched = embedder.launch_tokens(tokens, failures=failures, gone=watch.rows_gone(owners, len(tokens)))
     finally:  # a failed call still took the instance's time
         phases.add("compute_seconds", time.perf_counter() - tokenized)
-    return LaunchedRequests(results, tokens, owners, failures, launched, phases)
+    return LaunchedRequests(results, tokens, owners, failures, launched, phases, watch)
+
+
+class _CancelWatch:
+    """Which requests of one execute were cancelled (asked again each time; once gone, always gone)."""
+
+    def __init__(self, cancelled: Optional[Sequence[Callable[[], bool]]], n: int):
+        self._ask = list(cancelled) if cancelled is not None else None
+        self._gone = np.zeros(n, dtype=bool)
+
+    def is_gone(self, k: int) -> bool:
+        if self._ask is not None and not self._gone[k] and self._ask[k]():
+            self._gone[k] = True
+        return bool(self._gone[k])
+
+    def rows_gone(self, owners: list, n_rows: int) -> Optional[Callable[[], np.ndarray]]:
+        """For Embedder.launch_tokens: a bool [rows] of the rows whose request has gone."""
+        if self._ask is None:
+            return None
+
+        def gone() -> np.ndarray:
+            rows = np.zeros(n_rows, dtype=bool)
+            for k, start, n in owners:
+                rows[start:start + n] = self.is_gone(k)
+            return rows
+        return gone
 
 
 @dataclasses.dataclass
@@ -217,6 +274,7 @@ class LaunchedRequests:
     failures: dict           # row -> SequenceTooLargeError (the forwards' own split-and-retry)
     launched: object         # runtime.Launched
     phases: PhaseSeconds
+    watch: "_CancelWatch"
 
     def finish(self) -> list:
         """Each request's rows or error, once the device has them (compute counts the wait)."""
@@ -228,7 +286,9 @@ class LaunchedRequests:
         results = list(self.results)
         for k, start, n in self.owners:
             bad = sorted(i for i in self.failures if start <= i < start + n)
-            if bad:
+            if self.watch.is_gone(k):
+                results[k] = RequestCancelled("cancelled while it was computed")
+            elif bad:
                 i = bad[0]
                 results[k] = SequenceTooLargeError(
                     f"sequence {i - start}: {len(self.tokens[i])} tokens do not fit on the device even alone; "
@@ -241,7 +301,7 @@ class LaunchedRequests:
 
 def is_client_error(err: BaseException) -> bool:
     """True when the request, not the server, is at fault (Triton INVALID_ARG)."""
-    return isinstance(err, (InvalidSequenceError, SequenceTooLargeError, RequestError))
+    return isinstance(err, (InvalidSequenceError, SequenceTooLargeError, RequestError, RequestCancelled))
 
 
 @dataclasses.dataclass

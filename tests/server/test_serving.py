@@ -406,3 +406,40 @@ def test_server_cli_exit_code_of_a_child_killed_by_a_signal(tmp_path, monkeypatc
 
     monkeypatch.setattr(cli, "TritonServer", FakeServer)
     assert cli.run(cli.build_parser().parse_args(["--model-repository", str(tmp_path)])) == expected
+
+
+def test_a_request_over_max_request_tokens_fails_alone(embedder):
+    """One request may not hold an instance for long: over the cap it gets a clear error naming the
+    cap; the other requests of the execute are embedded."""
+    results = serving.launch_requests(embedder, [["MKTAY"], ["MKTAYW" * 4] * 3, ["MKL"]], max_tokens=40).finish()
+    assert isinstance(results[1], serving.RequestError) and serving.is_client_error(results[1])
+    assert "78 tokens" in str(results[1]) and "max_request_tokens 40" in str(results[1])
+    np.testing.assert_allclose(results[0], embedder.embed(["MKTAY"]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(results[2], embedder.embed(["MKL"]), atol=1e-5, rtol=0)
+    assert serving.max_request_tokens({}) == serving.DEFAULT_MAX_REQUEST_TOKENS
+    assert serving.max_request_tokens({"max_request_tokens": "64"}) == 64
+    with pytest.raises(ValueError, match="max_request_tokens"):
+        serving.max_request_tokens({"max_request_tokens": "0"})
+
+
+def test_cancelled_requests_are_not_computed(embedder, monkeypatch):
+    """A request cancelled before its execute is not tokenized; one cancelled while its forwards
+    run has its packs skipped where they hold nobody else's rows (asked between forwards), and is
+    answered RequestCancelled; the live request is embedded as usual."""
+    monkeypatch.setattr(embedder, "token_budget", 8)     # one forward per sequence: cancellation between them
+    before = embedder.stats.cancelled
+    asked = {"n": 0}
+
+    def gone_after_first_forward():
+        asked["n"] += 1
+        return embedder.stats.forward_passes > forwards_at_start
+
+    forwards_at_start = embedder.stats.forward_passes
+    requests = [["MKL"], ["MKTAY", "MKTAYW", "MKTAYWV"], ["ACD"]]
+    launched = serving.launch_requests(embedder, requests, cancelled=[lambda: True, gone_after_first_forward,
+                                                                      lambda: False])
+    results = launched.finish()
+    assert isinstance(results[0], serving.RequestCancelled) and isinstance(results[1], serving.RequestCancelled)
+    np.testing.assert_allclose(results[2], embedder.embed(["ACD"]), atol=1e-5, rtol=0)
+    assert asked["n"] >= 2
+    assert embedder.stats.cancelled - before >= 2       # request 1's later forwards were skipped
