@@ -88,13 +88,20 @@ def describe(out: OutputDir) -> None:
     frames = sum(r.frames for r in complete.values())
     text = (f"resuming {out.path}: {len(complete)} of {len(out.manifest)} committed "
             f"blocks complete ({frames:,} frames)")
+    gone = {n: tuple(m for m in models if (n, m) not in out.corrupt)
+            for n, models in out.missing.items()}
+    bad = {n: tuple(m for m in models if (n, m) in out.corrupt)
+           for n, models in out.missing.items()}
+    for label, blocks in (("missing", gone), ("corrupted", bad)):
+        blocks = {n: models for n, models in blocks.items() if models}
+        if blocks:
+            parts = sum(len(models) for models in blocks.values())
+            listed = ", ".join(f"block {n}: {'+'.join(models)}"
+                               for n, models in sorted(blocks.items())[:5])
+            text += (f"; {parts} part{'s' if parts != 1 else ''} {label} ({listed}"
+                     + (", ..." if len(blocks) > 5 else "") + ")")
     if out.missing:
-        parts = sum(len(models) for models in out.missing.values())
-        listed = ", ".join(f"block {n}: {'+'.join(models)}"
-                           for n, models in sorted(out.missing.items())[:5])
-        text += (f"; {parts} part{'s' if parts != 1 else ''} missing ({listed}"
-                 + (", ..." if len(out.missing) > 5 else "")
-                 + "): recomputed for those models only")
+        text += ": recomputed for those models only"
     log.info("%s; any block not committed yet is computed now", text)
 
 

@@ -27,6 +27,7 @@ from typing import Optional
 from . import reader, resume
 from .classifier import Classifier, load_classifier, write_with_predictions
 from .errors import IncompleteError, InputError, InterruptedRun, OutputWriteError
+from .integrity import file_sha256, short
 from .options import RunOptions, RunResult
 from .pipeline import Pipeline, frames_of
 from .progress import Counters
@@ -50,9 +51,11 @@ class _Run:
         self.options = options
         self.started = time.monotonic()
         self.out = OutputDir(options.out)
-        self.pool = ServerPool(options.servers, options.transport, options.models)
+        self.pool = ServerPool(options.servers, options.transport, options.models,
+                               resolve_every=options.resolve_every)
         self.validated: Optional[reader.ValidatedInput] = None
         self.classifier: Optional[Classifier] = None
+        self.sample_sha256: Optional[str] = None
 
     async def main(self) -> RunResult:
         """The steps of the module docstring; servers and the output directory are closed at the end."""
@@ -62,11 +65,15 @@ class _Run:
                 # No server yet: a finished run needs none, an unfinished one only when a
                 # block needs computing (the widths come from run.json meanwhile).
                 self.out.check(resume=True)
+                await self._fingerprint()
                 self._open_output()
                 finished = resume.finished_run(self.out, options.models, self.pool.hidden)
                 if finished is not None:
                     return resume.complete_finished(finished, self.out, options, self.pool.hidden)
-            await self._validate()
+            if options.resume:
+                await self._validate()
+            else:  # both read the whole sample: at the same time
+                await asyncio.gather(self._validate(), self._fingerprint())
             if options.classifier is not None:
                 self.classifier = load_classifier(options.classifier,
                                                   allow_pickle=options.allow_pickle)
@@ -94,6 +101,17 @@ class _Run:
         v = self.validated
         log.info("%d records, %d kept, %d skipped", v.n_records, v.n_kept, len(v.skipped))
 
+    async def _fingerprint(self) -> None:
+        """The sample's sha256 (its identity for --resume), in a thread."""
+        sample = self.options.sample
+        try:
+            self.sample_sha256 = await asyncio.to_thread(file_sha256, sample)
+        except FileNotFoundError:
+            raise InputError(str(sample), None, None, "no such file") from None
+        except OSError as e:
+            raise InputError(str(sample), None, None, f"cannot be read: {e}") from None
+        log.info("sample %s: sha256 %s", sample, short(self.sample_sha256))
+
     def _check_classifier(self) -> None:
         """The classifier, if any, must take the models' merged width, before anything is sent."""
         if self.classifier is not None:
@@ -110,7 +128,8 @@ class _Run:
         config = RunConfig(
             sample=str(options.sample.resolve()), sample_bytes=sample_bytes, chunk=options.chunk,
             models=options.models, window=options.schedule.window,
-            skip_bad_records=options.skip_bad_records, hidden=dict(self.pool.hidden))
+            skip_bad_records=options.skip_bad_records, hidden=dict(self.pool.hidden),
+            sample_sha256=self.sample_sha256)
         self.out.open(config, resume=options.resume)
         if options.resume:
             stored = self.out.config.hidden

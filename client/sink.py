@@ -2,7 +2,8 @@
 
 Layout of `--out DIR`:
     run.json                 what the run is (sample, chunk, models, window, hidden sizes)
-    manifest.jsonl           one line per committed block (append-only, fsynced)
+    manifest.jsonl           one line per committed block (append-only, fsynced), with the
+                             sha256 of each of its parts
     parts/<model>/block-NNNNNNNN.parquet   one part per model per committed block
     <model>.parquet          final per-model table (written at the end, then parts removed)
     merged.parquet           optional: DNABERT-S then ESM-2 features per frame (--merged)
@@ -15,6 +16,8 @@ whose manifest line exists but some of whose parts are gone (deleted by hand) is
 for those models only, and committed again with a second manifest line (the last one wins).
 Final files are written as `*.partial` and renamed, so nothing partial looks finished; once
 they are in place the parts are removed (the manifest stays: the run's bookkeeping).
+The sample is identified by the sha256 of its bytes (run.json), and a part whose bytes no
+longer match the manifest's sha256 is treated as missing on resume (integrity.py).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import OutputError
+from .errors import OutputError, OutputWriteError
+from .integrity import CorruptPart, file_sha256, part_problem, read_part, short
+from .tables import aligned, embedding_schema, embedding_table, vectors
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ class RunConfig:
     skip_bad_records: bool
     hidden: Dict[str, int] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    sample_sha256: Optional[str] = None        # None: a run.json written before fingerprints
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -70,7 +76,15 @@ class RunConfig:
     def mismatches(self, other: "RunConfig") -> List[str]:
         """Human-readable differences that make `other` a different run."""
         out = []
-        for name, label in (("sample_bytes", "sample size (bytes)"), ("chunk", "--chunk"),
+        if self.sample_sha256 and other.sample_sha256:
+            if self.sample_sha256 != other.sample_sha256:
+                out.append(f"sample content: interrupted run {self.sample} (sha256 "
+                           f"{short(self.sample_sha256)}), now {other.sample} (sha256 "
+                           f"{short(other.sample_sha256)}): a different sample")
+        elif self.sample_bytes != other.sample_bytes:  # a run.json without a fingerprint
+            out.append(f"sample size (bytes): interrupted run {self.sample_bytes!r}, now "
+                       f"{other.sample_bytes!r}")
+        for name, label in (("chunk", "--chunk"),
                             ("models", "--models"), ("window", "--window"),
                             ("skip_bad_records", "--skip-bad-records"),
                             ("version", "output format version")):
@@ -94,34 +108,11 @@ class BlockRecord:
     first_id: str
     last_id: str
     rows: Dict[str, int]
+    sha256: Dict[str, str] = field(default_factory=dict)  # model -> sha256 of its part's bytes
 
     def matches(self, first_index: int, frame_ids: Sequence[str]) -> bool:
         return (self.first_index == first_index and self.frames == len(frame_ids)
                 and self.first_id == frame_ids[0] and self.last_id == frame_ids[-1])
-
-
-def embedding_schema(hidden: int, metadata: Optional[Dict[str, str]] = None):
-    import pyarrow as pa
-
-    schema = pa.schema([
-        ("id", pa.string()),
-        ("embedding", pa.list_(pa.float32(), hidden)),
-        ("length", pa.int32()),
-    ])
-    return schema.with_metadata(metadata) if metadata else schema
-
-
-def embedding_table(ids: Sequence[str], embeddings: np.ndarray, lengths: Sequence[int],
-                    schema):
-    """A table (id, embedding fixed_size_list<float32>[hidden], length int32)."""
-    import pyarrow as pa
-
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    hidden = embeddings.shape[1]
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), hidden)
-    return pa.Table.from_arrays(
-        [pa.array(list(ids), pa.string()), vectors, pa.array(lengths, pa.int32())],
-        schema=schema)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -149,6 +140,7 @@ class OutputDir:
         self.config: Optional[RunConfig] = None
         self.manifest: Dict[int, BlockRecord] = {}       # every committed block (resume)
         self.missing: Dict[int, Tuple[str, ...]] = {}    # committed blocks -> models without part
+        self.corrupt: Dict[Tuple[int, str], str] = {}    # (block, model) -> what is wrong
         self._lock_fh = None
 
     # ------------------------------------------------------------ opening
@@ -175,10 +167,7 @@ class OutputDir:
             require_same_run(stored, config, self.path)
             self.config = stored
             self.manifest = self._read_manifest()
-            for number, record in self.manifest.items():
-                missing = tuple(m for m in record.rows if not self.part_path(m, number).exists())
-                if missing:
-                    self.missing[number] = missing
+            self._check_parts()
             self._drop_orphan_parts()
             return
         self.path.mkdir(parents=True, exist_ok=True)
@@ -186,6 +175,22 @@ class OutputDir:
         self.config = config
         _write_json_atomic(run_file, config.to_json())
         (self.path / MANIFEST_FILE).touch()
+
+    def _check_parts(self) -> None:
+        """Every committed part against its checksum: one missing or corrupted is recomputed."""
+        for number, record in self.manifest.items():
+            missing = []
+            for model in record.rows:
+                problem = part_problem(self.part_path(model, number), record.sha256.get(model))
+                if problem is None:
+                    continue
+                missing.append(model)
+                if problem != "missing":
+                    self.corrupt[(number, model)] = problem
+                    log.warning("block %d: the %s part %s is %s; it is recomputed", number,
+                                model, self.part_path(model, number), problem)
+            if missing:
+                self.missing[number] = tuple(missing)
 
     def _lock(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -258,6 +263,8 @@ class OutputDir:
         """
         import pyarrow.parquet as pq
 
+        previous = self.manifest.get(block)
+        sums = dict(previous.sha256) if previous is not None else {}
         for model, (embeddings, lengths) in tables.items():
             schema = embedding_schema(embeddings.shape[1])
             table = embedding_table(frame_ids, embeddings, lengths, schema)
@@ -265,15 +272,20 @@ class OutputDir:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.with_name(final.name + ".partial")
             pq.write_table(table, tmp, compression="none")
+            sums[model] = file_sha256(tmp)
             os.replace(tmp, final)
+        names = tuple(models or tables)
         record = BlockRecord(block, first_index, len(frame_ids), frame_ids[0], frame_ids[-1],
-                             {model: len(frame_ids) for model in (models or tables)})
+                             {model: len(frame_ids) for model in names},
+                             {model: sums[model] for model in names if model in sums})
         with open(self.path / MANIFEST_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(asdict(record)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.manifest[block] = record
         self.missing.pop(block, None)
+        for model in tables:
+            self.corrupt.pop((block, model), None)
         return record
 
     # ------------------------------------------------------------ finishing
@@ -287,15 +299,21 @@ class OutputDir:
         """Stream the committed blocks, in order, into the final files; returns rows per file.
 
         `on_features(ids, features)` receives each block's merged DNABERT-S + ESM-2 features
-        (the classifier). Parts are removed once every final file is in place.
+        (the classifier). Each part is checked against its checksum as it is read: a corrupted
+        one stops the run before any final or derived file is in place (OutputWriteError; a
+        --resume recomputes it). Parts are removed once every final file is in place.
         """
-        import pyarrow.parquet as pq
-
         def tables():
-            for number in sorted(self.blocks):
-                yield number, {m: pq.read_table(self.part_path(m, number)) for m in models}
+            for number, record in sorted(self.blocks.items()):
+                yield number, {m: read_part(self.part_path(m, number), record.sha256.get(m))
+                               for m in models}
 
-        rows = self._write_finals(tables(), models, hidden, merged, on_features)
+        try:
+            rows = self._write_finals(tables(), models, hidden, merged, on_features)
+        except CorruptPart as e:
+            raise OutputWriteError(f"{e}: it changed after it was committed, so no final file "
+                                   f"was written; continue with --resume --out {self.path} to "
+                                   f"recompute it") from None
         shutil.rmtree(self.path / PARTS_DIR, ignore_errors=True)
         return rows
 
@@ -310,7 +328,7 @@ class OutputDir:
 
         def tables():
             batches = {m: r.iter_batches(batch_size=batch_rows) for m, r in readers.items()}
-            for number, chunk in enumerate(_aligned(batches)):
+            for number, chunk in enumerate(aligned(batches)):
                 yield f"rows from {number * batch_rows}", chunk
 
         return self._write_finals(tables(), (), hidden, merged, on_features)
@@ -352,7 +370,7 @@ class OutputDir:
                 for model in MERGE_ORDER[1:]:
                     if block[model].column("id").to_pylist() != ids:
                         raise OutputError(f"block {label}: the models' frame ids differ")
-                features = np.hstack([_vectors(block[m]) for m in MERGE_ORDER])
+                features = np.hstack([vectors(block[m]) for m in MERGE_ORDER])
                 if merged:
                     lengths = block[MERGE_ORDER[0]].column("length").to_numpy()
                     writers["merged"].write_table(
@@ -390,44 +408,3 @@ class OutputDir:
 
     def write_summary(self, summary: dict) -> None:
         _write_json_atomic(self.path / SUMMARY_FILE, summary)
-
-
-def _aligned(batches: Dict[str, Iterator]) -> Iterator[Dict[str, object]]:
-    """Tables of equal row counts, one per name, from record-batch iterators of equal totals."""
-    import pyarrow as pa
-
-    pending = {name: None for name in batches}
-    while True:
-        for name, it in batches.items():
-            while pending[name] is None or pending[name].num_rows == 0:
-                batch = next(it, None)
-                if batch is None:
-                    pending[name] = None
-                    break
-                pending[name] = pa.Table.from_batches([batch])
-        ended = [name for name, table in pending.items() if table is None]
-        if ended:
-            if len(ended) != len(pending):
-                raise OutputError(f"the final files differ in rows: {', '.join(ended)} ended "
-                                  "before the others")
-            return
-        n = min(table.num_rows for table in pending.values())
-        yield {name: table.slice(0, n) for name, table in pending.items()}
-        pending = {name: table.slice(n) for name, table in pending.items()}
-
-
-def _vectors(table) -> np.ndarray:
-    """The embedding column of a table as a [n, hidden] float32 array (no copy if possible)."""
-    column = table.column("embedding").combine_chunks()
-    hidden = column.type.list_size
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return values.reshape(-1, hidden)
-
-
-def read_embeddings(path: Path) -> Tuple[List[str], np.ndarray, np.ndarray]:
-    """(ids, embeddings [n, hidden] float32, lengths) of a final per-model file."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    return (table.column("id").to_pylist(), _vectors(table),
-            table.column("length").to_numpy())
