@@ -51,8 +51,7 @@ class _Run:
         self.options = options
         self.started = time.monotonic()
         self.out = OutputDir(options.out)
-        self.pool = ServerPool(options.servers, options.transport, options.models,
-                               resolve_every=options.resolve_every)
+        self.pool = ServerPool(options.servers, options.transport, options.models)
         self.validated: Optional[reader.ValidatedInput] = None
         self.classifier: Optional[Classifier] = None
         self.sample_sha256: Optional[str] = None
