@@ -71,6 +71,7 @@ class Config:
     max_batch: int = 1024
     in_flight: int = 24                  # slots per server per client (8 per instance, 3 instances)
     slot_order: str = "grouped"          # grouped: a server's slots wait together (the client today)
+                                         # rotated: grouped, each client's server list rotated
                                          # interleaved: slot 1 of every server, then slot 2, ...
     max_open_blocks: int = MAX_OPEN_BLOCKS
     prep_frames_per_s: float = PREP_FRAMES_PER_S
@@ -238,6 +239,9 @@ class Simulation:
         for client in self.clients:
             links = [Link(s) for s in self.servers if s.join_at == 0]
             client.links.extend(links)
+            if self.c.slot_order == "rotated":      # each client lists the servers from another one
+                shift = client.cid * len(links) // max(1, self.c.clients)
+                links = links[shift:] + links[:shift]
             if self.c.slot_order == "interleaved":
                 slots = [Slot(client, link) for _ in range(self.c.in_flight) for link in links]
             else:   # Dispatcher.start(): every server's workers in turn, each waits in queue.get()
@@ -511,7 +515,7 @@ def main(argv=None) -> int:
         elif f.name == "leave_mode":
             p.add_argument("--leave-mode", choices=("reset", "silent"), default=defaults.leave_mode)
         elif f.name == "slot_order":
-            p.add_argument("--slot-order", choices=("grouped", "interleaved"), default=defaults.slot_order,
+            p.add_argument("--slot-order", choices=("grouped", "rotated", "interleaved"), default=defaults.slot_order,
                            help="grouped: as embed-client starts its workers today")
         else:
             p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),

@@ -60,6 +60,25 @@ def test_dry_run(tmp_path, profile):
     assert "embed" in out and "gather" in out   # the bundled sample sheet's demo sample
 
 
+def test_samples_list_the_servers_from_different_ones(tmp_path):
+    """Dry-run shell commands: sample k starts its --server list k * server_stride further on."""
+    servers = [f"10.0.0.{i}:8001" for i in range(12)]
+    (tmp_path / "samples.tsv").write_text("sample\tpath\n" + "".join(f"s{i}\t{DEMO}\n" for i in range(3)))
+    (tmp_path / "c.json").write_text(json.dumps({"samples": str(tmp_path / "samples.tsv"), "servers": servers,
+                                                  "server_stride": 5}))
+    result = snakemake("--configfile", str(tmp_path / "c.json"), "--dry-run", "--printshellcmds", "--cores", "1",
+                       cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    firsts = {}
+    for line in result.stdout.splitlines():
+        if "--sample" in line and "--server" in line:
+            sample = line.split("--out ")[1].split()[0].rsplit("/", 1)[-1]
+            listed = line.split("--server ")[1:]
+            firsts[sample] = [s.split()[0] for s in listed]
+    assert {s: l[0] for s, l in firsts.items()} == {"s0": servers[0], "s1": servers[5], "s2": servers[10]}
+    assert all(sorted(l) == sorted(servers) for l in firsts.values())
+
+
 def test_profiles_use_known_options():
     """Every generic key of the profiles is a snakemake option; executor keys name their plugin."""
     yaml = pytest.importorskip("yaml")
