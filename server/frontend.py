@@ -42,6 +42,8 @@ GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 ADMIN_APIS = ("shared-memory", "model-repository", "logging", "trace")
 
 MAX_TARGET = 8192
+METHODS = (b"GET", b"HEAD", b"POST")
+MAX_HEADER_LINE = 8000  # tritonserver's parser drops the connection at about 8,190 per name or value
 LINGER_BYTES = 256 * 1024 * 1024  # read and dropped after an error answer, at most
 LINGER_SECONDS = 10.0
 # JSON nested deeper than this is refused: tritonserver 2.51 parses request JSON recursively
@@ -153,6 +155,8 @@ def parse_head(head: bytes) -> Request:
     method, target, version = parts
     if not _TOKEN.match(method):
         raise HttpError(400, "malformed method")
+    if method not in METHODS:  # tritonserver's parser drops the connection on methods it does not know
+        raise HttpError(405, "only GET, HEAD and POST are served", ("Allow: GET, HEAD, POST",))
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise HttpError(505 if version.startswith(b"HTTP/") else 400, "only HTTP/1.0 and HTTP/1.1 are served")
     if len(target) > MAX_TARGET:
@@ -161,6 +165,8 @@ def parse_head(head: bytes) -> Request:
         raise HttpError(400, "malformed request target")
     headers = []
     for line in lines[1:]:
+        if len(line) > MAX_HEADER_LINE:
+            raise HttpError(431, f"a header line over {MAX_HEADER_LINE:,} bytes")
         name, sep, value = line.partition(b":")
         if not sep or not _TOKEN.match(name):
             raise HttpError(400, "malformed header line")

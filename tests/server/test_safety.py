@@ -8,6 +8,7 @@ key and an API key. All traffic goes to 127.0.0.1, bounded in count and time.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import socket
 import ssl
@@ -256,7 +257,9 @@ def hostile_http_cases():
         ("unknown-path", http_bytes("GET", "/v2/no/such/thing"), (404,)),
         ("percent-encoded-path", http_bytes("POST", "/v2/%72epository/index", b"{}"), (400,)),
         ("get-with-body", http_bytes("GET", "/v2/health/ready", good), (200, 400)),
-        ("wrong-method", http_bytes("DELETE", infer, good), bad_request + (405,)),
+        ("wrong-method", http_bytes("DELETE", infer, good), (405,)),
+        ("method-unknown", http_bytes("GE5", "/v2/health/ready"), (405,)),
+        ("method-junk", http_bytes("POS" + "%" * 300, "/v2/models/esm2/infer", good), (405,)),
         ("head-request", http_bytes("HEAD", "/v2/models/esm2"), (200, 400, 404, 405)),
         ("two-content-lengths", http_bytes("POST", infer, good, [f"Content-Length: {len(good) + 1}"]), (400,)),
         ("length-and-chunked", http_bytes("POST", infer, good, ["Transfer-Encoding: chunked"]), (400,)),
@@ -267,6 +270,8 @@ def hostile_http_cases():
         ("chunk-size-huge", http_bytes("POST", infer, b"ffffffffffffffff\r\n", ["Transfer-Encoding: chunked"],
                                        length=False), (400, 413)),
         ("head-100-kb", http_bytes("GET", "/v2/health/ready", headers=["X-Junk: " + "j" * 100_000]), (431,)),
+        ("header-value-9-kb", http_bytes("GET", "/v2/health/ready", headers=["X-J: " + ":" * 9000]), (431,)),
+        ("header-name-9-kb", http_bytes("GET", "/v2/health/ready", headers=["X" * 9000 + ": j"]), (431,)),
         ("10000-headers", http_bytes("GET", "/v2/health/ready", headers=["X-J: j"] * 10_000), (431,)),
         ("target-10-kb", http_bytes("GET", "/v2/health/ready?" + "a=b&" * 2500), (414,)),
         ("target-absolute", http_bytes("GET", "http://evil.example/v2/health/ready"), (400,)),
@@ -276,7 +281,7 @@ def hostile_http_cases():
         ("header-space-in-name", http_bytes("GET", "/v2/health/ready", headers=["X A: b"]), (400,)),
         ("request-line-junk", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 200 + b"\r\n\r\n", (400,)),
         ("request-line-too-many-parts", b"GET / / HTTP/1.1\r\n\r\n", (400,)),
-        ("http-2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", (400, 505)),
+        ("http-2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", (400, 405, 505)),
         ("http-0.9", b"GET /v2/health/ready\r\n\r\n", (400,)),
         ("http-version-junk", b"GET /v2/health/ready HTTP/9.9\r\n\r\n", (505,)),
         ("truncated-body", http_bytes("POST", infer, good, [f"Content-Length: {len(good) + 100}"], length=False),
@@ -460,6 +465,120 @@ def test_concurrent_grpc_mix_of_good_and_bad(embed_server):
             assert isinstance(answer, np.ndarray) and answer.shape == (1, embed_server.hidden_sizes["esm2"]), answer
         else:
             assert isinstance(answer, Exception) and "'#'" in str(answer), answer
+    assert_serves(embed_server)
+
+
+# ------------------------------------------------------------------ seeded mutation fuzz
+
+FUZZ_REQUESTS = 300  # per transport; a 5,000-per-transport run is in docs/deploy.md
+
+
+def http_bases():
+    """Valid requests to mutate: JSON, binary tensors, chunked, GETs."""
+    body = json.dumps({"inputs": [{"name": "SEQUENCE", "shape": [2, 1], "datatype": "BYTES",
+                                   "data": ["MKTAYIAKQ", "MKV"]}]}).encode()
+    head = json.dumps({"inputs": [{"name": "SEQUENCE", "shape": [1, 1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 13}}],
+                       "outputs": [{"name": "EMBEDDING", "parameters": {"binary_data": True}}]}).encode()
+    binary = head + struct.pack("<I", 9) + b"MKTAYIAKQ"
+
+    def req(method, path, body=b"", headers=()):
+        lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *headers, f"Content-Length: {len(body)}"]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+    dna = body.replace(b"MKTAYIAKQ", b"ACGTNACGT").replace(b"MKV", b"acg")
+    return [
+        req("POST", "/v2/models/esm2/infer", body, ["Content-Type: application/json"]),
+        req("POST", "/v2/models/dnabert_s/infer", dna),
+        req("POST", "/v2/models/esm2/infer", binary, [f"Inference-Header-Content-Length: {len(head)}"]),
+        req("GET", "/v2/health/ready"), req("GET", "/v2/models/esm2/config"), req("GET", "/v2/models/dnabert_s/stats"),
+        b"POST /v2/models/esm2/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n",
+    ]
+
+
+JUNK = [b"\x00", b"\xff", b"\r\n", b"\r\n\r\n", b"{", b"[", b'"', b"\\", b":", b" ", b"-1", b"99999999999999999999",
+        b"\xc3\x28", b"%", b"\t", b"1e999", b"null", b",", b"]}", b"\x16\x03\x01"]
+
+
+def mutate(data, rng):
+    """1-6 random edits: flip a byte, insert junk (up to 10,000 times), delete, truncate,
+    repeat a span, change a number or a Content-Length."""
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 6)):
+        op = rng.randrange(7)
+        i = rng.randrange(len(data) + 1)
+        if op == 0 and data:
+            data[min(i, len(data) - 1)] = rng.randrange(256)
+        elif op == 1:
+            data[i:i] = rng.choice(JUNK) * rng.choice((1, 1, 2, 100, 10_000))
+        elif op == 2 and data:
+            del data[i:i + rng.randint(1, 20)]
+        elif op == 3:
+            del data[i:]
+        elif op == 4 and data:
+            j = rng.randrange(len(data))
+            data[i:i] = data[j:j + rng.randint(1, 200)] * rng.choice((1, 2, 50))
+        elif op == 5:
+            number = rng.choice((0, -1, 2 ** 31, 2 ** 32 + 1, 2 ** 63, 10 ** 30))
+            data = bytearray(bytes(data).replace(b"1", str(number).encode(), 1))
+        else:
+            digit = str(rng.randrange(10)).encode()
+            data = bytearray(bytes(data).replace(b"Content-Length: ", b"Content-Length: " + digit, 1))
+    return bytes(data)
+
+
+def grpc_bases():
+    """Serialized ModelInferRequests (raw and typed contents) for both models."""
+    from tritonclient.grpc import service_pb2
+
+    tensor = service_pb2.ModelInferRequest().InferInputTensor
+    out = []
+    for model, seqs in (("esm2", [b"MKTAYIAKQ", b"MKV"]), ("dnabert_s", [b"ACGTNACGT", b"acg"])):
+        raw = b"".join(struct.pack("<I", len(s)) + s for s in seqs)
+        out.append(service_pb2.ModelInferRequest(
+            model_name=model, inputs=[tensor(name="SEQUENCE", datatype="BYTES", shape=[2, 1])],
+            raw_input_contents=[raw]).SerializeToString())
+        out.append(service_pb2.ModelInferRequest(model_name=model, inputs=[tensor(
+            name="SEQUENCE", datatype="BYTES", shape=[2, 1],
+            contents=service_pb2.InferTensorContents(bytes_contents=seqs))]).SerializeToString())
+    return out
+
+
+def test_seeded_fuzz_of_http_requests(embed_server):
+    """Valid requests (JSON, binary tensors, chunked, GETs) with bytes flipped, junk inserted,
+    spans deleted or repeated, numbers and lengths changed: tritonserver never drops a
+    connection (502) and still serves."""
+    rng = random.Random(14)
+    bases = http_bases()
+    port = http_port(embed_server.http_url)
+    for i in range(FUZZ_REQUESTS):
+        payload = mutate(rng.choice(bases), rng)
+        status, raw = exchange(port, payload, timeout=30)
+        assert status != 502, (i, payload[:300], raw[:300])
+        if i % 100 == 99:
+            assert_serves(embed_server)
+    assert_serves(embed_server)
+
+
+def test_seeded_fuzz_of_grpc_messages(embed_server):
+    """Serialized ModelInferRequests mutated the same way, sent as raw bytes."""
+    import grpc
+
+    rng = random.Random(14)
+    bases = grpc_bases()
+    channel = grpc.insecure_channel(embed_server.grpc_url)
+    try:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for i in range(FUZZ_REQUESTS):
+            try:
+                call(mutate(rng.choice(bases), rng), timeout=30)
+            except grpc.RpcError as err:
+                assert err.code() != grpc.StatusCode.UNAVAILABLE, (i, err)
+            if i % 100 == 99:
+                assert_serves(embed_server)
+    finally:
+        channel.close()
     assert_serves(embed_server)
 
 
