@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import nn
 from .attention import PackedAttention, alibi_bias
 from .compiling import compile_function
 from .plan import ExecutionPlan
+from .representations import representation_layer
 
 LAYOUTS = ("dnabert_s", "dnabert2")   # published key layouts: DNABERT-S (no prefix), DNABERT-2-117M (bert.)
 
@@ -248,21 +249,23 @@ class DnabertS(nn.Module):
             self._slopes_on[device] = torch.tensor(self._slopes, dtype=torch.float32, device=device)
         return self._slopes_on[device]
 
-    def _layers(self, x: torch.Tensor, attend, tail) -> torch.Tensor:
-        """Every layer over the embedded stream x [*, H]; `attend` maps [*, 3, heads, d] -> [*, H],
-        `tail` is layer_tail (compiled or not)."""
+    def _layers(self, x: torch.Tensor, attend, tail, layer: Optional[int] = None) -> torch.Tensor:
+        """The layers over the embedded stream x [*, H] up to `layer` (0 = the embeddings, default
+        the last); `attend` maps [*, 3, heads, d] -> [*, H], `tail` is layer_tail (compiled or not)."""
         heads, head_dim, eps = self.config.num_attention_heads, self.config.head_dim, self.config.layer_norm_eps
-        for layer in self.encoder.layer:
-            qkv = layer.attention.self.Wqkv(x).unflatten(-1, (3, heads, head_dim))  # [*, 3, heads, d]
+        stop = representation_layer(layer, len(self.encoder.layer))
+        for block in self.encoder.layer[:stop]:
+            qkv = block.attention.self.Wqkv(x).unflatten(-1, (3, heads, head_dim))  # [*, 3, heads, d]
             context = attend(qkv)                                                 # [*, H]
-            out, mlp = layer.attention.output, layer.mlp
+            out, mlp = block.attention.output, block.mlp
             x = tail(context, x, out.dense.weight, out.dense.bias, out.LayerNorm.weight,
                                  out.LayerNorm.bias, mlp.gated_layers.weight, mlp.wo.weight, mlp.wo.bias,
                                  mlp.layernorm.weight, mlp.layernorm.bias, eps)
         return x
 
-    def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """input_ids [T] packed, cu_seqlens [B+1] int32 -> last hidden state [T, hidden].
+    def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                       layer: Optional[int] = None) -> torch.Tensor:
+        """input_ids [T] packed, cu_seqlens [B+1] int32 -> hidden state [T, hidden] at `layer` (default the last).
 
         With the "flex" backend the whole forward runs on the stream padded to a multiple of
         FlexAttention's block (pad tokens are their own sequence: they change no real token), and
@@ -280,11 +283,12 @@ class DnabertS(nn.Module):
         def attend_packed(qkv):                     # [T, 3, heads, d] -> [T, H]
             return attend.attend_qkv(qkv).reshape(qkv.shape[0], -1)
 
-        return self._layers(self.embeddings(input_ids), attend_packed, self._layer_tail)[:total]
+        return self._layers(self.embeddings(input_ids), attend_packed, self._layer_tail, layer)[:total]
 
     forward = forward_packed
 
-    def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       layer: Optional[int] = None) -> torch.Tensor:
         """Reference path, always PyTorch eager: input_ids [B, L], attention_mask [B, L] bool ->
         [B, L, hidden], pads set to 0 as the original. No data-dependent indexing, so it traces
         and exports (ONNX) as is."""
@@ -298,4 +302,4 @@ class DnabertS(nn.Module):
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                   # each [B, heads, L, d]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(-2)
 
-        return self._layers(x, attend, layer_tail).masked_fill(~mask[..., None], 0.0)
+        return self._layers(x, attend, layer_tail, layer).masked_fill(~mask[..., None], 0.0)

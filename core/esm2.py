@@ -23,6 +23,7 @@ from .attention import PackedAttention
 from .compiling import compile_function
 from .packing import positions_in_sequence, sequence_index
 from .plan import ExecutionPlan
+from .representations import representation_layer
 
 # Fraction of tokens replaced by <mask> in every ESM training run (15% selected x 80% masked).
 MASK_RATIO_TRAIN = 0.15 * 0.8
@@ -355,18 +356,25 @@ class ESM2(nn.Module):
         return (x.float() * (1 - MASK_RATIO_TRAIN) / (1 - mask_ratio)[..., None]).to(x.dtype)
 
     def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Callable,
-                add_norm: Callable, head: Callable, tail: Callable) -> torch.Tensor:
-        """Every layer over the embedded stream x [*, hidden] -> the final LayerNorm of the last one."""
+                add_norm: Callable, head: Callable, tail: Callable, layer: Optional[int] = None) -> torch.Tensor:
+        """The layers over the embedded stream x [*, hidden] -> the representation at `layer`
+        (fair-esm's repr_layers: 0 = the embeddings, k = the stream after k layers; the last,
+        the default, has the final LayerNorm applied)."""
         layers = self.encoder.layer
+        stop = representation_layer(layer, len(layers))
+        if stop == 0:
+            return x
         first = layers[0].attention.LayerNorm
         x, h = add_norm(x, None, first.weight, first.bias, first.eps)
         next_norms = [layer.attention.LayerNorm for layer in layers[1:]] + [self.encoder.emb_layer_norm_after]
-        for layer, next_norm in zip(layers, next_norms):
-            x, h = layer(x, h, cos, sin, attend, head, tail, next_norm)
-        return h                                                # emb_layer_norm_after of the stream
+        for block, next_norm in zip(layers[:stop], next_norms[:stop]):
+            x, h = block(x, h, cos, sin, attend, head, tail, next_norm)
+        return h if stop == len(layers) else x                  # emb_layer_norm_after of the stream at the end
 
-    def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """input_ids [T] int64 (sequences back to back), cu_seqlens [B+1] int32 -> last layer [T, hidden]."""
+    def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                       layer: Optional[int] = None) -> torch.Tensor:
+        """input_ids [T] int64 (sequences back to back), cu_seqlens [B+1] int32 -> [T, hidden] at
+        `layer` (default the last; see _layers)."""
         total = input_ids.shape[0]
         seq = sequence_index(cu_seqlens, total)                 # [T] sequence of each token
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).float()    # [B]
@@ -379,13 +387,14 @@ class ESM2(nn.Module):
         # Layout built once, used by every layer. ESM scales q (before the rotary; same thing).
         attend = PackedAttention(cu_seqlens, max_seqlen, total, x.dtype, scale=self.config.head_dim ** -0.5,
                                  backend=self.plan.attention)
-        return self._layers(x, cos, sin, attend.attend_qkv, self._add_norm, self._head, self._tail)
+        return self._layers(x, cos, sin, attend.attend_qkv, self._add_norm, self._head, self._tail, layer)
 
     forward = forward_packed
 
-    def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       layer: Optional[int] = None) -> torch.Tensor:
         """Reference path, always PyTorch eager: input_ids [B, L], attention_mask [B, L] bool
-        (True = token) -> [B, L, hidden]."""
+        (True = token) -> [B, L, hidden] at `layer` (default the last)."""
         mask = attention_mask.bool()
         n_masked = ((input_ids == self.config.mask_token_id) & mask).sum(-1).float()  # [B]
         ratio = n_masked / mask.sum(-1).float()                 # [B]
@@ -403,4 +412,4 @@ class ESM2(nn.Module):
             return out.transpose(1, 2)                          # [B, L, heads, head_dim]
 
         head, tail = functools.partial(layer_head, rotate_qkv_torch), functools.partial(layer_tail, add_norm_torch)
-        return self._layers(x, cos, sin, attend, add_norm_torch, head, tail)   # [B, L, hidden]
+        return self._layers(x, cos, sin, attend, add_norm_torch, head, tail, layer)   # [B, L, hidden]

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from .errors import InvalidSequenceError, SequenceTooLargeError
-from .packing import PackedBatch, mean_pool_packed, pack
+from .packing import PackedBatch, pack
 from .plan import ATTENTION_CHOICES, DEVICES_HELP, DTYPES, KERNEL_CHOICES, choose_plan, without_kernels
+from .representations import Rows
 
 log = logging.getLogger(__name__)
 
@@ -148,23 +149,32 @@ def token_budget_for(device: torch.device, encoder: torch.nn.Module, dtype: torc
 
 
 class Launched:
-    """Rows queued on the device (Embedder.launch_tokens); `result()` -> [N, hidden] float32 numpy."""
+    """Rows queued on the device (Embedder.launch_tokens): `result()` -> the means [N, hidden]
+    float32 numpy, `outputs()` -> every asked output (representations.Rows' names) as numpy."""
 
-    def __init__(self, rows: torch.Tensor):
-        if rows.device.type == "cuda":
-            # The copy to pinned host memory is queued right behind the forwards, so it does not
-            # wait for work queued later (the next batch's forwards).
-            self._host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-            self._host.copy_(rows, non_blocking=True)
+    def __init__(self, rows: Rows):
+        self.token_offsets = rows.token_offsets
+        self._host = {}
+        self._done = None
+        for name, tensor in rows.tensors().items():
+            if tensor.device.type == "cuda":
+                # The copy to pinned host memory is queued right behind the forwards, so it does
+                # not wait for work queued later (the next batch's forwards).
+                self._host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                self._host[name].copy_(tensor, non_blocking=True)
+            else:
+                self._host[name] = tensor
+        if any(t.device.type == "cuda" for t in rows.tensors().values()):
             self._done = torch.cuda.Event()
             self._done.record()
-        else:
-            self._host, self._done = rows, None
 
-    def result(self) -> np.ndarray:
+    def outputs(self) -> dict:
         if self._done is not None:
             self._done.synchronize()
-        return self._host.numpy()
+        return {name: tensor.numpy() for name, tensor in self._host.items()}
+
+    def result(self) -> np.ndarray:
+        return self.outputs()["mean"]
 
 
 @dataclass
@@ -264,19 +274,23 @@ class Embedder:
         return self.launch_tokens(token_arrays, failures).result()
 
     def launch_tokens(self, token_arrays: Sequence[np.ndarray], failures: Optional[dict] = None,
-                      gone: Optional[Callable[[], np.ndarray]] = None) -> "Launched":
+                      gone: Optional[Callable[[], np.ndarray]] = None, layer: Optional[int] = None,
+                      include: Sequence[str] = ("mean",)) -> "Launched":
         """`embed_tokens` without waiting for the device: every forward is queued (out-of-memory
         splits and SequenceTooLargeError happen here, at allocation), then the copy of the rows to
         the host; `.result()` waits for them. On CUDA the device runs while the caller prepares the
         next batch (the Triton models return from execute here and answer from a second thread).
 
         `gone()`, asked before each forward, marks the inputs (bool [N]) nobody waits for any more
-        (their request was cancelled): a pack of only such inputs is skipped, its rows left NaN."""
+        (their request was cancelled): a pack of only such inputs is skipped, its rows left NaN.
+        `layer` and `include` say what to return (representations.py): the representation layer
+        (default the last) and, beside the mean, the first token's row and the per-token rows."""
         n = len(token_arrays)
-        out = torch.empty(n, self.hidden_size, dtype=torch.float32, device=self.device)
+        lengths = np.fromiter((len(t) for t in token_arrays), dtype=np.int64, count=n)
+        kept = np.maximum(lengths - self.skip_first - self.skip_last, 0)
+        out = Rows(kept, self.hidden_size, self.device, include)
         if n == 0:
             return Launched(out)
-        lengths = np.fromiter((len(t) for t in token_arrays), dtype=np.int64, count=n)
         order = np.argsort(lengths, kind="stable")      # sorted position -> input index
         sorted_arrays = [token_arrays[i] for i in order]
         order_dev = torch.from_numpy(order).to(self.device)
@@ -288,10 +302,10 @@ class Embedder:
                 if k + 1 < len(packs):                 # build the next pack while this one runs
                     pending = self._submit(sorted_arrays, packs[k + 1])
                 if gone is not None and gone()[order[p.lo:p.hi]].all():
-                    out[order_dev[p.lo:p.hi]] = float("nan")
+                    out.fill_nan(order_dev[p.lo:p.hi])
                     self.stats.cancelled += p.hi - p.lo
                     continue
-                self._run(p, sorted_arrays, order, order_dev, out, failures)
+                self._run(p, sorted_arrays, order, order_dev, out, failures, layer)
         return Launched(out)
 
     def _cut(self, sorted_lengths: np.ndarray) -> list[_Pack]:
@@ -318,17 +332,16 @@ class Embedder:
         return self._prefetch.submit(self._host_batch, arrays)
 
     def _run(self, p: _Pack, sorted_arrays, order: np.ndarray, order_dev: torch.Tensor,
-             out: torch.Tensor, failures: Optional[dict]) -> None:
+             out: Rows, failures: Optional[dict], layer: Optional[int]) -> None:
         """One forward of a pack into `out`; on OOM, halves retried recursively."""
         batch = p.batch if p.batch is not None else self._host_batch(sorted_arrays[p.lo:p.hi])
         p.batch = None
         try:
-            pooled = self._forward(batch)
+            self._forward(batch, out, order_dev[p.lo:p.hi], layer)
             oom = False
         except torch.cuda.OutOfMemoryError:
             oom = True   # handled below, outside the except block, so the failed frame's tensors are freed
         if not oom:
-            out.index_copy_(0, order_dev[p.lo:p.hi], pooled)
             self.stats.forward_passes += 1
             self.stats.sequences += p.hi - p.lo
             self.stats.tokens += int(batch.cu_seqlens[-1])
@@ -347,22 +360,22 @@ class Embedder:
             if failures is None:
                 raise err
             failures[index] = err
-            out[order[p.lo]] = float("nan")
+            out.fill_nan(order_dev[p.lo:p.hi])
             return
         self.stats.oom_retries += 1
         mid = (p.lo + p.hi) // 2
         log.warning("out of memory on a pack of %d sequences; retrying as %d + %d",
                     p.hi - p.lo, mid - p.lo, p.hi - mid)
         for half in (_Pack(p.lo, mid), _Pack(mid, p.hi)):
-            self._run(half, sorted_arrays, order, order_dev, out, failures)
+            self._run(half, sorted_arrays, order, order_dev, out, failures, layer)
 
-    def _forward(self, batch: PackedBatch) -> torch.Tensor:
-        """[B, hidden] float32 mean-pooled embeddings of one packed batch, in pack order."""
+    def _forward(self, batch: PackedBatch, out: Rows, index: torch.Tensor, layer: Optional[int]) -> None:
+        """One packed batch's forward; its rows (sequences `index` of the input) into `out`."""
         if self.before_forward is not None:
             self.before_forward(batch)
         dev = batch.to(self.device)
-        hidden = self.encoder.forward_packed(dev.input_ids, dev.cu_seqlens, dev.max_seqlen)  # [T, H]
-        return mean_pool_packed(hidden, dev.cu_seqlens, self.skip_first, self.skip_last)     # [B, H] fp32
+        hidden = self.encoder.forward_packed(dev.input_ids, dev.cu_seqlens, dev.max_seqlen, layer)  # [T, H]
+        out.store(hidden, dev.cu_seqlens, index, self.skip_first, self.skip_last)
 
     def warmup(self, lengths: Sequence[int] = (16, 48, 100, 200)) -> None:
         """Runs two small synthetic packs so compilation and kernel selection happen at load, not on the

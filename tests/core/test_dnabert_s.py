@@ -354,3 +354,22 @@ def test_loader_rejects_incomplete_folders(tmp_path, small_model, demo_tokenizer
     (folder / "config.json").write_text(json.dumps({"hidden_size": 96}))
     with pytest.raises(CheckpointError, match="config.json"):
         load_dnabert_s(folder)
+
+
+@pytest.mark.parametrize("layer", [1, -1])
+def test_layers_and_per_token_match_the_float64_reference(small_model, token_ids, layer):
+    """Embedder rows at a representation layer: per-token (every token, [CLS] and [SEP] in), the
+    first token and the mean, against the naive float64 reference run for that many layers."""
+    from dataclasses import replace
+
+    from embed_core import Embedder, RuntimeConfig
+    embedder = Embedder(small_model, None, RuntimeConfig(device="cpu", dtype="float32", token_budget=300))
+    out = embedder.launch_tokens(token_ids, layer=layer, include=("per_token", "bos", "mean"))
+    rows, offsets = out.outputs(), out.token_offsets
+    layers = SMALL.num_hidden_layers if layer == -1 else layer
+    for i, ids in enumerate(token_ids):
+        ref = reference_hidden(small_model.state_dict(), replace(SMALL, num_hidden_layers=layers), ids.tolist())
+        assert rel_err(torch.from_numpy(rows["per_token"][offsets[i]:offsets[i + 1]]), ref) < 1e-5
+        assert rel_err(torch.from_numpy(rows["bos"][i]), ref[0]) < 1e-5
+        assert rel_err(torch.from_numpy(rows["mean"][i]), ref.mean(0)) < 1e-5
+    small_model.prepare(small_model.plan)

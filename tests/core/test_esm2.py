@@ -330,3 +330,35 @@ def test_tokenizer_rejects_bad_letters(sequence, letter, position):
 def test_tokenizer_rejects_empty():
     with pytest.raises(InvalidSequenceError, match="empty"):
         Esm2Tokenizer().encode("")
+
+
+# ----------------------------------------------------------------------------- what to return
+
+
+@pytest.mark.parametrize("layer", [0, 1, LAYERS - 1, -1])
+def test_layers_per_token_and_bos_match_transformers_hidden_states(tmp_path, layer):
+    """fair-esm's --repr_layers / --include mean per_tok bos through the Embedder, against
+    transformers' EsmModel hidden_states (0 = embeddings, k = after k layers, the last with the
+    final LayerNorm), one sequence at a time, fp32: per-token rows = the residues, their mean = mean."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the independent ESM-2 reference")
+    from embed_core import Embedder, RuntimeConfig
+
+    write_hf_checkpoint(random_esm2(CONFIG, seed=3), tmp_path)
+    reference = transformers.EsmModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    encoder, tokenizer = load_esm2(tmp_path)
+    embedder = Embedder(encoder, tokenizer, RuntimeConfig(device="cpu", dtype="float32", token_budget=64))
+    ids = _ids(tokenizer)
+    out = embedder.launch_tokens(ids, layer=layer, include=("mean", "per_token", "bos"))
+    rows, offsets = out.outputs(), out.token_offsets
+    for i, t in enumerate(ids):
+        with torch.no_grad():
+            states = reference(torch.from_numpy(t)[None], output_hidden_states=True).hidden_states
+        expected = states[layer][0]                                  # [L, H] with BOS and EOS
+        tokens = torch.from_numpy(rows["per_token"][offsets[i]:offsets[i + 1]])
+        assert tokens.shape == (len(t) - 2, HIDDEN)
+        close = dict(rtol=1e-4, atol=1e-6)       # absolute too: <mask> rows are zero at layer 0
+        torch.testing.assert_close(tokens, expected[1:-1], **close)
+        torch.testing.assert_close(torch.from_numpy(rows["bos"][i]), expected[0], **close)
+        torch.testing.assert_close(torch.from_numpy(rows["mean"][i]), expected[1:-1].mean(0), **close)
+    with pytest.raises(ValueError, match="outside this model's 0..3"):
+        embedder.launch_tokens(ids, layer=LAYERS + 1)
