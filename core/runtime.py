@@ -197,6 +197,7 @@ class Embedder:
         self.encoder = encoder.to(device=self.device, dtype=self.dtype).eval()
         self.encoder.prepare(self.plan)
         self.hidden_size = int(encoder.hidden_size)
+        self.num_layers = int(encoder.config.num_hidden_layers)   # representation layers 0..num_layers
         self.skip_first = int(encoder.pool_skip_first)
         self.skip_last = int(encoder.pool_skip_last)
         self.max_length = config.max_length

@@ -8,15 +8,18 @@ Triton.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .errors import EmbedCoreError, InvalidSequenceError, SequenceTooLargeError
+from .representations import INCLUDE_CHOICES, representation_layer
 
 # Custom metrics (Prometheus COUNTERs) and the field each one follows: an EmbedStats field
 # (the core's counts) or a PhaseSeconds field (wall time per phase of execute, kept here).
@@ -188,13 +191,76 @@ def decode_sequences(array: Optional[np.ndarray]) -> Union[list, RequestError]:
     return sequences
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestOptions:
+    """What one request asks for (its KServe parameters "layer" and "include"; representations.py)."""
+
+    layer: Optional[int] = None            # None = the last layer
+    include: Tuple[str, ...] = ("mean",)   # the mean always; "bos", "per_token" on request
+
+
+def request_options(parameters: Union[str, dict, None], num_layers: int) -> Union[RequestOptions, RequestError]:
+    """A request's parameters (Triton hands them over as JSON) as RequestOptions, or its error."""
+    try:
+        params = json.loads(parameters or "{}") if isinstance(parameters, str) else dict(parameters or {})
+    except ValueError:
+        return RequestError("the request's parameters are not valid JSON")
+    include = {s.strip() for s in str(params.get("include", "mean")).split(",") if s.strip()} | {"mean"}
+    unknown = include - set(INCLUDE_CHOICES)
+    if unknown:
+        return RequestError(f"parameter include: {', '.join(sorted(unknown))} is not one of {', '.join(INCLUDE_CHOICES)}")
+    layer = params.get("layer")
+    if layer is not None:
+        if isinstance(layer, bool) or not re.fullmatch(r"-?\d+", str(layer).strip()):
+            return RequestError(f"parameter layer: {layer!r} is not an integer")
+        layer = int(layer)
+        try:
+            representation_layer(layer, num_layers)
+        except ValueError as err:
+            return RequestError(f"parameter layer: {err}")
+    return RequestOptions(layer, tuple(name for name in INCLUDE_CHOICES if name in include))
+
+
+def pad_token_rows(tokens: list, dtype) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-token rows of n sequences as one [n, longest, H] array (zeros past each sequence's rows)
+    and their counts [n, 1] int32: the TOKEN_EMBEDDINGS and TOKEN_COUNT outputs."""
+    counts = np.array([[len(t)] for t in tokens], dtype=np.int32)
+    hidden = tokens[0].shape[1] if tokens else 0
+    padded = np.zeros((len(tokens), int(counts.max(initial=0)), hidden), dtype=dtype)
+    for i, rows in enumerate(tokens):
+        padded[i, :len(rows)] = rows
+    return padded, counts
+
+
+class Embeddings(NamedTuple):
+    """One request's answer: the means [n, H], and where asked the first tokens' rows [n, H] and
+    each sequence's per-token rows [len_i, H]."""
+
+    mean: np.ndarray
+    bos: Optional[np.ndarray] = None
+    tokens: Optional[list] = None
+
+
+@dataclasses.dataclass
+class _Group:
+    """The requests of one execute that share a representation layer: one core call."""
+
+    layer: Optional[int]
+    include: set = dataclasses.field(default_factory=set)
+    tokens: list = dataclasses.field(default_factory=list)     # token ids, requests back to back
+    owners: list = dataclasses.field(default_factory=list)     # (request index, first row, row count)
+    failures: dict = dataclasses.field(default_factory=dict)   # row -> SequenceTooLargeError
+    launched: object = None                                    # runtime.Launched
+
+
 def launch_requests(embedder, requests: Sequence[Union[list, Exception]],
                     phases: Optional[PhaseSeconds] = None, max_tokens: Optional[int] = None,
-                    cancelled: Optional[Sequence[Callable[[], bool]]] = None) -> "LaunchedRequests":
-    """Each request tokenized and every forward queued, in one core call for all of them;
-    `.finish()` waits for the rows and returns each request's [n, hidden] float32 rows or its error
-    (the Triton models finish on a second thread, so the next execute's host work overlaps this
-    one's forwards).
+                    cancelled: Optional[Sequence[Callable[[], bool]]] = None,
+                    options: Optional[Sequence[RequestOptions]] = None) -> "LaunchedRequests":
+    """Each request tokenized and every forward queued, one core call per representation layer
+    asked; `.finish()` waits for the rows and returns each request's Embeddings or its error (the
+    Triton models finish on a second thread, so the next execute's host work overlaps this one's
+    forwards).
 
     A request whose input is already an error, or that holds any invalid sequence, gets that
     error and the others still succeed. A sequence too large for the device even alone fails
@@ -202,12 +268,13 @@ def launch_requests(embedder, requests: Sequence[Union[list, Exception]],
     the encoder (compute) added. A request over `max_tokens` tokens gets a RequestError naming the
     cap. `cancelled[k]()` says whether request k's client has gone: such a request is not
     tokenized, its forwards are skipped where they hold nobody else's rows (asked between
-    forwards), and it is answered RequestCancelled.
+    forwards), and it is answered RequestCancelled. `options[k]` says what request k asks for.
     """
     phases = phases if phases is not None else PhaseSeconds()
+    options = list(options) if options is not None else [RequestOptions()] * len(requests)
     watch = _CancelWatch(cancelled, len(requests))
     results: list = list(requests)
-    tokens, owners = [], []  # owners: (request index, first row, row count)
+    groups: dict = {}
     started = time.perf_counter()
     for k, sequences in enumerate(requests):
         if isinstance(sequences, Exception):  # a malformed request: bad input, counted as such
@@ -227,16 +294,20 @@ def launch_requests(embedder, requests: Sequence[Union[list, Exception]],
             results[k] = RequestError(f"{len(ids)} sequences of {total} tokens in one request, over the "
                                       f"server's max_request_tokens {max_tokens}: send them in smaller requests")
             continue
-        owners.append((k, len(tokens), len(ids)))
-        tokens.extend(ids)
+        group = groups.setdefault(options[k].layer, _Group(options[k].layer))
+        group.include.update(options[k].include)
+        group.owners.append((k, len(group.tokens), len(ids)))
+        group.tokens.extend(ids)
     tokenized = time.perf_counter()
     phases.add("prep_seconds", tokenized - started)
-    failures: dict = {}
     try:
-        launched = embedder.launch_tokens(tokens, failures=failures, gone=watch.rows_gone(owners, len(tokens)))
+        for group in groups.values():
+            group.launched = embedder.launch_tokens(
+                group.tokens, failures=group.failures, gone=watch.rows_gone(group.owners, len(group.tokens)),
+                layer=group.layer, include=tuple(name for name in INCLUDE_CHOICES if name in group.include))
     finally:  # a failed call still took the instance's time
         phases.add("compute_seconds", time.perf_counter() - tokenized)
-    return LaunchedRequests(results, tokens, owners, failures, launched, phases, watch)
+    return LaunchedRequests(results, list(groups.values()), options, phases, watch)
 
 
 class _CancelWatch:
@@ -269,34 +340,39 @@ class LaunchedRequests:
     """The requests of one execute with their forwards queued (launch_requests)."""
 
     results: list            # per request: its error, or (until finish) its sequences
-    tokens: list             # token ids of every embedded sequence, requests back to back
-    owners: list             # (request index, first row, row count)
-    failures: dict           # row -> SequenceTooLargeError (the forwards' own split-and-retry)
-    launched: object         # runtime.Launched
+    groups: list             # _Group per representation layer asked
+    options: list            # RequestOptions per request
     phases: PhaseSeconds
-    watch: "_CancelWatch"
+    watch: _CancelWatch
 
     def finish(self) -> list:
-        """Each request's rows or error, once the device has them (compute counts the wait)."""
+        """Each request's Embeddings or error, once the device has them (compute counts the wait)."""
         waited = time.perf_counter()
         try:
-            rows = self.launched.result()
+            outputs = [group.launched.outputs() for group in self.groups]
         finally:
             self.phases.add("compute_seconds", time.perf_counter() - waited)
         results = list(self.results)
-        for k, start, n in self.owners:
-            bad = sorted(i for i in self.failures if start <= i < start + n)
-            if self.watch.is_gone(k):
-                results[k] = RequestCancelled("cancelled while it was computed")
-            elif bad:
-                i = bad[0]
-                results[k] = SequenceTooLargeError(
-                    f"sequence {i - start}: {len(self.tokens[i])} tokens do not fit on the device even alone; "
-                    "shorten it or lower max_length"
-                )
-            else:
-                results[k] = rows[start:start + n]
+        for group, rows in zip(self.groups, outputs):
+            for k, start, n in group.owners:
+                bad = sorted(i for i in group.failures if start <= i < start + n)
+                if self.watch.is_gone(k):
+                    results[k] = RequestCancelled("cancelled while it was computed")
+                elif bad:
+                    results[k] = SequenceTooLargeError(
+                        f"sequence {bad[0] - start}: {len(group.tokens[bad[0]])} tokens do not fit on the device "
+                        "even alone; shorten it or lower max_length")
+                else:
+                    results[k] = self._embeddings(rows, group.launched.token_offsets, start, n, self.options[k])
         return results
+
+    @staticmethod
+    def _embeddings(rows: dict, offsets, start: int, n: int, options: RequestOptions) -> Embeddings:
+        tokens = None
+        if "per_token" in options.include:
+            tokens = [rows["per_token"][offsets[i]:offsets[i + 1]] for i in range(start, start + n)]
+        bos = rows["bos"][start:start + n] if "bos" in options.include else None
+        return Embeddings(rows["mean"][start:start + n], bos, tokens)
 
 
 def is_client_error(err: BaseException) -> bool:

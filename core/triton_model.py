@@ -88,15 +88,18 @@ class EmbeddingModel:
         try:
             started = time.perf_counter()
             senders = [request.get_response_sender() for request in requests]
-            inputs = []
+            inputs, options = [], []
             for request in requests:
                 tensor = self.pb_utils.get_input_tensor_by_name(request, self.input_name)
-                inputs.append(serving.decode_sequences(None if tensor is None else tensor.as_numpy()))
+                sequences = serving.decode_sequences(None if tensor is None else tensor.as_numpy())
+                asked = serving.request_options(request.parameters(), self.embedder.num_layers)
+                inputs.append(asked if isinstance(asked, Exception) else sequences)
+                options.append(serving.RequestOptions() if isinstance(asked, Exception) else asked)
             # Decoding is host work before the encoder, as tokenizing is: both count as prep.
             self.phases.add("prep_seconds", time.perf_counter() - started)
             try:
                 launched = serving.launch_requests(self.embedder, inputs, self.phases, self.max_request_tokens,
-                                                   [request.is_cancelled for request in requests])
+                                                   [request.is_cancelled for request in requests], options)
             except Exception as err:  # a server fault: every request of this batch learns it
                 launched = err
             self.answering.submit(self._answer, launched, senders)
@@ -140,8 +143,13 @@ class EmbeddingModel:
             else:
                 code = pb_utils.TritonError.INTERNAL
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.model_name}: {result}", code))
-        tensor = pb_utils.Tensor(self.output_name, result.astype(self.output_dtype, copy=False))
-        return pb_utils.InferenceResponse(output_tensors=[tensor])
+        tensors = [pb_utils.Tensor(self.output_name, result.mean.astype(self.output_dtype, copy=False))]
+        if result.bos is not None:
+            tensors.append(pb_utils.Tensor("BOS", result.bos.astype(self.output_dtype, copy=False)))
+        if result.tokens is not None:
+            padded, counts = serving.pad_token_rows(result.tokens, self.output_dtype)
+            tensors += [pb_utils.Tensor("TOKEN_EMBEDDINGS", padded), pb_utils.Tensor("TOKEN_COUNT", counts)]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def finalize(self):
         if hasattr(self, "answering"):

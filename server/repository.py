@@ -166,7 +166,8 @@ def assemble_repository(
                 continue
             text = set_parameter(path.read_text(), "checkpoint", name)
             if embedding_dims and model in embedding_dims:
-                text = set_output_dims(text, "EMBEDDING", embedding_dims[model])
+                for output in ("EMBEDDING", "BOS"):   # TOKEN_EMBEDDINGS keeps [-1, -1]: its length varies
+                    text = set_output_dims(text, output, embedding_dims[model])
             if cpu_instances is not None and config == "configs/cpu.pbtxt":
                 text = set_instance_count(text, cpu_instances)
             count = gpu_instances.get(model) if isinstance(gpu_instances, Mapping) else gpu_instances

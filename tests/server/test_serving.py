@@ -102,10 +102,10 @@ def embedder(demo_checkpoints):
 def test_launch_requests_fails_only_the_bad_requests(embedder):
     requests = [["MKTAY", "MKL"], ["MK1"], serving.RequestError("broken"), ["ACDEFG"]]
     results = serving.launch_requests(embedder, requests).finish()
-    np.testing.assert_allclose(results[0], embedder.embed(["MKTAY", "MKL"]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(results[0].mean, embedder.embed(["MKTAY", "MKL"]), atol=1e-5, rtol=0)
     assert isinstance(results[1], InvalidSequenceError) and "sequence 0" in str(results[1])
     assert results[2] is requests[2]
-    np.testing.assert_allclose(results[3], embedder.embed(["ACDEFG"]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(results[3].mean, embedder.embed(["ACDEFG"]), atol=1e-5, rtol=0)
     assert all(serving.is_client_error(r) for r in results[1:3])
 
 
@@ -122,7 +122,7 @@ def test_a_sequence_too_large_for_the_device_fails_only_its_request(embedder):
     finally:
         embedder.before_forward = None
     assert isinstance(results[1], SequenceTooLargeError) and str(results[1]).startswith("sequence 1:")
-    np.testing.assert_allclose(results[2], embedder.embed(["MKL"]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(results[2].mean, embedder.embed(["MKL"]), atol=1e-5, rtol=0)
     assert serving.is_client_error(results[1])
 
 
@@ -414,8 +414,8 @@ def test_a_request_over_max_request_tokens_fails_alone(embedder):
     results = serving.launch_requests(embedder, [["MKTAY"], ["MKTAYW" * 4] * 3, ["MKL"]], max_tokens=40).finish()
     assert isinstance(results[1], serving.RequestError) and serving.is_client_error(results[1])
     assert "78 tokens" in str(results[1]) and "max_request_tokens 40" in str(results[1])
-    np.testing.assert_allclose(results[0], embedder.embed(["MKTAY"]), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(results[2], embedder.embed(["MKL"]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(results[0].mean, embedder.embed(["MKTAY"]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(results[2].mean, embedder.embed(["MKL"]), atol=1e-5, rtol=0)
     assert serving.max_request_tokens({}) == serving.DEFAULT_MAX_REQUEST_TOKENS
     assert serving.max_request_tokens({"max_request_tokens": "64"}) == 64
     with pytest.raises(ValueError, match="max_request_tokens"):
@@ -440,6 +440,34 @@ def test_cancelled_requests_are_not_computed(embedder, monkeypatch):
                                                                       lambda: False])
     results = launched.finish()
     assert isinstance(results[0], serving.RequestCancelled) and isinstance(results[1], serving.RequestCancelled)
-    np.testing.assert_allclose(results[2], embedder.embed(["ACD"]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(results[2].mean, embedder.embed(["ACD"]), atol=1e-5, rtol=0)
     assert asked["n"] >= 2
     assert embedder.stats.cancelled - before >= 2       # request 1's later forwards were skipped
+
+
+def test_request_options_and_what_each_request_gets(embedder):
+    """The KServe parameters "layer" and "include" of each request: checked one by one (a bad one
+    fails only its request), grouped by layer into core calls, and each request gets what it asked."""
+    layers = embedder.num_layers
+    assert serving.request_options("", layers) == serving.RequestOptions()
+    asked = serving.request_options('{"include": "per_token,bos", "layer": 1}', layers)
+    assert asked == serving.RequestOptions(1, ("mean", "per_token", "bos"))
+    for bad, message in (('{"include": "logits"}', "logits is not one of"), ('{"layer": 99}', "outside"),
+                         ('{"layer": "x"}', "not an integer"), ("{not json", "not valid JSON")):
+        err = serving.request_options(bad, layers)
+        assert isinstance(err, serving.RequestError) and message in str(err), (bad, err)
+    sequences = [["MKTAY", "MKL"], ["ACDEFG"], ["MKL"]]
+    options = [serving.RequestOptions(), serving.RequestOptions(1, ("mean", "per_token", "bos")),
+               serving.RequestOptions(None, ("mean", "per_token"))]
+    results = serving.launch_requests(embedder, sequences, options=options).finish()
+    assert results[0].bos is None and results[0].tokens is None
+    np.testing.assert_allclose(results[0].mean, embedder.embed(["MKTAY", "MKL"]), atol=1e-5, rtol=0)
+    layer1 = embedder.launch_tokens(embedder.tokenize(["ACDEFG"]), layer=1, include=("per_token", "bos")).outputs()
+    np.testing.assert_allclose(results[1].mean, layer1["mean"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(results[1].bos, layer1["bos"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(results[1].tokens[0], layer1["per_token"], atol=1e-6, rtol=0)
+    assert results[1].tokens[0].shape == (6, embedder.hidden_size)          # residues only
+    np.testing.assert_allclose(results[2].tokens[0].mean(0), results[2].mean[0], atol=1e-5, rtol=0)
+    padded, counts = serving.pad_token_rows(results[1].tokens + results[2].tokens, np.float32)
+    assert padded.shape == (2, 6, embedder.hidden_size) and counts.tolist() == [[6], [3]]
+    assert not padded[1, 3:].any()
