@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from embed_core.alphabets import MODEL_KINDS
 
+from .credentials import API_KEY_ENV, API_KEY_FILE_ENV, check_ca_file, env_path, read_api_key
 from .errors import (ClassifierError, ClientError, IncompleteError, InputError, InterruptedRun, OutputError,
                      OutputWriteError, ServerError)
 from .options import CHUNK_SIZES, RunOptions
@@ -137,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="URL",
                      help="Prometheus metrics URL of each --server, in the same order "
                      "(default: http://<server host>:8002/metrics)")
+    srv.add_argument("--tls", action="store_true",
+                     help="gRPC over TLS (embed-server --tls-cert); the server's certificate is "
+                     "checked against the system's CAs, or --tls-ca-file")
+    srv.add_argument("--tls-ca-file", type=Path, default=None, metavar="PATH",
+                     help="PEM CA certificate(s) that signed the servers' certificate (a "
+                     "self-signed certificate is its own CA); implies --tls")
+    srv.add_argument("--api-key-file", type=Path, default=env_path(API_KEY_FILE_ENV),
+                     metavar="PATH",
+                     help=f"file holding the servers' API key (embed-server --api-key-file), "
+                     f"sent with every request and never shown; else ${API_KEY_ENV} "
+                     f"[${API_KEY_FILE_ENV}]")
     flow = p.add_argument_group("scheduling and faults")
     flow.add_argument("--token-budget", type=_positive_int, default=defaults_s.token_budget,
                       help="estimated model tokens per request (ESM-2: residues + 2; DNABERT-S: "
@@ -183,12 +195,20 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         skip_bad_records=args.skip_bad_records,
         schedule=ScheduleConfig(window=args.window, token_budget=args.token_budget),
         transport=TransportConfig(max_in_flight=args.max_in_flight, retries=args.retries,
-                                  timeout=args.timeout),
+                                  timeout=args.timeout, **_security(args)),
         resume=args.resume, merged=args.merged, classifier=args.classifier,
         allow_pickle=args.allow_pickle,
         tty=None if args.progress == "auto" else args.progress == "rich",
         log_interval=args.log_interval,
     )
+
+
+def _security(args: argparse.Namespace) -> dict:
+    """TransportConfig's TLS and API key fields (ValueError: a usage error)."""
+    ca_file = getattr(args, "tls_ca_file", None)
+    check_ca_file(ca_file)
+    return dict(tls=bool(getattr(args, "tls", False) or ca_file), tls_ca_file=ca_file,
+                api_key=read_api_key(getattr(args, "api_key_file", None)))
 
 
 class _CurrentStderrHandler(logging.StreamHandler):

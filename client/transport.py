@@ -12,6 +12,10 @@ Faults:
 - INVALID_ARGUMENT (the server names a bad sequence): a multi-sequence request is split into
   single sequences and re-queued; a single rejected sequence is reported by id, never retried.
 - Anything else (a model that fails, a wrong answer shape) ends the run (`ServerError`).
+
+Security (embed-server's TLS and API key, docs/deploy.md "Safety"): `TransportConfig.tls`
+connects over TLS (the system's CAs, or `tls_ca_file`), and `api_key` goes with every call as
+the gRPC metadata embed-server expects; the key is never shown (not in repr, logs or files).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 from urllib.parse import urlsplit
 
@@ -43,6 +48,9 @@ CONNECTION_MARKERS = ("socket closed", "connection reset", "stream removed", "rs
 PROBE_SEQUENCE = "ACGT"
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
+# embed-server's inference key: `x-api-key`, sent over gRPC with the prefix Triton 2.51 gives a
+# restricted protocol's header (server/frontend.py: GRPC_HEADER_PREFIX + API_KEY_HEADER).
+API_KEY_METADATA = "triton-grpc-protocol-x-api-key"
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,14 @@ class TransportConfig:
     timeout: float = 600.0              # seconds per request
     backoff: float = 0.5                # first backoff, seconds; doubles up to backoff_max
     backoff_max: float = 30.0
+    tls: bool = False                   # gRPC over TLS
+    tls_ca_file: Optional[Path] = None  # PEM CA certificate(s) to trust; None: the system's
+    api_key: Optional[str] = field(default=None, repr=False)  # never shown
+
+    @property
+    def headers(self) -> Optional[Dict[str, str]]:
+        """The gRPC metadata of every call: the API key, if any."""
+        return {API_KEY_METADATA: self.api_key} if self.api_key else None
 
     def __post_init__(self):
         if self.max_in_flight is not None and self.max_in_flight < 1:
@@ -174,10 +190,16 @@ class Server:
         import tritonclient.grpc.aio as grpcaio
         from tritonclient.utils import InferenceServerException
 
-        self.client = grpcaio.InferenceServerClient(self.spec.url)
+        config = self.config
+        roots = None
+        if config.tls and config.tls_ca_file is not None:
+            roots = str(config.tls_ca_file)
+        self.client = grpcaio.InferenceServerClient(self.spec.url, ssl=config.tls,
+                                                    root_certificates=roots)
         for attempt in range(self.config.retries + 1):
             try:
-                ready = await self.client.is_server_ready(client_timeout=10)
+                ready = await self.client.is_server_ready(headers=config.headers,
+                                                          client_timeout=10)
                 if ready:
                     break
                 self.last_error = "server is not ready"
@@ -194,10 +216,12 @@ class Server:
                 f"{self.last_error}")
         for name in models:
             try:
-                config = await self.client.get_model_config(name, as_json=True, client_timeout=30)
+                answer = await self.client.get_model_config(name, as_json=True,
+                                                            headers=config.headers,
+                                                            client_timeout=30)
             except InferenceServerException as e:
                 raise ServerError(f"server {self.spec.url}: model {name!r}: {e}") from e
-            info = ModelInfo.from_config(name, config.get("config", config))
+            info = ModelInfo.from_config(name, answer.get("config", answer))
             self.models[name] = info
             if info.hidden is None:  # dims [-1]: one tiny request tells the width
                 probe = Request(name, -1, [Item(-1, "probe", PROBE_SEQUENCE)])
@@ -219,6 +243,7 @@ class Server:
     async def embed(self, request: Request) -> np.ndarray:
         """Send one request; the [n, hidden] float32 embeddings in the request's item order."""
         import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
 
         info = self.models[request.model]
         data = np.array([item.text.encode() for item in request.items],
@@ -226,8 +251,17 @@ class Server:
         inputs = grpcclient.InferInput(info.input_name, list(data.shape), "BYTES")
         inputs.set_data_from_numpy(data)
         outputs = [grpcclient.InferRequestedOutput(info.output_name)]
-        result = await self.client.infer(request.model, [inputs], outputs=outputs,
-                                         client_timeout=self.config.timeout)
+        try:
+            result = await self.client.infer(request.model, [inputs], outputs=outputs,
+                                             headers=self.config.headers,
+                                             client_timeout=self.config.timeout)
+        except InferenceServerException as e:
+            if "restricted" in (e.message() or ""):  # embed-server wants another API key
+                raise ServerError(
+                    f"server {self.spec.url} refused inference: "
+                    + ("the API key was not accepted" if self.config.api_key else
+                       "it needs an API key (--api-key-file or $EMBED_API_KEY)")) from None
+            raise
         embeddings = result.as_numpy(info.output_name)
         n = len(request.items)
         if (embeddings is None or embeddings.ndim != 2 or embeddings.shape[0] != n

@@ -6,6 +6,8 @@
 --seqs-per-request sequences of random length (proteins 40-170 aa, DNA 120-500 bp), so
 sequences sent = successful requests x --seqs-per-request. Locust's "name" is the model.
 The run always ends by itself: --run-time when given, else the --stop-after timer.
+Against an embed-server with TLS and an API key: --tls (or --tls-ca-file ca.crt) and
+--api-key-file PATH or $EMBED_API_KEY, as embed-client takes them (the key is never shown).
 """
 # Locust runs on gevent: grpc must cooperate with it before any channel exists.
 import grpc.experimental.gevent as grpc_gevent
@@ -26,6 +28,8 @@ from locust.runners import WorkerRunner  # noqa: E402
 
 from make_perf_inputs import random_sequence  # noqa: E402  (perf/ is on sys.path under locust)
 
+API_KEY_METADATA = "triton-grpc-protocol-x-api-key"  # embed-server's key (embed_client.transport)
+
 
 @events.init_command_line_parser.add_listener
 def _add_options(parser):
@@ -41,6 +45,20 @@ def _add_options(parser):
                         help="seconds after which the test quits by itself when --run-time is not given")
     parser.add_argument("--request-timeout", type=float, default=60.0,
                         help="client-side timeout of one request, seconds")
+    parser.add_argument("--tls", action="store_true", help="gRPC over TLS")
+    parser.add_argument("--tls-ca-file", default="",
+                        help="PEM CA certificate(s) of the server's certificate; implies --tls")
+    parser.add_argument("--api-key-file", default=os.environ.get("EMBED_API_KEY_FILE", ""),
+                        help="file holding the server's API key (else $EMBED_API_KEY)")
+
+
+def _security(options):
+    """(InferenceServerClient's TLS arguments, the headers of every request)."""
+    ca_file = getattr(options, "tls_ca_file", "") or None
+    tls = {"ssl": bool(getattr(options, "tls", False) or ca_file), "root_certificates": ca_file}
+    key_file = getattr(options, "api_key_file", "")
+    key = (open(key_file).read() if key_file else os.environ.get("EMBED_API_KEY", "")).strip()
+    return tls, ({API_KEY_METADATA: key} if key else None)
 
 
 @events.test_start.add_listener
@@ -82,7 +100,8 @@ class EmbeddingUser(User):
         self.weights = [options.esm2_weight, options.dnabert_s_weight]
         self._pace = constant_throughput(options.request_rate)
         self.rng = random.Random()
-        self.client = grpcclient.InferenceServerClient(url=self.host)
+        tls, self.headers = _security(options)
+        self.client = grpcclient.InferenceServerClient(url=self.host, **tls)
 
     def on_stop(self):
         self.client.close()
@@ -120,7 +139,7 @@ class EmbeddingUser(User):
         exception, length = None, 0
         try:
             result = self.client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput("EMBEDDING")],
-                                       client_timeout=self.timeout)
+                                       headers=self.headers, client_timeout=self.timeout)
             embedding = result.as_numpy("EMBEDDING")
             if embedding is None or embedding.shape[0] != len(sequences):
                 got = None if embedding is None else embedding.shape

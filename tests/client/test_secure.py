@@ -1,0 +1,179 @@
+"""embed-client (and the locust user) against an embed-server with TLS and an API key.
+
+One such server (dnabert_s only, one CPU instance, a self-signed certificate for 127.0.0.1)
+is started once for this module, as tests/server/test_safety.py starts its own. The key comes
+from a file or $EMBED_API_KEY and appears in no output, file or repr.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from embed_client import cli
+from embed_client.transport import API_KEY_METADATA
+
+from test_end_to_end import expected_frames, read_model_table, write_sample
+
+pytestmark = pytest.mark.server
+
+API_KEY = "client-" + "0badc0de" * 4
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def self_signed(root: Path):
+    """(certificate, key) for 127.0.0.1 and localhost, from the openssl command."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is needed for a test certificate")
+    cert, key = root / "server.crt", root / "server.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory, demo_checkpoints):
+    """(server, CA file) of an embed-server with TLS and an API key."""
+    from embed_server.launcher import LaunchError, free_ports, start_server
+    from embed_server.repository import assemble_repository
+
+    root = tmp_path_factory.mktemp("secured_client")
+    cert, key = self_signed(root)
+    repo = assemble_repository(root / "repo", {"dnabert_s": demo_checkpoints / "dnabert_s"},
+                               cpu_instances=1)
+    for attempt in (1, 2):
+        http, grpc_port, metrics = free_ports(3)
+        context = start_server(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
+                               cpu=True, log_file=root / "tritonserver.log",
+                               startup_timeout_s=300, tls_cert=cert, tls_key=key,
+                               api_key=API_KEY)
+        try:
+            server = context.__enter__()
+            break
+        except LaunchError as err:
+            if attempt == 1 and "already in use" in str(err):
+                continue
+            pytest.fail(f"the secured embed-server did not start: {err}", pytrace=False)
+    try:
+        yield server, cert
+    finally:
+        context.__exit__(None, None, None)
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    path = tmp_path / "api.key"
+    path.write_text(API_KEY + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def run_cli(*argv: str) -> int:
+    return cli.run(cli.build_parser().parse_args(list(argv)))
+
+
+def client_argv(server, sample: Path, out: Path):
+    return ["--sample", str(sample), "--out", str(out), "--models", "dnabert_s",
+            "--server", server.grpc_url, "--metrics-url", server.metrics_url,
+            "--window", "16", "--progress", "plain", "--retries", "0"]
+
+
+def no_key_anywhere(out: Path, *texts: str) -> None:
+    for text in texts:
+        assert API_KEY not in text
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_client_over_tls_with_the_api_key(secured, key_file, tmp_path, capsys, monkeypatch):
+    server, cert = secured
+    sample = write_sample(tmp_path / "S.fasta", n=10, seed=31)
+    frames = [f.frame_id for f in expected_frames(sample)]
+    monkeypatch.delenv("EMBED_API_KEY", raising=False)
+    out = tmp_path / "from_file"
+    code = run_cli(*client_argv(server, sample, out), "--tls-ca-file", str(cert),
+                   "--api-key-file", str(key_file), "-v")
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_OK, captured.err
+    assert read_model_table(out, "dnabert_s")[1] == frames
+    assert json.loads((out / "summary.json").read_text())["status"] == "complete"
+    no_key_anywhere(out, captured.out, captured.err)
+
+    monkeypatch.setenv("EMBED_API_KEY", API_KEY)  # from the environment, with --tls
+    out = tmp_path / "from_env"
+    code = run_cli(*client_argv(server, sample, out), "--tls", "--tls-ca-file", str(cert))
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_OK, captured.err
+    assert read_model_table(out, "dnabert_s")[1] == frames
+    no_key_anywhere(out, captured.out, captured.err)
+    options = cli.options_from_args(cli.build_parser().parse_args(
+        client_argv(server, sample, out) + ["--tls"]))
+    assert options.transport.api_key == API_KEY and API_KEY not in repr(options)
+
+
+def test_refusals_are_clear(secured, key_file, tmp_path, capsys, monkeypatch):
+    server, cert = secured
+    sample = write_sample(tmp_path / "S.fasta", n=3, seed=37)
+    monkeypatch.delenv("EMBED_API_KEY", raising=False)
+    tls = ["--tls-ca-file", str(cert)]
+
+    code = run_cli(*client_argv(server, sample, tmp_path / "a"), *tls)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_SERVER and "needs an API key" in err, err
+
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("not-" + API_KEY)
+    code = run_cli(*client_argv(server, sample, tmp_path / "b"), *tls, "--api-key-file", str(wrong))
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_SERVER and "API key was not accepted" in err, err
+    assert "not-" + API_KEY not in err
+
+    code = run_cli(*client_argv(server, sample, tmp_path / "c"), "--api-key-file", str(key_file))
+    err = capsys.readouterr().err  # plain gRPC to a TLS server
+    assert code == cli.EXIT_SERVER and "unavailable" in err, err
+
+    empty = tmp_path / "empty.key"
+    empty.write_text("\n")
+    for bad in (["--api-key-file", str(empty)], ["--api-key-file", str(tmp_path / "none")],
+                ["--tls-ca-file", str(tmp_path / "none")], ["--tls-ca-file", str(empty)]):
+        code = run_cli(*client_argv(server, sample, tmp_path / "d"), *bad)
+        err = capsys.readouterr().err
+        assert code == cli.EXIT_USAGE and "Traceback" not in err, (bad, err)
+        assert not (tmp_path / "d").exists()
+
+
+def test_key_metadata_is_the_servers():
+    frontend = pytest.importorskip("embed_server.frontend")
+    assert API_KEY_METADATA == frontend.GRPC_HEADER_PREFIX + frontend.API_KEY_HEADER
+
+
+def test_locust_user_over_tls_with_the_api_key(secured, key_file, tmp_path):
+    if importlib.util.find_spec("locust") is None:
+        pytest.skip("the load test needs locust (extra 'perf')")
+    server, cert = secured
+    command = [sys.executable, "-m", "locust", "-f", str(ROOT / "perf" / "locustfile.py"),
+               "--headless", "-u", "2", "-r", "2", "--run-time", "6s", "--stop-timeout", "30",
+               "--host", server.grpc_url, "--seqs-per-request", "2", "--request-rate", "2",
+               "--dnabert-s-weight", "1", "--esm2-weight", "0",
+               "--tls-ca-file", str(cert), "--api-key-file", str(key_file),
+               "--json", "--only-summary", "--loglevel", "WARNING"]
+    env = {k: v for k, v in os.environ.items() if k != "EMBED_API_KEY"}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env=env)
+    stats = json.loads(done.stdout)
+    requests = sum(s["num_requests"] for s in stats)
+    failures = sum(s["num_failures"] for s in stats)
+    assert requests > 0 and failures == 0, (done.stdout[-2000:], done.stderr[-2000:])
+    assert API_KEY not in done.stdout and API_KEY not in done.stderr
