@@ -22,6 +22,9 @@ setup() {
     python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC"
     # numpy<2: the Triton 2.51 Python backend breaks under numpy 2 (see README).
     python -m pip install -q -e ".[test]" "numpy<2"
+    # NVIDIA's perf_analyzer 2.51 into $VENV/perf_analyzer (tests/perf/test_perf_analyzer.py; SKIP_PERF_ANALYZER=1: not)
+    [ "${SKIP_PERF_ANALYZER:-0}" = 1 ] || PYTHON=python bash perf/install_perf_analyzer.sh \
+        || echo "dev.sh: perf_analyzer not installed (above: why); its tests skip, saying so" >&2
 }
 
 case "${1:-}" in
