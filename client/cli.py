@@ -24,7 +24,7 @@ EXIT_USAGE = 2         # bad options, output directory in the way, unusable clas
 EXIT_INPUT = 3         # bad input records or file (nothing was sent)
 EXIT_SERVER = 4        # no server reachable / servers stayed down / a server error
 EXIT_INCOMPLETE = 5    # counts in != counts out (e.g. sequences rejected by the server)
-EXIT_OUTPUT = 6        # the output directory could not be written (full disk, permissions): resumable
+EXIT_OUTPUT = 6        # the output directory could not be written (full disk, permissions)
 EXIT_INTERRUPTED = 130
 
 EPILOG = f"""\
@@ -36,11 +36,11 @@ exit codes:
   {EXIT_INPUT}    bad input: not FASTA/FASTQ, truncated/corrupt compressed data, empty
        record, duplicate id, letter outside the IUPAC codes (nothing sent)
   {EXIT_SERVER}    server unavailable (down past --retries) or a server error; the output
-       directory can be resumed with --resume
+       directory can be resumed with --resume when the run had started writing it
   {EXIT_INCOMPLETE}    count mismatch: fewer embeddings out than sequences in (e.g. sequences
        rejected by the server, listed in rejected.tsv); no final files are written
-  {EXIT_OUTPUT}    the output directory could not be written (e.g. a full disk); once
-       fixed, continue with --resume
+  {EXIT_OUTPUT}    the output directory could not be written (e.g. a full disk: once fixed,
+       continue with --resume; or not writable at all: nothing was sent)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C, SIGTERM); resumable with --resume
 
 output directory (--out): dnabert_s.parquet, esm2.parquet (columns id, embedding
@@ -69,6 +69,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -138,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="URL",
                      help="Prometheus metrics URL of each --server, in the same order "
                      "(default: http://<server host>:8002/metrics)")
+    srv.add_argument("--resolve-every", type=_non_negative_float, default=30.0,
+                     metavar="SECONDS",
+                     help="a --server NAME that resolves to several addresses (a Kubernetes "
+                     "headless Service) is one server per address; the names are resolved "
+                     "again this often while the run sends, so servers that appear join and "
+                     "those no longer listed leave (0: resolve once)")
     srv.add_argument("--tls", action="store_true",
                      help="gRPC over TLS (embed-server --tls-cert); the server's certificate is "
                      "checked against the system's CAs, or --tls-ca-file")
@@ -164,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "unavailable before it is given up")
     flow.add_argument("--timeout", type=_positive_float, default=defaults_t.timeout,
                       help="seconds per request before it is retried")
+    flow.add_argument("--silence-warning", type=float, default=60.0, metavar="SECONDS",
+                      help="warn when no server has answered for this long while requests "
+                      "wait (e.g. a frozen server), and again each time as long; 0: never")
     clf = p.add_argument_group("classifier")
     clf.add_argument("--classifier", type=Path, default=None,
                      help="VirNucPro MLP weights (.safetensors or .npz; .pt/.pth state dict "
@@ -200,6 +216,8 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         allow_pickle=args.allow_pickle,
         tty=None if args.progress == "auto" else args.progress == "rich",
         log_interval=args.log_interval,
+        silence_warning=getattr(args, "silence_warning", 60.0),
+        resolve_every=getattr(args, "resolve_every", 30.0),
     )
 
 
@@ -246,8 +264,9 @@ def run(args: argparse.Namespace) -> int:
     except (OutputError, ClassifierError) as e:
         return _error(str(e), EXIT_USAGE)
     except ServerError as e:
-        return _error(f"{e}\nthe output directory {options.out} can be resumed with --resume",
-                      EXIT_SERVER)
+        hint = (f"\nthe output directory {options.out} can be resumed with --resume"
+                if (options.out / "run.json").is_file() else "")
+        return _error(f"{e}{hint}", EXIT_SERVER)
     except IncompleteError as e:
         return _error(f"incomplete: {e}", EXIT_INCOMPLETE)
     except OutputWriteError as e:

@@ -33,6 +33,8 @@ class RunOptions:
     allow_pickle: bool = False
     tty: Optional[bool] = None                 # None: rich view when stdout is a terminal
     log_interval: float = 10.0
+    silence_warning: float = 60.0              # warn after this many s without an answer; 0: never
+    resolve_every: float = 30.0                # s between lookups of server names; 0: once
 
     def __post_init__(self):
         object.__setattr__(self, "sample", Path(self.sample))
@@ -51,6 +53,10 @@ class RunOptions:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
         if not self.servers:
             raise ValueError("at least one server is needed")
+        if not self.silence_warning >= 0:
+            raise ValueError(f"--silence-warning must be >= 0, got {self.silence_warning}")
+        if not self.resolve_every >= 0:
+            raise ValueError(f"resolve_every must be >= 0, got {self.resolve_every}")
         if (self.merged or self.classifier) and set(self.models) != set(MERGE_ORDER):
             raise ValueError("--merged and --classifier need both models (--models "
                              "esm2,dnabert_s)")

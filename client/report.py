@@ -125,6 +125,7 @@ class Report:
             "rejected": [{"model": m, "record_id": record_of(f), "frame_id": f, "message": msg}
                          for m, f, msg in tally.rejected[:LISTED]],
             "servers_detail": {s.spec.url: {"joined": s in self.pool.joined,
+                                            "left": s.retired,
                                             "requests": s.stats.requests,
                                             "sequences": s.stats.sequences,
                                             "retries": s.stats.retries,

@@ -51,7 +51,8 @@ class _Run:
         self.options = options
         self.started = time.monotonic()
         self.out = OutputDir(options.out)
-        self.pool = ServerPool(options.servers, options.transport, options.models)
+        self.pool = ServerPool(options.servers, options.transport, options.models,
+                               resolve_every=options.resolve_every)
         self.validated: Optional[reader.ValidatedInput] = None
         self.classifier: Optional[Classifier] = None
         self.sample_sha256: Optional[str] = None
@@ -192,8 +193,19 @@ class _Run:
             message = f"final files hold {bad} rows, expected {frames} each"
             report.write_after_error("incomplete", message)
             raise IncompleteError(message)
+        warning = _no_frames_warning(report.prep) if frames == 0 else None
+        if warning:
+            log.warning("%s", warning)
         try:
-            summary = report.write("complete", None, final_rows, predictions)
+            summary = report.write("complete", warning, final_rows, predictions)
         except OSError as e:
             raise OutputWriteError.resumable("writing summary.json", out.path, e) from e
         return RunResult("complete", options.out, summary)
+
+
+def _no_frames_warning(prep) -> str:
+    """Why a sample gave nothing to embed (the final files are empty, the run is complete)."""
+    return (f"the sample gave 0 frames to embed: {prep.records:,} records, {prep.chunks:,} "
+            f"chunks, {prep.frames_with_stop:,} frames dropped for a stop codon, "
+            f"{prep.empty_frames:,} empty; the final files hold no rows (is this the right "
+            f"sample, and --chunk?)")

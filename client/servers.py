@@ -3,6 +3,13 @@
 Every server must serve the run's models with the same embedding width; the smallest
 max_batch_size among them bounds every request. A server that becomes ready after the run
 started joins the pull only if its widths and max_batch_size fit the others'.
+
+A --server given as a DNS name with several addresses (a Kubernetes headless Service) is
+one server per address (discovery.py: the rules); the names are resolved again every
+`resolve_every` seconds while the run sends: new addresses connect and join late, addresses
+no longer listed leave (their servers pull no new work; what they had in flight finishes or
+goes back to the shared queue, transport.py). The run fails only when no server is left
+pulling and none is connecting.
 """
 
 from __future__ import annotations
@@ -11,21 +18,33 @@ import asyncio
 import logging
 from typing import Dict, List, Optional, Sequence
 
+from . import discovery
 from .errors import ServerError, ServerUnavailableError
 from .progress import MetricsPoller
 from .transport import Dispatcher, Server, ServerSpec, TransportConfig
 
 log = logging.getLogger("embed_client")
 
+# How long a server that left may still answer what it holds: a pod taken out of its Service
+# drains (tritonserver's --exit-timeout-secs, 30 s by default); one that vanished never
+# answers. After that its requests in flight go back to the queue for the other servers.
+LEAVE_GRACE_S = 30.0
+
 
 class ServerPool:
     """The servers contacted, those pulling work, those still connecting, and the models' shapes."""
 
     def __init__(self, specs: Sequence[ServerSpec], transport: TransportConfig,
-                 models: Sequence[str]):
+                 models: Sequence[str], resolve_every: float = 30.0,
+                 resolver: Optional[discovery.Resolver] = None):
         self.specs = tuple(specs)
         self.transport = transport
         self.models = tuple(models)
+        self.resolve_every = resolve_every             # seconds; 0: names resolved once
+        self._resolver = resolver                      # None: discovery.resolve (at call time)
+        self.entries = [discovery.Entry(spec) for spec in self.specs]
+        self._refresher: Optional[asyncio.Task] = None
+        self._recalls: List[asyncio.TimerHandle] = []
         self.contacted: List[Server] = []              # every server connect() started on
         self.joined: List[Server] = []                 # connected and pulling work
         self.connecting: Dict[asyncio.Task, Server] = {}
@@ -36,7 +55,15 @@ class ServerPool:
 
     async def connect(self) -> None:
         """Start as soon as one server is ready; the others join the run when they are."""
-        self.contacted = [Server(spec, self.transport) for spec in self.specs]
+        self.contacted = []
+        for entry in self.entries:
+            addresses = await self._lookup(entry) if entry.named else None
+            joining, _ = entry.plan(addresses)
+            for key, spec in joining:
+                self._new_server(entry, key, spec)
+            if entry.expanded:
+                log.info("server %s: %d addresses, one server each: %s", entry.spec.url,
+                         len(entry.servers), ", ".join(s.spec.url for s in entry.servers.values()))
         tasks = {asyncio.ensure_future(s.connect(self.models)): s for s in self.contacted}
         pending, errors = set(tasks), []
         while pending and not self.joined:
@@ -75,8 +102,12 @@ class ServerPool:
             if server not in dispatcher.servers:
                 dispatcher.add(server)
                 metrics.add(server.spec.metrics_url)
+        dispatcher.joining = lambda: bool(self.connecting)
         for task in list(self.connecting):
             task.add_done_callback(self._join_late)
+        if (self._refresher is None and self.resolve_every > 0
+                and any(entry.named for entry in self.entries)):
+            self._refresher = asyncio.ensure_future(self._refresh_loop())
 
     def _join_late(self, task: asyncio.Task) -> None:
         """A server that was not ready at the start: add it to the pull if it fits."""
@@ -86,6 +117,7 @@ class ServerPool:
         error = task.exception()
         if error is not None:
             log.warning("server %s left out: %s", server.spec.url, error)
+            self._check_alive()
             return
         misfit = [m for m in self.models
                   if server.models[m].hidden != self.hidden[m]
@@ -93,12 +125,94 @@ class ServerPool:
         if misfit:
             log.warning("server %s left out: its %s differ in width or max_batch_size from "
                         "the other servers'", server.spec.url, ", ".join(misfit))
+            self._check_alive()
             return
         if not self._dispatcher.add(server):  # the run has stopped sending
             return
         self._describe(server)
         self.joined.append(server)
         self._metrics.add(server.spec.metrics_url)
+
+    # ------------------------------------------------------------------ names, resolved again
+
+    def _new_server(self, entry: discovery.Entry, key: str, spec: ServerSpec) -> Server:
+        server = Server(spec, self.transport)
+        entry.servers[key] = server
+        self.contacted.append(server)
+        return server
+
+    async def _lookup(self, entry: discovery.Entry) -> Optional[List[str]]:
+        """The addresses of `entry`'s name now; None when the lookup fails (logged once)."""
+        resolver = self._resolver or discovery.resolve
+        try:
+            addresses = await asyncio.to_thread(resolver, entry.host, entry.port)
+        except (OSError, UnicodeError) as e:
+            if entry.failing != str(e):
+                log.warning("server %s: resolving %s failed (%s); the servers stay as they are",
+                            entry.spec.url, entry.host, e)
+            entry.failing = str(e)
+            return None
+        entry.failing = None
+        return list(addresses)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.resolve_every)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Resolve every name again: new addresses connect (and join when ready), addresses
+        no longer listed leave."""
+        for entry in self.entries:
+            if not entry.named or self._dispatcher is None or self._dispatcher.closed:
+                continue
+            addresses = await self._lookup(entry)
+            joining, leaving = entry.plan(addresses)
+            if not joining and not leaving:
+                continue
+            log.info("server %s now resolves to %s: %d joining, %d leaving", entry.spec.url,
+                     ", ".join(addresses or []), len(joining), len(leaving))
+            for key, spec in joining:
+                server = self._new_server(entry, key, spec)
+                task = asyncio.ensure_future(server.connect(self.models))
+                self.connecting[task] = server
+                task.add_done_callback(self._join_late)
+            for key in leaving:
+                self._leave(entry.servers.pop(key), entry)
+            self._check_alive()
+
+    def _leave(self, server: Server, entry: discovery.Entry) -> None:
+        """`server` is no longer listed for its name: it pulls no new work (transport.py)."""
+        server.retired = True
+        for task, connecting in list(self.connecting.items()):
+            if connecting is server:
+                del self.connecting[task]
+                task.cancel()
+        log.info("server %s left the run (no longer listed for %s); what it holds goes to "
+                 "the other servers if not answered within %.0f s", server.spec.url, entry.host,
+                 LEAVE_GRACE_S)
+        loop = asyncio.get_running_loop()
+        self._recalls.append(loop.call_later(LEAVE_GRACE_S, self._recall, server))
+
+    def _recall(self, server: Server) -> None:
+        dispatcher = self._dispatcher
+        if dispatcher is None or dispatcher.closed:
+            return
+        recalled = dispatcher.recall(server)
+        if recalled:
+            log.warning("server %s left without answering %d requests; they go to the other "
+                        "servers", server.spec.url, recalled)
+
+    def _check_alive(self) -> None:
+        """No server pulling and none connecting: the run cannot go on."""
+        dispatcher = self._dispatcher
+        if dispatcher is None or dispatcher.closed or self.connecting:
+            return
+        if any(not s.dead and not s.retired for s in dispatcher.servers):
+            return
+        detail = "; ".join(f"{s.spec.url}: {'left' if s.retired else s.last_error}"
+                           for s in self.contacted)
+        dispatcher.fail(ServerUnavailableError(f"server unavailable: no server left: {detail}"))
 
     @staticmethod
     def _describe(server: Server) -> None:
@@ -108,7 +222,13 @@ class ServerPool:
                  server.in_flight)
 
     async def close(self) -> None:
-        """Stop connecting and close every server contacted."""
+        """Stop resolving and connecting, and close every server contacted."""
+        for handle in self._recalls:
+            handle.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+            self._refresher = None
         for task in self.connecting:
             task.cancel()
         for server in self.contacted:

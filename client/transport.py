@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -95,12 +95,16 @@ class ModelInfo:
     input_name: str
     output_name: str
     instances: int
+    max_length: Optional[int] = None  # config parameter max_length (letters); None: "auto"
+    outputs: Tuple[str, ...] = ()     # every output the model has (BOS, TOKEN_EMBEDDINGS, ...)
 
     @classmethod
     def from_config(cls, name: str, config: dict) -> "ModelInfo":
         """Read a `get_model_config(as_json=True)["config"]` dict (int64 fields are strings)."""
         inputs = [i for i in config.get("input", []) if i.get("data_type") == "TYPE_STRING"]
         outputs = [o for o in config.get("output", []) if o.get("data_type") == "TYPE_FP32"]
+        if any(o.get("name") == "EMBEDDING" for o in outputs):  # the mean beside BOS, per-token
+            outputs = [o for o in outputs if o.get("name") == "EMBEDDING"]
         if len(inputs) != 1 or len(outputs) != 1:
             raise ServerError(
                 f"model {name!r}: expected one TYPE_STRING input and one TYPE_FP32 output, "
@@ -115,8 +119,11 @@ class ModelInfo:
         for group in config.get("instance_group", []):
             count = int(group.get("count", 1))
             instances += count * max(1, len(group.get("gpus", [])))
+        length = config.get("parameters", {}).get("max_length", {}).get("string_value", "")
         return cls(name, max_batch, dims[0] if dims[0] > 0 else None, inputs[0]["name"],
-                   outputs[0]["name"], max(1, instances))
+                   outputs[0]["name"], max(1, instances),
+                   int(length) if length.strip().isdigit() else None,
+                   tuple(o.get("name", "") for o in config.get("output", [])))
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,7 @@ class Server:
         self.available_at = 0.0      # monotonic time the cooldown ends
         self.last_error = ""
         self.dead = False
+        self.retired = False         # left the pool (its name no longer lists it): no new work
 
     async def connect(self, models: Sequence[str]) -> None:
         """Wait for the server (backing off up to `retries` times) and read the model configs."""
@@ -240,8 +248,9 @@ class Server:
         # 8 per instance: each GPU's queue stays non-empty while responses travel (perf/RESULTS.md).
         return max(8, 8 * sum(info.instances for info in self.models.values()))
 
-    async def embed(self, request: Request) -> np.ndarray:
-        """Send one request; the [n, hidden] float32 embeddings in the request's item order."""
+    async def embed(self, request: Request, ask=None):
+        """Send one request; the [n, hidden] float32 embeddings in the request's item order, or
+        with `ask` (representations.Ask: layer, bos, per-token rows) its Answer."""
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
@@ -250,11 +259,13 @@ class Server:
                         dtype=np.object_).reshape(-1, 1)
         inputs = grpcclient.InferInput(info.input_name, list(data.shape), "BYTES")
         inputs.set_data_from_numpy(data)
-        outputs = [grpcclient.InferRequestedOutput(info.output_name)]
+        names = [info.output_name] + (list(ask.extra_outputs) if ask is not None else [])
+        outputs = [grpcclient.InferRequestedOutput(name) for name in names]
         try:
             result = await self.client.infer(request.model, [inputs], outputs=outputs,
                                              headers=self.config.headers,
-                                             client_timeout=self.config.timeout)
+                                             client_timeout=self.config.timeout,
+                                             parameters=None if ask is None else ask.parameters)
         except InferenceServerException as e:
             if "restricted" in (e.message() or ""):  # embed-server wants another API key
                 raise ServerError(
@@ -269,7 +280,8 @@ class Server:
             got = None if embeddings is None else embeddings.shape
             raise ServerError(f"server {self.spec.url} model {request.model}: answered shape "
                               f"{got} for {n} sequences (expected ({n}, {info.hidden}))")
-        return embeddings.astype(np.float32, copy=False)
+        embeddings = embeddings.astype(np.float32, copy=False)
+        return embeddings if ask is None else ask.answer(result, embeddings, self.spec.url)
 
     def failed(self, error: Exception) -> None:
         """Count a retriable failure; a new backoff round starts only after the last one ended."""
@@ -324,6 +336,9 @@ class Dispatcher:
         self.error: Optional[BaseException] = None
         self.failed = asyncio.Event()
         self.closed = False
+        self.joining: Callable[[], bool] = lambda: False  # servers still connecting? (servers.py)
+        self.ask = None             # representations.Ask: what beyond the mean (None: the mean)
+        self._sending: Dict[asyncio.Task, tuple] = {}     # slot -> (server, request) in flight
 
     def submit(self, requests: Sequence[Request]) -> None:
         for request in requests:
@@ -351,14 +366,22 @@ class Dispatcher:
     async def _worker(self, server: Server) -> None:
         from tritonclient.utils import InferenceServerException
 
-        while not server.dead:
+        while not server.dead and not server.retired:
             wait = server.available_at - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
             _, _, request = await self.queue.get()
+            if server.dead or server.retired:  # it went while this slot waited: another takes it
+                self._again(request)
+                return
             try:
-                embeddings = await server.embed(request)
+                slot = asyncio.current_task()
+                self._sending[slot] = (server, request)
+                try:
+                    embeddings = await server.embed(request, self.ask)
+                finally:
+                    self._sending.pop(slot, None)
             except InferenceServerException as e:
                 if is_rejection(e):
                     self._rejected(request, e)
@@ -387,6 +410,18 @@ class Dispatcher:
                     self.fail(e)
                     return
 
+    def recall(self, server: Server) -> int:
+        """`server` left the pool and still holds requests: they go back to the queue and its
+        slots stop (an answer that still comes is dropped). Returns how many were recalled."""
+        recalled = 0
+        for slot, (owner, request) in list(self._sending.items()):
+            if owner is server:
+                del self._sending[slot]
+                self._again(request)
+                slot.cancel()
+                recalled += 1
+        return recalled
+
     def _rejected(self, request: Request, error) -> None:
         if len(request.items) > 1:
             log.info("model %s rejected a request of %d sequences (%s); sending them one by one",
@@ -397,7 +432,9 @@ class Dispatcher:
             self.on_reject(request, request.items[0], error.message() or str(error))
 
     def _check_all_dead(self) -> None:
-        if all(server.dead for server in self.servers):
+        if self.joining():  # a server still connecting may take the work (servers.py)
+            return
+        if all(server.dead or server.retired for server in self.servers):
             detail = "; ".join(f"{s.spec.url}: {s.last_error}" for s in self.servers)
             self.fail(ServerUnavailableError(
                 f"server unavailable: every server stayed down past --retries "
