@@ -163,8 +163,9 @@ def test_model_metadata_and_config(embed_server):
             config = client.get_model_config(model, as_json=True)["config"]
             assert [g["kind"] for g in config["instance_group"]] == ["KIND_CPU"]
             assert int(config["instance_group"][0]["count"]) == 2
-            (output,) = config["output"]
-            assert [int(d) for d in output["dims"]] == [embed_server.hidden_sizes[model]]
+            dims = {output["name"]: [int(d) for d in output["dims"]] for output in config["output"]}
+            hidden = embed_server.hidden_sizes[model]
+            assert dims == {"EMBEDDING": [hidden], "BOS": [hidden], "TOKEN_EMBEDDINGS": [-1, -1], "TOKEN_COUNT": [1]}
     finally:
         client.close()
 
