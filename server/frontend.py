@@ -264,7 +264,10 @@ class Frontend:
 
     async def _listen(self):
         o = self.options
-        sock = socket.socket(socket.AF_INET6 if ":" in o.host else socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and
+        # without it every answer written in two parts waits ~40 ms for a delayed ACK
+        sock = socket.socket(socket.AF_INET6 if ":" in o.host else socket.AF_INET, socket.SOCK_STREAM,
+                             socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((o.host, o.port))
@@ -300,6 +303,12 @@ class Frontend:
     # ------------------------------------------------------------ one client connection
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         backend = None
         first = True
         unread = 0  # body bytes the client is still expected to send (for a lingering close)

@@ -310,6 +310,25 @@ def test_pipelined_and_kept_alive_requests_are_answered_in_order(embed_server):
     assert raw.count(b"HTTP/1.1 200") == 3, raw[:600]
 
 
+def test_the_front_end_adds_no_delayed_ack_wait(embed_server):
+    """An answer goes out in two writes (head, body): without TCP_NODELAY on the accepted
+    socket each kept-alive request waited ~40 ms for the client's delayed ACK."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", http_port(embed_server.http_url), timeout=30)
+    try:
+        times = []
+        for _ in range(20):
+            started = time.perf_counter()
+            connection.request("GET", "/v2/models/esm2/config")
+            response = connection.getresponse()
+            assert response.status == 200 and response.read()
+            times.append(time.perf_counter() - started)
+    finally:
+        connection.close()
+    assert min(times) < 0.025, times
+
+
 def test_many_concurrent_hostile_and_good_requests(embed_server):
     """64 connections at once, good and hostile mixed: every good one answered correctly."""
     port = http_port(embed_server.http_url)
