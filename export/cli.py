@@ -160,7 +160,13 @@ def write_repository(out: Path, valid: dict, link: bool = False, force: bool = F
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None and not (args.esm2 or args.dnabert_s):   # a usage error: exit 2, as argparse's own
+        parser.error("nothing to export: give --esm2 and/or --dnabert-s with --out (or a subcommand: demo, onnx)")
+    if args.command is None and args.out is None:
+        parser.error("--out is required")
+    return run(args)
 
 
 if __name__ == "__main__":

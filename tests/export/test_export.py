@@ -110,8 +110,12 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 
 def test_requires_a_model_and_refuses_a_non_empty_out(demo_checkpoints, tmp_path, capsys):
-    assert main(["--out", str(tmp_path / "repo")]) == 1
-    assert "give --esm2 and/or --dnabert-s" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:               # a usage error, as argparse's own: exit 2
+        main(["--out", str(tmp_path / "repo")])
+    assert usage.value.code == 2 and "give --esm2 and/or --dnabert-s" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main([])
+    assert usage.value.code == 2
     out = tmp_path / "repo"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
