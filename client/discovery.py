@@ -17,6 +17,8 @@ The rules (`Entry`):
   flight finish or go back to the queue (transport.py).
 - one address family: IPv4 when the name has any, else IPv6 (a dual-stack pod is one
   server, not two; `localhost` is one server, not 127.0.0.1 and ::1).
+- over TLS, a server found by address checks the certificate against the name (the
+  Service's name in its certificate, deploy/kubernetes), as connecting by the name would.
 
 `resolve` is looked up at call time: tests point it at servers on 127.0.0.x.
 """
@@ -76,7 +78,7 @@ def address_spec(spec: ServerSpec, address: str) -> ServerSpec:
     if metrics.hostname == host:
         netloc = _shown(address) + (f":{metrics.port}" if metrics.port else "")
         metrics_url = urlunsplit(metrics._replace(netloc=netloc))
-    return ServerSpec(f"{_shown(address)}:{port}", metrics_url)
+    return ServerSpec(f"{_shown(address)}:{port}", metrics_url, tls_name=host)
 
 
 @dataclass

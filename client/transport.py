@@ -59,6 +59,9 @@ class ServerSpec:
 
     url: str
     metrics_url: str
+    # The DNS name `url`'s address was found for (discovery.py): over TLS the certificate is
+    # checked against this name, as when connecting by the name.
+    tls_name: Optional[str] = None
 
     @classmethod
     def parse(cls, url: str, metrics_url: Optional[str] = None) -> "ServerSpec":
@@ -202,8 +205,11 @@ class Server:
         roots = None
         if config.tls and config.tls_ca_file is not None:
             roots = str(config.tls_ca_file)
+        names = None
+        if config.tls and self.spec.tls_name:
+            names = [("grpc.ssl_target_name_override", self.spec.tls_name)]
         self.client = grpcaio.InferenceServerClient(self.spec.url, ssl=config.tls,
-                                                    root_certificates=roots)
+                                                    root_certificates=roots, channel_args=names)
         for attempt in range(self.config.retries + 1):
             try:
                 ready = await self.client.is_server_ready(headers=config.headers,

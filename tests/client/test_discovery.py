@@ -65,9 +65,9 @@ def test_resolve_keeps_one_family_without_repeats(monkeypatch):
 def test_an_address_replaces_the_name_in_the_grpc_and_metrics_urls():
     spec = ServerSpec.parse(f"{NAME}:9001", f"http://{NAME}:9002/metrics")
     assert discovery.address_spec(spec, "10.1.2.3") == ServerSpec(
-        "10.1.2.3:9001", "http://10.1.2.3:9002/metrics")
+        "10.1.2.3:9001", "http://10.1.2.3:9002/metrics", tls_name=NAME)
     assert discovery.address_spec(spec, "fd00::3") == ServerSpec(
-        "[fd00::3]:9001", "http://[fd00::3]:9002/metrics")
+        "[fd00::3]:9001", "http://[fd00::3]:9002/metrics", tls_name=NAME)
     elsewhere = ServerSpec.parse(f"{NAME}:9001", "http://prometheus.test:9090/x")
     assert discovery.address_spec(elsewhere, "10.1.2.3").metrics_url == \
         "http://prometheus.test:9090/x"
@@ -171,7 +171,7 @@ def test_a_name_with_several_addresses_is_one_server_each_and_follows_the_answer
 
 def test_a_slot_of_a_server_that_left_hands_its_request_to_another(monkeypatch):
     class Fake(Server):
-        async def embed(self, request):
+        async def embed(self, request, ask=None):
             return np.zeros((len(request.items), 4), np.float32)
 
     results = []
@@ -207,7 +207,7 @@ def test_requests_held_by_a_server_that_vanished_go_to_the_others(monkeypatch):
     monkeypatch.setattr(servers, "LEAVE_GRACE_S", 0.05)
     vanished = asyncio.Event()
 
-    async def embed(self, request):
+    async def embed(self, request, ask=None):
         if self.spec.url.startswith("10.0.0.1:"):
             await vanished.wait()  # never set
         await asyncio.sleep(0.001)
