@@ -5,6 +5,9 @@
 #   bash perf/install_perf_analyzer.sh            # into <python prefix>/perf_analyzer (.venv/perf_analyzer)
 #   bash perf/install_perf_analyzer.sh DIR        # into DIR (then export PERF_ANALYZER_HOME=DIR)
 #   python perf/perf_analyzer.py --check          # then: where it is, and whether it can run
+#   bash perf/install_perf_analyzer.sh --pack .dev/perf_analyzer.tar.xz
+#                      # for the GPU machines (no registry there): binary, libcudart and libb64 in one
+#                      # ~5 MB archive that perf/on-device.sh unpacks (libb64 always included)
 #
 # The manylinux wheel of tritonclient==2.51.0 ships the perf_analyzer binary (bin/perf_analyzer).
 # It is installed with --target (no dependencies), so the project's tritonclient, protobuf and
@@ -26,7 +29,13 @@ CUDART_SPEC=nvidia-cuda-runtime-cu12==12.6.77   # CUDA 12.6: what Triton 2.51 (2
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "${VENV:-.venv}/bin/python" ]; then PYTHON=${VENV:-.venv}/bin/python; else PYTHON=python3; fi
 fi
-TARGET=${1:-$("$PYTHON" -c 'import sys; print(sys.prefix)')/perf_analyzer}
+PACK=
+if [ "${1:-}" = --pack ]; then
+    PACK=$(realpath -m "${2:?--pack needs a file name}")
+    TARGET=$(mktemp -d)/perf_analyzer
+else
+    TARGET=${1:-$("$PYTHON" -c 'import sys; print(sys.prefix)')/perf_analyzer}
+fi
 say() { echo "install_perf_analyzer: $*" >&2; }
 
 if [ ! -x "$TARGET/bin/perf_analyzer" ] || [ ! -e "$TARGET/nvidia/cuda_runtime/lib/libcudart.so.12" ] \
@@ -40,7 +49,7 @@ if [ ! -x "$TARGET/bin/perf_analyzer" ] || [ ! -e "$TARGET/nvidia/cuda_runtime/l
     echo "$TRITONCLIENT_VERSION" > "$TARGET/VERSION"
 fi
 
-if ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d'; then
+if [ -z "$PACK" ] && ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d'; then
     :   # the system's (apt-get install -y libb64-0d)
 elif ls "$TARGET"/libb64/usr/lib/*/libb64.so.0d >/dev/null 2>&1; then
     :   # unpacked by an earlier run
@@ -53,6 +62,17 @@ elif command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
         dpkg-deb -x "$tmp"/libb64-0d_*.deb "$TARGET/libb64"
     fi
     rm -rf "$tmp"
+fi
+
+if [ -n "$PACK" ]; then
+    ls "$TARGET"/libb64/usr/lib/*/libb64.so.0d >/dev/null 2>&1 || { say "libb64-0d could not be downloaded"; exit 1; }
+    PERF_ANALYZER_HOME="$TARGET" "$PYTHON" perf/perf_analyzer.py --check
+    mkdir -p "$(dirname "$PACK")"
+    say "packing $PACK (xz -9: ~40 s)"
+    tar -C "$TARGET" -cf - VERSION bin/perf_analyzer nvidia/cuda_runtime/lib libb64/usr/lib | xz -9 -T0 > "$PACK"
+    rm -rf "$(dirname "$TARGET")"
+    say "$(du -h "$PACK" | cut -f1) $PACK: on the GPU machine perf/on-device.sh unpacks it into /tmp/perf_analyzer"
+    exit 0
 fi
 
 # The verdict, from the wrapper that runs it (it prints the binary, the libraries and what is missing).

@@ -6,12 +6,13 @@ package libb64-0d), both needed even on a CPU-only machine.
     python perf/perf_analyzer.py --check                   # where it is; exit 1 saying what is missing
     python perf/perf_analyzer.py -m esm2 -i grpc -u localhost:8001 --input-data perf/inputs/esm2_mixed.json ...
 
-Every argument but --check goes to perf_analyzer unchanged. Where the binary is looked for, first found
-wins: $PERF_ANALYZER (the binary), $PERF_ANALYZER_HOME (an install folder), <this Python's prefix>/perf_analyzer,
-<checkout>/.venv/perf_analyzer, <checkout>/.dev/perf_analyzer (the GPU machines: perf/on-device.sh unpacks
-it there), then `perf_analyzer` on PATH (the NGC SDK image). An install folder holds bin/perf_analyzer and
-the libraries beside it (nvidia/cuda_runtime/lib, libb64/usr/lib/<arch>, lib); those folders and
-$PERF_ANALYZER_LIBS (colon-separated) go first on LD_LIBRARY_PATH. As a module: `locate()`.
+Every argument but --check goes to perf_analyzer unchanged. Where the binary is looked for, first
+found wins: $PERF_ANALYZER (the binary), $PERF_ANALYZER_HOME (an install folder: perf/on-device.sh sets
+it on the GPU machines, where it unpacks .dev/perf_analyzer.tar.xz), <this Python's prefix>/perf_analyzer,
+<checkout>/.venv/perf_analyzer, then `perf_analyzer` on PATH (the NGC SDK image). An install folder holds
+bin/perf_analyzer and the libraries beside it (nvidia/cuda_runtime/lib, libb64/usr/lib/<arch>, lib);
+those folders and $PERF_ANALYZER_LIBS (colon-separated) go first on LD_LIBRARY_PATH. As a module:
+`locate()`.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def install_dirs() -> List[Path]:
     dirs = []
     if os.environ.get("PERF_ANALYZER_HOME"):
         dirs.append(Path(os.environ["PERF_ANALYZER_HOME"]))
-    dirs += [Path(sys.prefix) / "perf_analyzer", ROOT / ".venv" / "perf_analyzer", ROOT / ".dev" / "perf_analyzer"]
+    dirs += [Path(sys.prefix) / "perf_analyzer", ROOT / ".venv" / "perf_analyzer"]
     return dirs
 
 

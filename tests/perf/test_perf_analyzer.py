@@ -130,3 +130,27 @@ def test_perf_analyzer_counts_match_the_server(inputs, embed_server, tmp_path,
     assert int(row["Concurrency"]) == concurrency and float(row["Inferences/Second"]) > 0
     for column in ("Server Queue", "Server Compute Infer", "p50 latency", "p90 latency", "p99 latency"):
         assert float(row[column]) >= 0, column
+
+
+@pytest.mark.server
+def test_sweep_against_the_session_server(embed_server, tmp_path):
+    """perf/sweep_perf_analyzer.py (the GPU sweep) end to end on the CPU server, tiny: every bucket of
+    both models once, each row checked against the server's counters."""
+    metrics = embed_server.metrics_url
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "perf" / "sweep_perf_analyzer.py"), "--out", str(tmp_path / "out"),
+         "--workdir", str(tmp_path / "work"), "--grpc-url", embed_server.grpc_url, "--metrics-url", metrics,
+         "--no-mixed", "--count", "16", "-b", "2", "--concurrency", "2", "--rounds", "3"],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "perf_analyzer_sweep.json").read_text())
+    buckets = {m: len(b) for m, b in load_perf_module("make_perf_inputs").BUCKETS.items()}
+    assert [r["model"] for r in result["rows"]] == ["esm2"] * buckets["esm2"] + ["dnabert_s"] * buckets["dnabert_s"]
+    for row in result["rows"]:
+        assert row["ok"] and row["requests"] == 6 and row["server_success"] == 6, row
+        assert row["sequences_per_s"] > 0 and row["tokens_per_s"] > row["sequences_per_s"]
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    table = (tmp_path / "out" / "perf_analyzer_sweep.md").read_text()
+    assert table.count("| OK |") == len(result["rows"]) and table in run.stdout
+    with (tmp_path / "out" / "perf_analyzer_sweep.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == len(result["rows"])
