@@ -49,7 +49,7 @@ if [ ! -x "$TARGET/bin/perf_analyzer" ] || [ ! -e "$TARGET/nvidia/cuda_runtime/l
     echo "$TRITONCLIENT_VERSION" > "$TARGET/VERSION"
 fi
 
-if [ -z "$PACK" ] && ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d'; then
+if [ -z "$PACK" ] && ldconfig -p 2>/dev/null | grep 'libb64\.so\.0d' >/dev/null; then
     :   # the system's (apt-get install -y libb64-0d)
 elif ls "$TARGET"/libb64/usr/lib/*/libb64.so.0d >/dev/null 2>&1; then
     :   # unpacked by an earlier run
