@@ -16,7 +16,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__, 'gpus', torch.cuda.device_count())"
 # perf_analyzer 2.51 (perf/sweep_perf_analyzer.py) where .dev carries it: built here with
 # `bash perf/install_perf_analyzer.sh --pack .dev/perf_analyzer.tar.xz` (binary, libcudart.so.12, libb64.so.0d).
+# Not usable: said, and the rest of the run (e2e.py) goes on.
 if [ -f .dev/perf_analyzer.tar.xz ]; then
-    mkdir -p /tmp/perf_analyzer && tar xJf .dev/perf_analyzer.tar.xz -C /tmp/perf_analyzer \
-        && export PERF_ANALYZER_HOME=/tmp/perf_analyzer && python3 perf/perf_analyzer.py --check
+    { mkdir -p /tmp/perf_analyzer && tar xJf .dev/perf_analyzer.tar.xz -C /tmp/perf_analyzer \
+        && export PERF_ANALYZER_HOME=/tmp/perf_analyzer && python3 perf/perf_analyzer.py --check; } \
+        || echo "on-device.sh: perf_analyzer from .dev/perf_analyzer.tar.xz is not usable (above)" >&2
 fi
