@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from embed_core.alphabets import MODEL_KINDS
 
+from . import plain
 from .credentials import API_KEY_ENV, API_KEY_FILE_ENV, check_ca_file, env_path, read_api_key
 from .errors import (ClassifierError, ClientError, IncompleteError, InputError, InterruptedRun, OutputError,
                      OutputWriteError, ServerError)
@@ -116,8 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     io = p.add_argument_group("input and output")
-    io.add_argument("--sample", type=Path, required=True,
-                    help="input FASTA or FASTQ (.gz/.bz2/.xz/.zst accepted)")
+    inputs = io.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--sample", type=Path, default=None,
+                        help="input FASTA or FASTQ (.gz/.bz2/.xz/.zst accepted), VirNucPro's "
+                        "prep; no default: give one of --sample, --proteins, --dna")
+    plain.add_input_arguments(inputs)
     io.add_argument("--out", type=Path, default=None,
                     help="output directory (default: <sample stem>_embeddings beside the sample)")
     io.add_argument("--resume", action="store_true",
@@ -163,12 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
                      f"sent with every request and never shown; else ${API_KEY_ENV} "
                      f"[${API_KEY_FILE_ENV}]")
     flow = p.add_argument_group("scheduling and faults")
-    flow.add_argument("--token-budget", type=_positive_int, default=defaults_s.token_budget,
+    flow.add_argument("--token-budget", type=_positive_int, default=None,
                       help="estimated model tokens per request (ESM-2: residues + 2; DNABERT-S: "
-                      "bp/4 + 2); the model's max_batch_size also bounds the sequences per request")
-    flow.add_argument("--window", type=_positive_int, default=defaults_s.window,
+                      "bp/4 + 2); the model's max_batch_size also bounds the sequences per request; "
+                      f"{plain.PER_TOKEN_BUDGET} with --include per_token "
+                      f"(default: {defaults_s.token_budget})")
+    flow.add_argument("--window", type=_positive_int, default=None,
                       help="frames per block: sequences are length-sorted inside a block, and "
-                      "a block is the unit committed to disk and skipped by --resume")
+                      "a block is the unit committed to disk and skipped by --resume; "
+                      f"{plain.PER_TOKEN_WINDOW} with --include per_token "
+                      f"(default: {defaults_s.window})")
     flow.add_argument("--max-in-flight", type=_positive_int, default=None,
                       help="requests in flight per server (default: 8 per model instance, at "
                       "least 8)")
@@ -180,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     flow.add_argument("--silence-warning", type=float, default=60.0, metavar="SECONDS",
                       help="warn when no server has answered for this long while requests "
                       "wait (e.g. a frozen server), and again each time as long; 0: never")
+    plain.add_output_arguments(p)
     clf = p.add_argument_group("classifier")
     clf.add_argument("--classifier", type=Path, default=None,
                      help="VirNucPro MLP weights (.safetensors or .npz; .pt/.pth state dict "
@@ -206,10 +215,12 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
     specs = tuple(ServerSpec.parse(url, metrics[i] if i < len(metrics) else None)
                   for i, url in enumerate(servers))
     models = args.models if isinstance(args.models, tuple) else _models(args.models)
+    asked = plain.options_from_args(args)  # the input (--sample/--proteins/--dna), --include...
+    window, budget = plain.schedule_defaults(args, asked["include"])
     return RunOptions(
-        sample=args.sample, servers=specs, out=args.out, chunk=args.chunk, models=models,
+        servers=specs, out=args.out, chunk=args.chunk, models=models, **asked,
         skip_bad_records=args.skip_bad_records,
-        schedule=ScheduleConfig(window=args.window, token_budget=args.token_budget),
+        schedule=ScheduleConfig(window=window, token_budget=budget),
         transport=TransportConfig(max_in_flight=args.max_in_flight, retries=args.retries,
                                   timeout=args.timeout, **_security(args)),
         resume=args.resume, merged=args.merged, classifier=args.classifier,

@@ -35,12 +35,19 @@ class RunOptions:
     log_interval: float = 10.0
     silence_warning: float = 60.0              # warn after this many s without an answer; 0: never
     resolve_every: float = 30.0                # s between lookups of server names; 0: once
+    plain: Optional[str] = None                # "proteins" | "dna": plain mode (plain.py)
+    too_long: str = "error"                    # plain mode: error | truncate | windows (dna)
+    include: Tuple[str, ...] = ("mean",)       # mean, bos, per_token (representations.py)
+    layer: int = -1                            # representation layer (fair-esm's repr_layers)
+    with_sequence: bool = False                # a sequence column in <model>.parquet
 
     def __post_init__(self):
         object.__setattr__(self, "sample", Path(self.sample))
         if self.out is None:
             object.__setattr__(self, "out", default_out(self.sample))
         object.__setattr__(self, "out", Path(self.out))
+        from .plain import settle  # plain mode runs its one model; checks --too-long, --include
+        settle(self)
         unknown = [m for m in self.models if m not in MODEL_KINDS]
         if unknown or not self.models:
             raise ValueError(f"models must be a non-empty subset of {MODEL_KINDS}, got {self.models}")

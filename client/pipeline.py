@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from .errors import InterruptedRun, OutputWriteError
 from .options import RunOptions
 from .progress import Counters, MetricsPoller, Progress
 from .report import Rejection, Tally
+from .representations import Answer, Ask, BlockRows
 from .schedule import Block, Item, Request, blocks_of, cut_requests, interleave
 from .servers import ServerPool
 from .sink import OutputDir
@@ -65,6 +66,7 @@ class OpenBlock:
     remaining: int                                   # items still unanswered (those models)
     embeddings: Dict[str, np.ndarray]                # model -> [block size, hidden]
     rejected: int = 0                                # frames a server rejected
+    extras: Optional[BlockRows] = None               # bos, per-token rows, sequences (asked)
 
 
 class Pipeline:
@@ -82,6 +84,7 @@ class Pipeline:
         self.counters = counters
         self.metrics = MetricsPoller([s.spec.metrics_url for s in pool.joined])
         self.dispatcher = Dispatcher(pool.joined, self._on_result, self._on_reject)
+        self.dispatcher.ask = Ask.of(options.include, options.layer)
         self.open: Dict[int, OpenBlock] = {}
         self.commits: List[asyncio.Task] = []
         self.commit_lock = asyncio.Lock()
@@ -167,7 +170,9 @@ class Pipeline:
         hidden, max_batch = self.pool.hidden, self.pool.max_batch
         self.open[block.number] = OpenBlock(
             block, models, remaining=block.size * len(models),
-            embeddings={m: np.empty((block.size, hidden[m]), np.float32) for m in models})
+            embeddings={m: np.empty((block.size, hidden[m]), np.float32) for m in models},
+            extras=BlockRows.of(block.size, models, hidden, self.options.include,
+                                self.options.with_sequence))
         per_model = []
         for model in models:
             items = block.items[model]
@@ -183,6 +188,10 @@ class Pipeline:
         state = self.open[request.block]
         first = state.block.first_index
         rows = [item.index - first for item in request.items]
+        if isinstance(embeddings, Answer):  # asked beyond the mean (representations.py)
+            if state.extras is not None:
+                state.extras.store(request.model, rows, embeddings)
+            embeddings = embeddings.mean
         state.embeddings[request.model][rows] = embeddings
         n = len(request.items)
         self.tally.received[request.model] += n
@@ -216,6 +225,8 @@ class Pipeline:
             lengths = [len(item.text) for item in block.items[model]]
             tables[model] = (state.embeddings[model], lengths)
         try:
+            if state.extras is not None:  # parts with bos, per-token rows, sequences
+                tables = await asyncio.to_thread(state.extras.tables, block, tables)
             async with self.commit_lock:
                 await asyncio.to_thread(self.out.commit, block.number, block.first_index,
                                         block.frame_ids, tables, self.options.models)

@@ -21,7 +21,6 @@ collision can never be reported as a duplicate.
 
 from __future__ import annotations
 
-import re
 import zlib
 from array import array
 from dataclasses import dataclass
@@ -38,8 +37,6 @@ from .errors import InputError, InputProblem
 POLICIES = ("error", "skip")
 MAX_LISTED = 20
 
-_BAD_BYTES = re.compile(rb"[^" + (IUPAC_NUCLEOTIDES + IUPAC_NUCLEOTIDES.lower()).encode() + rb"]")
-_BAD_STR = re.compile("[^" + IUPAC_NUCLEOTIDES + IUPAC_NUCLEOTIDES.lower() + "]")
 _IUPAC_BYTES = (IUPAC_NUCLEOTIDES + IUPAC_NUCLEOTIDES.lower()).encode()
 _SNIFF_BYTES = 1 << 16
 _BLOCK_BYTES = 1 << 18
@@ -57,6 +54,20 @@ def _decompression_errors() -> tuple:
 
 
 _DECOMPRESSION_ERRORS = _decompression_errors()
+
+
+class Alphabet(NamedTuple):
+    """The letters a record may hold (both cases listed) and how a message names them."""
+
+    letters: bytes
+    name: str
+
+    @classmethod
+    def of(cls, letters: str, name: str) -> "Alphabet":
+        return cls((letters.upper() + letters.lower()).encode(), f"{name} ({letters}, any case)")
+
+
+NUCLEOTIDES = Alphabet(_IUPAC_BYTES, f"IUPAC nucleotide codes ({IUPAC_NUCLEOTIDES}, any case)")
 
 
 class Record(NamedTuple):
@@ -101,7 +112,8 @@ class ValidatedInput:
             )
 
 
-def validate(path, policy: str = "error", *, max_listed: int = MAX_LISTED) -> ValidatedInput:
+def validate(path, policy: str = "error", *, max_listed: int = MAX_LISTED,
+             alphabet: Alphabet = NUCLEOTIDES) -> ValidatedInput:
     """Check every record of a FASTA/FASTQ file (plain or compressed) before anything is sent.
 
     policy "error": raise one InputError listing the first `max_listed` problems and the
@@ -120,7 +132,7 @@ def validate(path, policy: str = "error", *, max_listed: int = MAX_LISTED) -> Va
     records = bases = 0
     fmt = _sniff(path)
     try:
-        for index, raw in enumerate(_raw(path, fmt, check=True)):
+        for index, raw in enumerate(_raw(path, fmt, check=alphabet)):
             records += 1
             record_id, problem = _check(raw)
             if record_id:
@@ -137,7 +149,8 @@ def validate(path, policy: str = "error", *, max_listed: int = MAX_LISTED) -> Va
     if records == 0:
         raise InputError(file, None, None, f"no records: the file is empty or holds only blank/comment lines ({fmt})")
 
-    duplicates, n_duplicates = _duplicates(path, fmt, hashes, None if keep_all else max_listed)
+    duplicates, n_duplicates = _duplicates(path, fmt, hashes, None if keep_all else max_listed,
+                                           alphabet)
     for index, problem, length in duplicates:
         bases -= length
         listed.append((index, problem))
@@ -164,7 +177,8 @@ def _check(raw: _Raw) -> Tuple[str, Optional[Tuple[str, int]]]:
     return record_id, None
 
 
-def _duplicates(path: Path, fmt: str, hashes: array, limit: Optional[int]):
+def _duplicates(path: Path, fmt: str, hashes: array, limit: Optional[int],
+                alphabet: Alphabet = NUCLEOTIDES):
     """Later occurrences of an id, as ([(index, problem, bases)], count), first `limit` listed.
 
     A record that already has another problem is not reported twice. Sorting the hashes
@@ -182,7 +196,7 @@ def _duplicates(path: Path, fmt: str, hashes: array, limit: Optional[int]):
     first_line: dict = {}
     found = []
     count = 0
-    for index, raw in enumerate(_raw(path, fmt, check=True)):
+    for index, raw in enumerate(_raw(path, fmt, check=alphabet)):
         record_id, problem = _check(raw)
         if not record_id or hash(record_id) not in candidates:
             continue
@@ -229,11 +243,12 @@ def _sniff(path: Path) -> str:
     )
 
 
-def _raw(path: Path, fmt: str, check: bool) -> Iterator[_Raw]:
+def _raw(path: Path, fmt: str, check: Optional[Alphabet]) -> Iterator[_Raw]:
+    """Records; `check` (an Alphabet; None or False: no check) marks the first bad letter."""
     return _fasta(path, check) if fmt == "fasta" else _fastq(path, check)
 
 
-def _fasta(path: Path, check: bool) -> Iterator[_Raw]:
+def _fasta(path: Path, check: Optional[Alphabet]) -> Iterator[_Raw]:
     """FASTA records with their header line; lines are stripped and blank lines skipped, as dnaio does."""
     file = str(path)
     name: Optional[bytes] = None
@@ -261,8 +276,8 @@ def _fasta(path: Path, check: bool) -> Iterator[_Raw]:
                             yield _fasta_record(name, parts, header_line, bad)
                         name, header_line, parts, seq_len, bad = s[1:], lineno, [], 0, None
                     elif name is not None:
-                        if check and bad is None and s.translate(None, _IUPAC_BYTES):
-                            bad = (_bad_letter(s, _BAD_BYTES.search(s).start(), seq_len), lineno)
+                        if check and bad is None and s.translate(None, check.letters):
+                            bad = (_bad_letter(s, _first_bad(s, check), seq_len, check), lineno)
                         parts.append(s)
                         seq_len += len(s)
                     elif s[0] != 35:  # '#': comment lines are allowed before the first record
@@ -297,7 +312,12 @@ def _decode_name(name: bytes) -> Tuple[str, bool]:
         return name.decode(errors="backslashreplace"), False
 
 
-def _bad_letter(text, position: int, offset: int) -> str:
+def _first_bad(text: bytes, alphabet: Alphabet) -> int:
+    """Position of the first byte of `text` outside `alphabet` (there is one)."""
+    return text.index(text.translate(None, alphabet.letters)[:1])
+
+
+def _bad_letter(text, position: int, offset: int, alphabet: Alphabet = NUCLEOTIDES) -> str:
     """Describe the first letter outside the IUPAC codes at `position` of a line (or sequence)."""
     letter = text[position]
     if isinstance(letter, int):
@@ -305,11 +325,11 @@ def _bad_letter(text, position: int, offset: int) -> str:
     shown = repr(letter) if letter.isprintable() and ord(letter) < 128 else f"byte 0x{ord(letter):02x}"
     return (
         f"invalid letter {shown} at sequence position {offset + position + 1}: "
-        f"only IUPAC nucleotide codes ({IUPAC_NUCLEOTIDES}, any case) are accepted"
+        f"only {alphabet.name} are accepted"
     )
 
 
-def _fastq(path: Path, check: bool) -> Iterator[_Raw]:
+def _fastq(path: Path, check: Optional[Alphabet]) -> Iterator[_Raw]:
     """FASTQ records through dnaio's C parser; records are 4 lines, so line = 4 * index + 1."""
     file = str(path)
     index = 0
@@ -319,8 +339,9 @@ def _fastq(path: Path, check: bool) -> Iterator[_Raw]:
             for r in reader:
                 name = r.name
                 bad = None
-                if check and r.sequence.encode("ascii").translate(None, _IUPAC_BYTES):
-                    bad = (_bad_letter(r.sequence, _BAD_STR.search(r.sequence).start(), 0), 4 * index + 2)
+                raw = r.sequence.encode("ascii") if check else b""
+                if check and raw.translate(None, check.letters):
+                    bad = (_bad_letter(r.sequence, _first_bad(raw, check), 0, check), 4 * index + 2)
                 yield _Raw(name, r.sequence, 4 * index + 1, bad)
                 index += 1
     except dnaio.FileFormatError as e:

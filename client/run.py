@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional
+from typing import Dict, Optional
 
-from . import reader, resume
+from . import finals, plain, reader, resume
 from .classifier import Classifier, load_classifier, write_with_predictions
 from .errors import IncompleteError, InputError, InterruptedRun, OutputWriteError
 from .integrity import file_sha256, short
@@ -56,6 +56,7 @@ class _Run:
         self.validated: Optional[reader.ValidatedInput] = None
         self.classifier: Optional[Classifier] = None
         self.sample_sha256: Optional[str] = None
+        self.limits: Dict[str, int] = {}       # plain mode: longest sequence per model
 
     async def main(self) -> RunResult:
         """The steps of the module docstring; servers and the output directory are closed at the end."""
@@ -82,10 +83,13 @@ class _Run:
                 if any(m not in self.pool.hidden for m in options.models):  # run.json without widths
                     await resume.connect(self.pool, self.out)
                 self._check_classifier()
+                await self._check_asked()
             else:
                 self.out.check(resume=False)
                 await self.pool.connect()
                 self._check_classifier()
+                self.limits = plain.max_lengths(self.pool.joined, options.models)
+                await self._check_asked()
                 self._open_output()
             return await self._stream_and_finish()
         finally:
@@ -97,7 +101,8 @@ class _Run:
         options = self.options
         policy = "skip" if options.skip_bad_records else "error"
         log.info("validating %s (bad records: %s)", options.sample, policy)
-        self.validated = await asyncio.to_thread(reader.validate, options.sample, policy)
+        self.validated = await asyncio.to_thread(reader.validate, options.sample, policy,
+                                                 alphabet=plain.alphabet(options.plain))
         v = self.validated
         log.info("%d records, %d kept, %d skipped", v.n_records, v.n_kept, len(v.skipped))
 
@@ -118,6 +123,15 @@ class _Run:
             source = "the servers' models" if self.pool.joined else "the interrupted run's models"
             self.classifier.require_width(self.pool.hidden, source, self.options.classifier)
 
+    async def _check_asked(self) -> None:
+        """Before anything is sent: the servers have the outputs asked (--include), and in plain
+        mode under --too-long error no record is over the model's maximum."""
+        options = self.options
+        plain.check_outputs(self.pool.joined, options)
+        if options.plain and options.too_long == "error":
+            await asyncio.to_thread(plain.check_lengths, self.validated, options.plain,
+                                    self.limits[options.models[0]])
+
     def _open_output(self) -> None:
         """Open --out for this run (fresh, or --resume: then the widths are the stored ones)."""
         options = self.options
@@ -129,11 +143,13 @@ class _Run:
             sample=str(options.sample.resolve()), sample_bytes=sample_bytes, chunk=options.chunk,
             models=options.models, window=options.schedule.window,
             skip_bad_records=options.skip_bad_records, hidden=dict(self.pool.hidden),
-            sample_sha256=self.sample_sha256)
+            sample_sha256=self.sample_sha256, asked=plain.asked(options),
+            max_length=dict(self.limits))
         self.out.open(config, resume=options.resume)
         if options.resume:
             stored = self.out.config.hidden
             self.pool.hidden = {m: stored[m] for m in options.models if m in stored}
+            self.limits = dict(self.out.config.max_length)
 
     async def _stream_and_finish(self) -> RunResult:
         """Stream the input through the pipeline, then finish; a failure leaves its summary."""
@@ -142,12 +158,21 @@ class _Run:
         tally = Tally(options.models)
         counters = Counters(records_total=self.validated.n_kept,
                             sequences_done={m: 0 for m in options.models})
-        frames = frames_of(self.validated.records(), options.chunk, options.models, prep, counters)
+        prep_plain = None
+        if options.plain:
+            prep_plain = plain.PlainPrep(options.plain, options.too_long,
+                                         self.limits[options.models[0]], prep, counters)
+            frames = prep_plain.items(self.validated.records())
+        else:
+            frames = frames_of(self.validated.records(), options.chunk, options.models, prep,
+                               counters)
         plan = resume.ResumePlan(self.out, options.models, tally, counters)
         pipeline = Pipeline(options, frames, self.out, self.pool, plan, tally, counters)
-        report = Report(options=options, started=self.started, tally=tally, counters=counters,
-                        validated=self.validated, prep=prep, out=self.out, pool=self.pool,
-                        metrics=pipeline.metrics)
+        extended = options.plain or finals.needs_own_finals(options)
+        report = (plain.PlainReport if extended else Report)(
+            options=options, started=self.started, tally=tally, counters=counters,
+            validated=self.validated, prep=prep, out=self.out, pool=self.pool,
+            metrics=pipeline.metrics, **({"plain": prep_plain} if extended else {}))
         try:
             await pipeline.run()
         except BaseException as error:  # every failure still leaves a summary behind
@@ -181,8 +206,7 @@ class _Run:
         try:
             final_rows, predictions = write_with_predictions(
                 self.classifier, out.path,
-                lambda on_features: out.finalize(options.models, self.pool.hidden,
-                                                 options.merged, on_features))
+                lambda on_features: finals.finalize(out, options, self.pool.hidden, on_features))
         except BaseException as e:
             report.write_after_error("failed", f"writing the final files failed: {e}")
             if isinstance(e, OSError):

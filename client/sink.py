@@ -61,6 +61,8 @@ class RunConfig:
     hidden: Dict[str, int] = field(default_factory=dict)
     version: int = FORMAT_VERSION
     sample_sha256: Optional[str] = None        # None: a run.json written before fingerprints
+    asked: Dict[str, object] = field(default_factory=dict)   # plain mode, --include... (plain.asked)
+    max_length: Dict[str, int] = field(default_factory=dict)  # plain mode: letters per model
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -91,6 +93,10 @@ class RunConfig:
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 out.append(f"{label}: interrupted run {mine!r}, now {theirs!r}")
+        for key in sorted(set(self.asked) | set(other.asked)):
+            mine, theirs = self.asked.get(key), other.asked.get(key)
+            if mine != theirs:
+                out.append(f"--{key.replace('_', '-')}: interrupted run {mine!r}, now {theirs!r}")
         for model in set(self.hidden) & set(other.hidden):
             if self.hidden[model] != other.hidden[model]:
                 out.append(f"{model} hidden size: interrupted run {self.hidden[model]}, "
@@ -265,9 +271,9 @@ class OutputDir:
 
         previous = self.manifest.get(block)
         sums = dict(previous.sha256) if previous is not None else {}
-        for model, (embeddings, lengths) in tables.items():
-            schema = embedding_schema(embeddings.shape[1])
-            table = embedding_table(frame_ids, embeddings, lengths, schema)
+        for model, data in tables.items():  # (embeddings, lengths), or a part table built
+            table = data if not isinstance(data, tuple) else embedding_table(  # by representations
+                frame_ids, data[0], data[1], embedding_schema(data[0].shape[1]))
             final = self.part_path(model, block)
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.with_name(final.name + ".partial")

@@ -1,0 +1,132 @@
+"""The final files of a run that asks more than the means (--include bos/per_token,
+--with-sequence, --repr-layer): `<model>.parquet` with its extra columns and, for per_token,
+`<model>.per_token.h5`.
+
+Why HDF5 for per-token rows: they are a [tokens, hidden] matrix per sequence, and what the field
+reads them with is h5py, one dataset per sequence named by its id (bio_embeddings, ProtTrans'
+per-residue files, many pipelines built on ESM): `f[id][:]` is that sequence's matrix, read on
+its own (no scan of the other rows), from any language with an HDF5 library. The parts stay
+Parquet (one file per model per block: the manifest, checksums and --resume are unchanged);
+this module writes the HDF5 file from them at the end, as sink.py writes the Parquet finals.
+
+File layout: `<model>.per_token.h5`, attributes model, hidden, layer, include, sample; one
+float32 dataset [tokens, hidden] per sequence in input order (the file tracks creation order),
+named by its id with "%" and "/" written %25 and %2F (HDF5 names cannot hold "/"), its
+attribute `id` the id as given. ESM-2's rows are the residues (no BOS/EOS); DNABERT-S's every
+BPE token with [CLS] and [SEP]: exactly the tokens the mean in `<model>.parquet` averages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from .errors import OutputWriteError
+from .integrity import CorruptPart, read_part
+from .representations import part_schema, token_rows
+from .sink import PARTS_DIR, OutputDir
+
+PER_TOKEN_SUFFIX = ".per_token.h5"
+
+
+def per_token_name(model: str) -> str:
+    """The key of a per-token file in the final rows (and its file name)."""
+    return model + PER_TOKEN_SUFFIX
+
+
+def dataset_name(seq_id: str) -> str:
+    """The HDF5 dataset name of an id ("/" and "%" escaped; "." alone is HDF5's own name)."""
+    name = seq_id.replace("%", "%25").replace("/", "%2F")
+    return "%2E" if name == "." else name
+
+
+def needs_own_finals(options) -> bool:
+    return tuple(options.include) != ("mean",) or options.with_sequence or options.layer != -1
+
+
+def finalize(out: OutputDir, options, hidden: Dict[str, int],
+             on_features: Optional[Callable[[List[str], np.ndarray], None]] = None
+             ) -> Dict[str, int]:
+    """The run's final files from its committed parts; rows per file (as OutputDir.finalize)."""
+    if not needs_own_finals(options):
+        return out.finalize(options.models, hidden, options.merged, on_features)
+    try:
+        rows = _write(out, options, hidden)
+    except CorruptPart as e:
+        raise OutputWriteError(f"{e}: it changed after it was committed, so no final file "
+                               f"was written; continue with --resume --out {out.path} to "
+                               f"recompute it") from None
+    if options.merged or on_features is not None:   # from the final files, as a finished run
+        rows.update(out.derive(hidden, options.merged, on_features))
+    shutil.rmtree(out.path / PARTS_DIR, ignore_errors=True)
+    return rows
+
+
+def _write(out: OutputDir, options, hidden: Dict[str, int]) -> Dict[str, int]:
+    """`<model>.parquet` (+ `<model>.per_token.h5`) for every model, as *.partial renamed."""
+    import pyarrow.parquet as pq
+
+    per_token = "per_token" in options.include
+    meta = {"sample": out.config.sample, "chunk": str(out.config.chunk),
+            "include": ",".join(options.include), "layer": str(options.layer)}
+    targets = {m: out.final_path(m) for m in options.models}
+    if per_token:
+        targets.update({per_token_name(m): out.path / per_token_name(m) for m in options.models})
+    temps = {name: path.with_name(path.name + ".partial") for name, path in targets.items()}
+    rows = {name: 0 for name in targets}
+    writers, h5 = {}, {}
+    try:
+        for model in options.models:
+            schema = part_schema(hidden[model], options.include, options.with_sequence)
+            if per_token:
+                schema = schema.remove(schema.get_field_index("per_token"))
+                h5[model] = _open_h5(temps[per_token_name(model)],
+                                     {**meta, "model": model, "hidden": hidden[model]})
+            writers[model] = pq.ParquetWriter(temps[model], schema.with_metadata(
+                {**meta, "model": model, "hidden": str(hidden[model])}))
+        for number, record in sorted(out.blocks.items()):
+            for model in options.models:
+                table = read_part(out.part_path(model, number), record.sha256.get(model))
+                if per_token:
+                    rows[per_token_name(model)] += _write_tokens(h5[model], table)
+                    table = table.drop_columns(["per_token"])
+                writer = writers[model]
+                writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
+                rows[model] += table.num_rows
+        for handle in list(writers.values()) + list(h5.values()):
+            handle.close()
+        writers.clear()
+        h5.clear()
+        for name, target in targets.items():
+            os.replace(temps[name], target)
+    except BaseException:
+        for handle in list(writers.values()) + list(h5.values()):
+            handle.close()
+        for tmp in temps.values():
+            if tmp.exists():
+                tmp.unlink()
+        raise
+    return rows
+
+
+def _open_h5(path, attrs: dict):
+    import h5py
+
+    handle = h5py.File(path, "w", track_order=True)
+    for key, value in attrs.items():
+        handle.attrs[key] = value
+    return handle
+
+
+def _write_tokens(handle, table) -> int:
+    """One part's per-token rows into the HDF5 file, a dataset per sequence; returns how many."""
+    offsets, values = token_rows(table.column("per_token"))
+    ids = table.column("id").to_pylist()
+    for i, seq_id in enumerate(ids):
+        dataset = handle.create_dataset(dataset_name(seq_id),
+                                        data=values[offsets[i]:offsets[i + 1]])
+        dataset.attrs["id"] = seq_id
+    return len(ids)
