@@ -158,11 +158,16 @@ class ServerPool:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.resolve_every)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bug here must not stop the run, nor pass unseen
+                log.exception("resolving the server names again failed")
 
     async def refresh(self) -> None:
         """Resolve every name again: new addresses connect (and join when ready), addresses
         no longer listed leave."""
+        if not self.max_batch:  # not connected yet (a --resume run connects when it must)
+            return
         for entry in self.entries:
             if not entry.named or self._dispatcher is None or self._dispatcher.closed:
                 continue

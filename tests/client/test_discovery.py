@@ -169,6 +169,30 @@ def test_a_name_with_several_addresses_is_one_server_each_and_follows_the_answer
     asyncio.run(scenario())
 
 
+def test_no_lookup_again_before_the_pool_connected(monkeypatch):
+    """--resume feeds the dispatcher before it connects (only when a block needs a server)."""
+    _stub_connect(monkeypatch)
+    answers = Answers(**{NAME: ["10.0.0.1", "10.0.0.2"]})
+    pool = ServerPool([ServerSpec.parse(f"{NAME}:8001")], TransportConfig(), ("esm2",),
+                      resolve_every=0.01, resolver=answers)
+
+    async def scenario():
+        dispatcher = Dispatcher([], lambda *a: None, lambda *a: None)
+        pool.feed(dispatcher, MetricsPoller([]))
+        await asyncio.sleep(0.05)
+        assert answers.asked == [] and pool.contacted == []
+        await pool.connect()                       # then the names are followed
+        answers.names[NAME] = ["10.0.0.3"]
+        await asyncio.sleep(0.05)
+        await asyncio.gather(*pool.connecting)
+        await dispatcher.close()
+        await pool.close()
+
+    asyncio.run(scenario())
+    assert _urls(pool.contacted) == ["10.0.0.1:8001", "10.0.0.2:8001", "10.0.0.3:8001"]
+    assert [s.retired for s in pool.contacted] == [True, True, False]
+
+
 def test_a_slot_of_a_server_that_left_hands_its_request_to_another(monkeypatch):
     class Fake(Server):
         async def embed(self, request, ask=None):
@@ -345,7 +369,7 @@ def pods(demo_checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> Path:
-    return write_sample(tmp_path_factory.mktemp("pods_sample") / "pods.fasta", n=50, seed=16)
+    return write_sample(tmp_path_factory.mktemp("pods_sample") / "pods.fasta", n=36, seed=16)
 
 
 def run_name(pods, sample: Path, out: Path, *extra: str) -> dict:
