@@ -50,6 +50,7 @@ def alphabet(plain: Optional[str]) -> reader.Alphabet:
 def settle(options) -> None:
     """RunOptions' plain-mode and output checks (ValueError: a usage error); plain mode runs
     its one model."""
+    object.__setattr__(options, "include", tuple(options.include))
     if not set(options.include) <= set(INCLUDE_CHOICES) or "mean" not in options.include:
         raise ValueError(f"include must hold mean and a subset of {INCLUDE_CHOICES}, "
                          f"got {options.include}")

@@ -111,6 +111,10 @@ class FrontendOptions:
     backend_timeout_s: float = 3600.0        # Triton's answer must start within this
 
 
+class NoAnswer(Exception):
+    """The backend connection ended before any byte of an answer."""
+
+
 class HttpError(Exception):
     def __init__(self, status: int, message: str, headers: tuple = ()):
         super().__init__(message)
@@ -335,9 +339,22 @@ class Frontend:
                     body, reserved = await self._read_body(request, reader, writer)
                     unread = 0
                     await self._check_json(request, body)
-                    if backend is None:
+                    fresh = backend is None
+                    if fresh:
                         backend = await self._open_backend()
-                    keep_backend = await self._forward(request, body, backend, writer)
+                    try:
+                        keep_backend = await self._forward(request, body, backend, writer)
+                    except NoAnswer:
+                        self._close(backend[1])
+                        backend = None
+                        if fresh:
+                            raise HttpError(502, "tritonserver closed the connection without an answer") from None
+                        # a kept-alive connection tritonserver had closed: once more on a new one
+                        backend = await self._open_backend()
+                        try:
+                            keep_backend = await self._forward(request, body, backend, writer)
+                        except NoAnswer:
+                            raise HttpError(502, "tritonserver closed the connection without an answer") from None
                 finally:
                     self._buffered -= reserved
                 self.counts["forwarded"] += 1
@@ -549,9 +566,14 @@ class Frontend:
                 back_writer.write(body)
             await back_writer.drain()
             head = await asyncio.wait_for(back_reader.readuntil(b"\r\n\r\n"), self.options.backend_timeout_s)
-        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                asyncio.TimeoutError):
-            raise HttpError(502, "tritonserver closed the connection without an answer") from None
+        except asyncio.IncompleteReadError as err:
+            if err.partial:
+                raise HttpError(502, "tritonserver broke off its answer") from None
+            raise NoAnswer() from None
+        except (ConnectionError, OSError):
+            raise NoAnswer() from None
+        except (asyncio.LimitOverrunError, asyncio.TimeoutError):
+            raise HttpError(502, "no well-formed answer from tritonserver in time") from None
         del body
         lines = head[:-4].split(b"\r\n")
         status_parts = lines[0].split(b" ", 2)

@@ -278,3 +278,32 @@ def test_resume_after_an_interruption_completes_without_recomputing(embed_server
                      .to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(means, np.stack([r.mean(0) for r in rows.values()]),
                                rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ --sample too
+
+
+def test_sample_mode_returns_bos_per_token_rows_and_sequences(embed_server, tmp_path):
+    from test_end_to_end import expected_frames, write_sample
+
+    sample = write_sample(tmp_path / "S.fasta", n=5, seed=3)
+    out = tmp_path / "out"
+    code = run_cli("--sample", str(sample), "--out", str(out), *live(embed_server),
+                   "--include", "bos,per_token", "--with-sequence", "--merged", "--window", "16")
+    assert code == cli.EXIT_OK, (out / "summary.json").read_text()
+    frames = expected_frames(sample)
+    ids = [f.frame_id for f in frames]
+    for model, field in (("dnabert_s", "nucleotide"), ("esm2", "protein")):
+        assert_counts(out, model, len(frames))
+        table = pq.read_table(out / f"{model}.parquet")
+        assert table.column_names == ["id", "embedding", "length", "bos", "sequence"]
+        assert table.column("id").to_pylist() == ids
+        assert ([s.upper() for s in table.column("sequence").to_pylist()]
+                == [getattr(f, field).upper() for f in frames])
+        rows = per_token(out, model)
+        assert list(rows) == ids
+        means = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(means, np.stack([r.mean(0) for r in rows.values()]),
+                                   rtol=1e-4, atol=1e-5)
+    merged = pq.read_table(out / "merged.parquet")
+    assert merged.column("id").to_pylist() == ids

@@ -911,3 +911,38 @@ def test_tritonserver_command_restricts_admin_apis_and_carries_tls(tmp_path):
     assert [a for a in command if a.startswith("--exit-timeout-secs")] == ["--exit-timeout-secs=60"]
     assert [a for a in command if "shm-default-byte-size" in a] == ["--backend-config=python,shm-default-byte-size=1048576"]
     assert [a for a in command if "shm-growth-byte-size" in a]  # the other default stays
+
+
+def test_front_end_retries_once_when_a_kept_alive_backend_connection_was_closed(tmp_path):
+    """The backend answers one request per connection but says keep-alive (as a tritonserver
+    that closed an idle connection would look): the next request is sent again on a new
+    connection, not answered 502."""
+    import socketserver
+    import threading
+
+    from embed_server.frontend import Frontend, FrontendOptions
+    from embed_server.launcher import free_ports
+
+    served = []
+
+    class OneShot(socketserver.StreamRequestHandler):
+        def handle(self):
+            while self.rfile.readline() not in (b"\r\n", b""):
+                pass
+            served.append(1)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    path = str(tmp_path / "backend.sock")
+    backend = socketserver.ThreadingUnixStreamServer(path, OneShot)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    port = free_ports(1)[0]
+    front = Frontend(FrontendOptions(host="127.0.0.1", port=port, backend_socket=path)).start()
+    try:
+        one = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+        status, raw = exchange(port, one + one + http_bytes("GET", "/v2/health/ready"))
+        assert raw.count(b"HTTP/1.1 200 OK") == 3 and b"502" not in raw, raw
+        assert len(served) == 3
+    finally:
+        front.stop()
+        backend.shutdown()
+        backend.server_close()
