@@ -48,7 +48,10 @@ output directory (--out): dnabert_s.parquet, esm2.parquet (columns id, embedding
 fixed_size_list<float32>[hidden], length int32; rows in input frame order),
 merged.parquet (--merged: DNABERT-S then ESM-2 features), prediction_results.txt and
 prediction_results_highestscore.csv (--classifier), summary.json (counts per stage),
-and while running: run.json, manifest.jsonl, parts/ (for --resume).
+and while running: run.json, manifest.jsonl, parts/ (for --resume). --include bos and
+--with-sequence add bos and sequence columns; --include per_token writes
+<model>.per_token.h5 (one dataset [tokens, hidden] per id). Plain mode (--proteins: esm2,
+--dna: dnabert_s) keys rows by record id; too_long.tsv lists truncated or windowed records.
 """
 
 
@@ -292,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
     s = result.summary
     sent = s.get("stages", {}).get("send", {})
     counts = ", ".join(f"{m} {v['sequences_in']:,}" for m, v in sent.items())
-    print(f"embed-client: complete: {counts} frames embedded in {s.get('elapsed_s', 0):.1f} s "
+    what = "sequences" if options.plain else "frames"
+    print(f"embed-client: complete: {counts} {what} embedded in {s.get('elapsed_s', 0):.1f} s "
           f"-> {result.out}", flush=True)
     return EXIT_OK
 
