@@ -98,6 +98,7 @@ class FrontendOptions:
     max_body_bytes: int = 32 * 1024 * 1024
     max_head_bytes: int = 64 * 1024
     max_buffered_bytes: int = 512 * 1024 * 1024  # request bodies held in memory at once, all clients
+    max_connections: int = 2048              # open client connections; more get 503 and are closed
     ssl_context: Optional[ssl.SSLContext] = None
     admin_key: Optional[str] = dataclasses.field(default=None, repr=False)
     api_key: Optional[str] = dataclasses.field(default=None, repr=False)
@@ -234,6 +235,7 @@ class Frontend:
         self._server = None
         self._buffered = 0
         self.counts = {"forwarded": 0, "refused": 0}
+        self._connections = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -307,6 +309,22 @@ class Frontend:
     # ------------------------------------------------------------ one client connection
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        if self._connections >= self.options.max_connections:
+            self.counts["refused"] += 1
+            try:
+                writer.write(error_response(503, "too many open connections; retry shortly", ("Retry-After: 1",)))
+                await asyncio.wait_for(writer.drain(), 5)
+            except (ConnectionError, asyncio.TimeoutError, OSError, RuntimeError, ssl.SSLError):
+                pass
+            self._close(writer)
+            return
+        self._connections += 1
+        try:
+            await self._serve_connection(reader, writer)
+        finally:
+            self._connections -= 1
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:

@@ -496,6 +496,7 @@ class TritonServer:
 
     def start_frontend(self) -> None:
         o = self.options
+        raise_open_files_limit()
         self.frontend = frontend.Frontend(frontend.FrontendOptions(
             host=o.address, port=o.http_port, backend_socket=self.http_socket,
             max_body_bytes=o.max_request_bytes, ssl_context=self.ssl_context(),
@@ -638,6 +639,20 @@ class TritonServer:
             f"admin APIs {'need the ' + frontend.ADMIN_HEADER + ' header' if o.admin_key else 'disabled'}; "
             f"inference {'needs the ' + frontend.API_KEY_HEADER + ' header' if o.api_key else 'open'}"
         )
+
+
+def raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: the front ends hold two descriptors per client
+    connection (client and tritonserver sides), and 1,024 is a common default."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def option_name(arg: str) -> str:

@@ -460,6 +460,43 @@ def test_a_shape_claiming_more_rows_than_sent_is_answered_for_the_rows_sent(embe
     assert_serves(embed_server)
 
 
+def test_grpc_stream_with_good_bad_and_junk_messages(embed_server):
+    """ModelStreamInfer: every message answered (bad ones with an error), junk bytes end the
+    stream with an error, and the server goes on."""
+    import queue
+
+    import grpc
+
+    answers = queue.Queue()
+    client = grpcclient.InferenceServerClient(embed_server.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for i in range(20):
+            tensor = grpcclient.InferInput("SEQUENCE", [1, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[b"MKTAYIAKQ" if i % 2 else b"MK#L"]], dtype=object))
+            client.async_stream_infer("esm2", [tensor], request_id=str(i))
+        got = [answers.get(timeout=60) for _ in range(20)]
+        client.stop_stream()
+    finally:
+        client.close()
+    errors = [error for _, error in got if error is not None]
+    assert len(errors) == 10 and all("'#'" in e.message() for e in errors), errors
+    assert all(r.as_numpy("EMBEDDING").shape == (1, embed_server.hidden_sizes["esm2"]) for r, e in got if e is None)
+    channel = grpc.insecure_channel(embed_server.grpc_url)
+    try:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        rng = random.Random(5)
+        messages = [mutate(base, rng) for base in grpc_bases() * 10] + [b"\xff" * 1000]
+        try:
+            for _ in stream(iter(messages), timeout=60):
+                pass
+        except grpc.RpcError as err:
+            assert err.code() != grpc.StatusCode.UNAVAILABLE, err
+    finally:
+        channel.close()
+    assert_serves(embed_server)
+
+
 def test_junk_bytes_on_the_grpc_port(embed_server):
     port = http_port("x:" + embed_server.grpc_url.rsplit(":", 1)[1])
     for junk in (b"\x00" * 10_000, b"GET / HTTP/1.1\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 5000):
@@ -911,6 +948,43 @@ def test_tritonserver_command_restricts_admin_apis_and_carries_tls(tmp_path):
     assert [a for a in command if a.startswith("--exit-timeout-secs")] == ["--exit-timeout-secs=60"]
     assert [a for a in command if "shm-default-byte-size" in a] == ["--backend-config=python,shm-default-byte-size=1048576"]
     assert [a for a in command if "shm-growth-byte-size" in a]  # the other default stays
+
+
+def test_connections_over_the_cap_get_503_and_others_are_served_after(tmp_path):
+    import socketserver
+    import threading
+
+    from embed_server.frontend import Frontend, FrontendOptions
+    from embed_server.launcher import free_ports
+
+    class Ok(socketserver.StreamRequestHandler):
+        def handle(self):
+            while self.rfile.readline() not in (b"\r\n", b""):
+                pass
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    path = str(tmp_path / "backend.sock")
+    backend = socketserver.ThreadingUnixStreamServer(path, Ok)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    port = free_ports(1)[0]
+    front = Frontend(FrontendOptions(host="127.0.0.1", port=port, backend_socket=path, max_connections=5)).start()
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+    try:
+        time.sleep(0.5)
+        status, raw = exchange(port, http_bytes("GET", "/v2/health/ready"))
+        assert status == 503 and b"too many open connections" in raw, raw
+    finally:
+        for sock in held:
+            sock.close()
+    try:
+        deadline = time.monotonic() + 10
+        while (status := exchange(port, http_bytes("GET", "/v2/health/ready"))[0]) != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status == 200
+    finally:
+        front.stop()
+        backend.shutdown()
+        backend.server_close()
 
 
 def test_front_end_retries_once_when_a_kept_alive_backend_connection_was_closed(tmp_path):
