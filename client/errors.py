@@ -88,6 +88,19 @@ class OutputWriteError(ClientError):
         return cls(f"{what} in {out} failed: {error}; once fixed, continue with --resume --out {out}")
 
 
+class OutputNotWritable(OutputWriteError):
+    """The output directory cannot be created or written (permissions, a read-only file system,
+    a file in the way) before anything was written: nothing to resume."""
+
+    @classmethod
+    def at(cls, out, where, reason: str, resume: bool = False) -> "OutputNotWritable":
+        """`out` cannot be written because `where` (itself or a folder above it) `reason`."""
+        detail = reason if str(where) == str(out) else f"{where} {reason}"
+        hint = ("fix its permissions, then continue with --resume" if resume
+                else "choose another --out or fix its permissions")
+        return cls(f"the output directory {out} cannot be written ({detail}); {hint}")
+
+
 class ClassifierError(ClientError):
     """The classifier weights cannot be read or do not fit the embeddings."""
 

@@ -6,6 +6,8 @@ is opened only when the request queue runs low and fewer than MAX_OPEN_BLOCKS ar
 model by the token budget, are interleaved on the dispatcher's queue; each answer fills its
 rows of the block, and a block whose requests are all answered is committed (its parts, then
 its manifest line). A block with a rejected frame is never committed: the run ends incomplete.
+While sequences wait and no server has answered for `--silence-warning` seconds (a frozen
+server holds its requests until `--timeout`), the run says so, and again each time as long.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class Pipeline:
         self.pool.feed(dispatcher, self.metrics)
         producer = asyncio.ensure_future(self._produce())
         failed = asyncio.ensure_future(dispatcher.failed.wait())
+        watchdog = asyncio.ensure_future(self._watch_silence())
         try:
             await asyncio.wait({producer, failed}, return_when=asyncio.FIRST_COMPLETED)
             if producer.done():
@@ -126,7 +129,7 @@ class Pipeline:
             if dispatcher.failed.is_set():
                 raise dispatcher.error
         finally:
-            for task in (producer, failed):
+            for task in (producer, failed, watchdog):
                 task.cancel()
             await dispatcher.close()
             await asyncio.gather(*self.commits, return_exceptions=True)
@@ -149,6 +152,28 @@ class Pipeline:
         if options.resume:
             self.plan.log_outcome(servers_needed=bool(self.pool.joined))
         self.changed.set()
+
+    async def _watch_silence(self) -> None:
+        """Warn while sequences wait and no answer has come for `silence_warning` seconds."""
+        limit = self.options.silence_warning
+        if not limit:
+            return
+        answered, since, warned = -1, time.monotonic(), 0
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            now = time.monotonic()
+            count = sum(self.tally.received.values()) + len(self.tally.rejected)
+            waiting = sum(state.remaining for state in self.open.values())
+            if count != answered or not waiting:
+                answered, since, warned = count, now, 0
+                continue
+            if now - since >= limit * (warned + 1):
+                warned += 1
+                servers = ", ".join(s.spec.url for s in self.pool.joined) or "none joined"
+                log.warning("no answer from any server for %.0f s while %d sequences wait "
+                            "(servers: %s); a frozen server holds its requests until --timeout "
+                            "(%g s) before they are retried elsewhere", now - since, waiting,
+                            servers, self.options.transport.timeout)
 
     async def _ensure_servers(self) -> None:
         """A --resume run contacts the servers when its first block needs computing."""

@@ -33,7 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import OutputError, OutputWriteError
+from .errors import OutputError, OutputNotWritable, OutputWriteError
 from .integrity import CorruptPart, file_sha256, part_problem, read_part, short
 from .tables import aligned, embedding_schema, embedding_table, vectors
 
@@ -162,11 +162,31 @@ class OutputDir:
             hint = ("it holds a run: pass --resume to continue it, or remove it"
                     if ours else "choose an empty or new directory")
             raise OutputError(f"output directory {self.path} is not empty; {hint}")
+        self._require_writable(resume)
+
+    def _require_writable(self, resume: bool) -> None:
+        """OutputNotWritable when the directory (or, while it does not exist, the nearest
+        existing folder above it) cannot be written: said before any server is contacted."""
+        where = self.path
+        while not where.exists() and where.parent != where:
+            where = where.parent
+        if not where.is_dir():
+            raise OutputNotWritable.at(self.path, where, "is not a directory", resume)
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise OutputNotWritable.at(self.path, where, "is not writable", resume)
 
     def open(self, config: RunConfig, resume: bool) -> None:
         """Start a new run in an empty/new directory, or take up the one there (`resume`)."""
         run_file = self.path / RUN_FILE
         self.check(resume)
+        try:
+            self._open(config, resume, run_file)
+        except OSError as e:  # what the check could not foresee (e.g. a read-only file system)
+            if resume or (self.path / MANIFEST_FILE).exists():
+                raise OutputWriteError.resumable("opening the run", self.path, e) from None
+            raise OutputNotWritable.at(self.path, self.path, e.strerror or str(e)) from None
+
+    def _open(self, config: RunConfig, resume: bool, run_file: Path) -> None:
         if resume:
             self._lock()
             stored = RunConfig.from_json(json.loads(run_file.read_text()))
