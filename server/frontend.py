@@ -392,7 +392,8 @@ class Frontend:
                     await self._linger(reader, writer, unread)
             except (ConnectionError, asyncio.TimeoutError, OSError, RuntimeError, ssl.SSLError):
                 pass
-        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, OSError, ssl.SSLError):
+        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                OSError, ssl.SSLError, ValueError):  # ValueError: a malformed chunk from tritonserver
             pass
         finally:
             if backend is not None:
