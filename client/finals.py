@@ -18,6 +18,7 @@ BPE token with [CLS] and [SEP]: exactly the tokens the mean in `<model>.parquet`
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Callable, Dict, List, Optional
@@ -28,6 +29,8 @@ from .errors import OutputWriteError
 from .integrity import CorruptPart, read_part
 from .representations import part_schema, token_rows
 from .sink import PARTS_DIR, OutputDir
+
+log = logging.getLogger("embed_client")
 
 PER_TOKEN_SUFFIX = ".per_token.h5"
 
@@ -45,6 +48,26 @@ def dataset_name(seq_id: str) -> str:
 
 def needs_own_finals(options) -> bool:
     return tuple(options.include) != ("mean",) or options.with_sequence or options.layer != -1
+
+
+def lacks_per_token(out: OutputDir, options, summary: dict) -> bool:
+    """A finished run asked per-token rows and a per-token file is gone or incomplete (its
+    parts were removed: the run is computed again, as for a missing per-model file)."""
+    if "per_token" not in options.include:
+        return False
+    frames = int(summary.get("stages", {}).get("prep", {}).get("frames", -1))
+    for model in options.models:
+        try:
+            import h5py
+
+            with h5py.File(out.path / per_token_name(model), "r") as handle:
+                if len(handle) == frames:
+                    continue
+        except (OSError, ValueError):
+            pass
+        log.warning("resume: %s is missing or incomplete; recomputing", per_token_name(model))
+        return True
+    return False
 
 
 def finalize(out: OutputDir, options, hidden: Dict[str, int],

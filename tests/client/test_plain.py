@@ -243,7 +243,7 @@ def test_too_long_dna_windows_with_offsets(embed_server, tmp_path):
 
 
 def test_resume_after_an_interruption_completes_without_recomputing(embed_server, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, capsys):
     records = {f"prot{i}": "".join(random.Random(i).choice("ACDEFGHIKLMNPQRSTVWY")
                                    for _ in range(5 + 7 * i)) for i in range(9)}
     fasta = write_fasta(tmp_path / "P.fasta", records)
@@ -278,6 +278,14 @@ def test_resume_after_an_interruption_completes_without_recomputing(embed_server
                      .to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(means, np.stack([r.mean(0) for r in rows.values()]),
                                rtol=1e-5, atol=1e-6)
+
+    # Finished: --resume says so; with its HDF5 file gone, the run is computed again.
+    capsys.readouterr()
+    assert run_cli(*argv, "--resume") == cli.EXIT_OK
+    assert f"all {len(records)} frames" in capsys.readouterr().out
+    (out / "esm2.per_token.h5").unlink()
+    assert run_cli(*argv, "--resume") == cli.EXIT_OK
+    assert [len(r) for r in per_token(out, "esm2").values()] == [len(s) for s in records.values()]
 
 
 # ------------------------------------------------------------------------------ --sample too
