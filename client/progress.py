@@ -89,6 +89,10 @@ class MetricsPoller:
         if self._started and self._thread is None and not self._stop.is_set():
             self.start()
 
+    def remove(self, url: str) -> None:
+        """A server that left the run: no longer polled (what it counted so far stays)."""
+        self.urls = [u for u in self.urls if u != url]  # a new list: poll() may be iterating
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -198,6 +198,10 @@ class ServerPool:
                  LEAVE_GRACE_S)
         loop = asyncio.get_running_loop()
         self._recalls.append(loop.call_later(LEAVE_GRACE_S, self._recall, server))
+        url = server.spec.metrics_url
+        if self._metrics is not None and not any(
+                s.spec.metrics_url == url and not s.retired for s in self.joined):
+            self._metrics.remove(url)
 
     def _recall(self, server: Server) -> None:
         dispatcher = self._dispatcher

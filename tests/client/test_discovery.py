@@ -132,7 +132,8 @@ def test_a_name_with_several_addresses_is_one_server_each_and_follows_the_answer
         await asyncio.gather(*pool.connecting)
         dispatcher = Dispatcher(pool.joined, lambda *a: None, lambda *a: None)
         dispatcher.start()
-        pool.feed(dispatcher, MetricsPoller([]))
+        metrics = MetricsPoller([s.spec.metrics_url for s in pool.joined])  # as pipeline.py
+        pool.feed(dispatcher, metrics)
         await asyncio.sleep(0)
         assert sorted(_urls(dispatcher.servers)) == ["10.0.0.1:8001", "10.0.0.2:8001"]
 
@@ -143,6 +144,8 @@ def test_a_name_with_several_addresses_is_one_server_each_and_follows_the_answer
         live = {s.spec.url for s in dispatcher.servers if not s.retired}
         assert live == {"10.0.0.2:8001", "10.0.0.3:8001"}
         assert [s.spec.url for s in dispatcher.servers if s.retired] == ["10.0.0.1:8001"]
+        assert sorted(metrics.urls) == ["http://10.0.0.2:8002/metrics",
+                                        "http://10.0.0.3:8002/metrics"]
 
         for answer in (socket.gaierror("temporary failure"), []):  # changes nothing
             answers.names[NAME] = answer
