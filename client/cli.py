@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--server", dest="servers", action="append", default=None,
                      metavar="HOST[:PORT]",
                      help="Triton gRPC endpoint; repeat to spread one sample over several "
-                     "servers (each pulls work as it frees up) (default: localhost:8001)")
+                     "servers (each pulls work as it frees up); a HOST name with several "
+                     "addresses (a Kubernetes headless Service) is all of them, see "
+                     "--resolve-every (default: localhost:8001)")
     srv.add_argument("--metrics-url", dest="metrics_urls", action="append", default=None,
                      metavar="URL",
                      help="Prometheus metrics URL of each --server, in the same order "

@@ -172,6 +172,35 @@ def test_a_name_with_several_addresses_is_one_server_each_and_follows_the_answer
     asyncio.run(scenario())
 
 
+def test_a_name_with_one_address_that_scales_up_becomes_one_server_per_address(monkeypatch):
+    _stub_connect(monkeypatch)
+    answers = Answers(**{NAME: ["10.0.0.1"]})
+    pool = ServerPool([ServerSpec.parse(f"{NAME}:8001")], TransportConfig(max_in_flight=1),
+                      ("esm2",), resolve_every=0, resolver=answers)
+
+    async def scenario():
+        await pool.connect()
+        dispatcher = Dispatcher(pool.joined, lambda *a: None, lambda *a: None)
+        dispatcher.start()
+        pool.feed(dispatcher, MetricsPoller([]))
+        assert _urls(dispatcher.servers) == [f"{NAME}:8001"]   # as given: gRPC resolves it
+        answers.names[NAME] = ["10.0.0.2"]                      # still one: nothing changes
+        await pool.refresh()
+        assert not pool.connecting
+        answers.names[NAME] = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+        await pool.refresh()
+        await asyncio.gather(*pool.connecting)
+        await asyncio.sleep(0)
+        await dispatcher.close()
+        await pool.close()
+        return dispatcher
+
+    dispatcher = asyncio.run(scenario())
+    assert {s.spec.url: s.retired for s in dispatcher.servers} == {
+        f"{NAME}:8001": True, "10.0.0.1:8001": False, "10.0.0.2:8001": False,
+        "10.0.0.3:8001": False}
+
+
 def test_no_lookup_again_before_the_pool_connected(monkeypatch):
     """--resume feeds the dispatcher before it connects (only when a block needs a server)."""
     _stub_connect(monkeypatch)
