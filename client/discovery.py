@@ -100,7 +100,8 @@ class Entry:
         """A DNS name (resolved), not an IP literal (used as given)."""
         return not is_address(self.host)
 
-    def plan(self, addresses: Optional[List[str]]) -> Tuple[List[Tuple[str, ServerSpec]], List[str]]:
+    def plan(self, addresses: Optional[List[str]]
+             ) -> Tuple[List[Tuple[str, ServerSpec]], List[str]]:
         """What an answer changes: ([(key, spec) of servers to add], [keys of servers leaving]).
 
         `addresses` None or empty (a failed or empty lookup) changes nothing once servers

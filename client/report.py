@@ -118,19 +118,13 @@ class Report:
             "out": str(options.out),
             "chunk": options.chunk,
             "models": list(options.models),
-            "servers": [s.spec.url for s in self.pool.contacted],
+            "servers": list(dict.fromkeys(s.spec.url for s in self.pool.contacted)),
             "resumed": {"blocks": tally.blocks_resumed, "frames": self.counters.frames_resumed,
                         "blocks_with_missing_parts": tally.blocks_repaired},
             "stages": self._stages(final_rows),
             "rejected": [{"model": m, "record_id": record_of(f), "frame_id": f, "message": msg}
                          for m, f, msg in tally.rejected[:LISTED]],
-            "servers_detail": {s.spec.url: {"joined": s in self.pool.joined,
-                                            "left": s.retired,
-                                            "requests": s.stats.requests,
-                                            "sequences": s.stats.sequences,
-                                            "retries": s.stats.retries,
-                                            "given_up": s.stats.given_up}
-                               for s in self.pool.contacted},
+            "servers_detail": self._servers_detail(),
             "elapsed_s": round(time.monotonic() - self.started, 3),
             "send_elapsed_s": round(tally.send_seconds, 3),
             "throughput": self._throughput(),
@@ -140,6 +134,22 @@ class Report:
         if predictions is not None:
             summary["stages"]["classifier"] = predictions
         return summary
+
+    def _servers_detail(self) -> dict:
+        """What each server did, by URL (an address that left and came back: summed)."""
+        detail: Dict[str, dict] = {}
+        for s in self.pool.contacted:
+            entry = detail.setdefault(s.spec.url, {"joined": False, "left": False, "requests": {},
+                                                   "sequences": {}, "retries": 0,
+                                                   "given_up": None})
+            entry["joined"] = entry["joined"] or s in self.pool.joined
+            entry["left"] = s.retired  # the latest one's
+            for key in ("requests", "sequences"):
+                for model, n in getattr(s.stats, key).items():
+                    entry[key][model] = entry[key].get(model, 0) + n
+            entry["retries"] += s.stats.retries
+            entry["given_up"] = s.stats.given_up  # the latest one's
+        return detail
 
     def _stages(self, final_rows: Optional[Dict[str, int]]) -> dict:
         """Counts in and out of each stage: read, prep, send, write."""

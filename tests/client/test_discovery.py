@@ -408,7 +408,8 @@ def run_name(pods, sample: Path, out: Path, *extra: str) -> dict:
     code = cli.run(cli.build_parser().parse_args([
         "--sample", str(sample), "--out", str(out), "--server", f"{NAME}:{pods.grpc}",
         "--metrics-url", f"http://{NAME}:{pods.metrics}/metrics", "--max-in-flight", "2",
-        "--window", "64", "--token-budget", "400", "--progress", "plain", "--retries", "3", *extra]))
+        "--window", "64", "--token-budget", "400", "--progress", "plain", "--retries", "3",
+        *extra]))
     summary = json.loads((out / "summary.json").read_text())
     assert code == 0, summary.get("message")
     return summary
@@ -498,3 +499,21 @@ def test_servers_join_and_leave_while_running_and_a_killed_one_loses_nothing(
         ids, embeddings = got_rows[model]
         assert ids == clean_ids                               # 0 lost, 0 duplicated
         np.testing.assert_allclose(embeddings, clean_embeddings, rtol=1e-4, atol=1e-5)
+
+
+def test_an_address_that_left_and_came_back_is_one_entry_of_the_summary():
+    from types import SimpleNamespace
+
+    from embed_client.report import Report
+
+    spec = ServerSpec.parse("10.0.0.1:8001")
+    before, after = Server(spec, TransportConfig()), Server(spec, TransportConfig())
+    before.stats.requests, before.stats.sequences = {"esm2": 2}, {"esm2": 7}
+    before.stats.retries, before.retired = 1, True
+    after.stats.requests = {"esm2": 3, "dnabert_s": 1}
+    after.stats.sequences = {"esm2": 9, "dnabert_s": 4}
+    report = object.__new__(Report)
+    report.pool = SimpleNamespace(contacted=[before, after], joined=[before, after])
+    assert report._servers_detail() == {"10.0.0.1:8001": {
+        "joined": True, "left": False, "requests": {"esm2": 5, "dnabert_s": 1},
+        "sequences": {"esm2": 16, "dnabert_s": 4}, "retries": 1, "given_up": None}}
