@@ -160,6 +160,13 @@ def run(args: argparse.Namespace) -> int:
         kind = "CPU configs (configs/cpu.pbtxt)" if server.use_cpu_configs else "GPU configs (config.pbtxt)"
         print(f"embed-server: ready: {', '.join(server.models)} with {kind}", flush=True)
         print(server.endpoints(), flush=True)
+        if server.options.address not in ("127.0.0.1", "localhost", "::1"):
+            missing = [w for w, absent in (("TLS", not server.options.tls), ("an API key", not server.options.api_key))
+                       if absent]
+            if missing:
+                print(f"embed-server: warning: listening on {server.options.address} without "
+                      f"{' or '.join(missing)}: whoever reaches these ports can run inference "
+                      "(docs/deploy.md, 'Safety')", file=sys.stderr, flush=True)
         print(f"tritonserver log: {server.log_path}", flush=True)
         code = server.wait()
     finally:

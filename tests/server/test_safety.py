@@ -51,7 +51,11 @@ def exchange(port, payload, timeout=60.0, context=None):
     """Sends raw bytes, reads until the server closes; (first status or None, raw answer)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     if context is not None:
-        sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+        try:
+            sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+        except (ssl.SSLError, ConnectionError):  # refused in the handshake (TLS 1.2 does it there)
+            sock.close()
+            return None, b""
     chunks = []
     try:
         try:
@@ -1016,6 +1020,66 @@ def test_front_end_retries_once_when_a_kept_alive_backend_connection_was_closed(
         status, raw = exchange(port, one + one + http_bytes("GET", "/v2/health/ready"))
         assert raw.count(b"HTTP/1.1 200 OK") == 3 and b"502" not in raw, raw
         assert len(served) == 3
+    finally:
+        front.stop()
+        backend.shutdown()
+        backend.server_close()
+
+
+def test_https_front_end_with_client_certificates(tmp_path):
+    """--tls-client-ca: the HTTPS front end refuses clients without a certificate signed by that
+    CA (gRPC's mutual TLS is tritonserver's own, its flags are checked above)."""
+    import socketserver
+    import threading
+
+    from embed_server.frontend import Frontend, FrontendOptions
+    from embed_server.launcher import free_ports
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is needed to make a CA and a client certificate")
+
+    def run(*args):
+        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True, timeout=60)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    run("req", "-x509", *ec, "-keyout", tmp_path / "ca.key", "-out", tmp_path / "ca.crt", "-days", "1",
+        "-subj", "/CN=test CA")
+    for name, subject in (("server", "/CN=localhost"), ("client", "/CN=client")):
+        run("req", *ec, "-keyout", tmp_path / f"{name}.key", "-out", tmp_path / f"{name}.csr", "-subj", subject)
+        (tmp_path / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        run("x509", "-req", "-in", tmp_path / f"{name}.csr", "-CA", tmp_path / "ca.crt", "-CAkey", tmp_path / "ca.key",
+            "-CAcreateserial", "-out", tmp_path / f"{name}.crt", "-days", "1", "-extfile", tmp_path / f"{name}.ext")
+
+    class Ok(socketserver.StreamRequestHandler):
+        def handle(self):
+            while self.rfile.readline() not in (b"\r\n", b""):
+                pass
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    path = str(tmp_path / "backend.sock")
+    backend = socketserver.ThreadingUnixStreamServer(path, Ok)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
+    server_context.verify_mode = ssl.CERT_REQUIRED
+    server_context.load_verify_locations(tmp_path / "ca.crt")
+    port = free_ports(1)[0]
+    front = Frontend(FrontendOptions(host="127.0.0.1", port=port, backend_socket=path,
+                                     ssl_context=server_context)).start()
+    try:
+        client = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        status, raw = exchange(port, http_bytes("GET", "/v2/health/ready"), timeout=15, context=client)
+        assert status is None, raw  # no client certificate: the handshake fails
+        client.load_cert_chain(tmp_path / "client.crt", tmp_path / "client.key")
+        status, raw = exchange(port, http_bytes("GET", "/v2/health/ready"), timeout=15, context=client)
+        assert status == 200, raw
+        stranger = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        run("req", "-x509", *ec, "-keyout", tmp_path / "other.key", "-out", tmp_path / "other.crt", "-days", "1",
+            "-subj", "/CN=stranger")
+        stranger.load_cert_chain(tmp_path / "other.crt", tmp_path / "other.key")
+        status, raw = exchange(port, http_bytes("GET", "/v2/health/ready"), timeout=15, context=stranger)
+        assert status is None, raw  # a certificate the CA did not sign
     finally:
         front.stop()
         backend.shutdown()
