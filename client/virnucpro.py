@@ -101,8 +101,10 @@ class PrepStats:
 
 
 def record_of(frame_id: str) -> str:
-    """The input record id of a frame id `<record>_chunk_<k><F1..R3>`."""
-    return frame_id[:-2].rsplit("_chunk_", 1)[0]
+    """The input record id of a frame id `<record>_chunk_<k><F1..R3>` (a plain-mode id, which
+    has no chunk, is its own record: plain.py)."""
+    head = frame_id[:-2]
+    return head.rsplit("_chunk_", 1)[0] if "_chunk_" in head else frame_id
 
 
 def chunk_starts(length: int, chunk_size: int) -> List[int]:
