@@ -354,8 +354,12 @@ class Dispatcher:
         self.queue.put_nowait((self._AGAIN, next(self._order), request))
 
     def start(self) -> None:
-        for server in self.servers:
-            self._start_workers(server)
+        """Every server's slots, started round-robin: the queue serves waiting slots in order,
+        so while there are fewer requests than slots they spread over the servers."""
+        for turn in range(max((server.in_flight for server in self.servers), default=0)):
+            for server in self.servers:
+                if turn < server.in_flight:
+                    self._tasks.append(asyncio.ensure_future(self._worker(server)))
 
     def add(self, server: Server) -> bool:
         """A server that became ready after the run started joins the pull (False: too late)."""

@@ -517,3 +517,28 @@ def test_an_address_that_left_and_came_back_is_one_entry_of_the_summary():
     assert report._servers_detail() == {"10.0.0.1:8001": {
         "joined": True, "left": False, "requests": {"esm2": 5, "dnabert_s": 1},
         "sequences": {"esm2": 16, "dnabert_s": 4}, "retries": 1, "given_up": None}}
+
+
+def test_fewer_requests_than_slots_spread_over_the_servers():
+    """Many pods behind one name, little work at a time: one request each, not all on the
+    first server's slots."""
+    class Fake(Server):
+        async def embed(self, request, ask=None):
+            await asyncio.sleep(0.05)
+            return np.zeros((len(request.items), 4), np.float32)
+
+    async def scenario():
+        pods = [Fake(ServerSpec.parse(f"10.0.0.{i}:1"), TransportConfig(max_in_flight=8))
+                for i in range(1, 5)]
+        done = []
+        dispatcher = Dispatcher(pods, lambda r, e: done.append(r), lambda *a: None)
+        dispatcher.start()
+        await asyncio.sleep(0)
+        dispatcher.submit([Request("esm2", 0, [Item(i, f"f{i}", "MK")]) for i in range(4)])
+        while len(done) < 4:
+            await asyncio.sleep(0.01)
+        await dispatcher.close()
+        return pods
+
+    pods = asyncio.run(scenario())
+    assert [p.stats.requests for p in pods] == [{"esm2": 1}] * 4
