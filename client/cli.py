@@ -12,8 +12,8 @@ from embed_core.alphabets import MODEL_KINDS
 
 from . import plain
 from .credentials import API_KEY_ENV, API_KEY_FILE_ENV, check_ca_file, env_path, read_api_key
-from .errors import (ClassifierError, ClientError, IncompleteError, InputError, InterruptedRun, OutputError,
-                     OutputWriteError, ServerError)
+from .errors import (ClassifierError, ClientError, IncompleteError, InputError, InterruptedRun, OptionError,
+                     OutputError, OutputWriteError, ServerError)
 from .options import CHUNK_SIZES, RunOptions
 from .run import execute
 from .schedule import ScheduleConfig
@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         result = execute(options)
     except InputError as e:
         return _error(f"bad input: {e}", EXIT_INPUT)
-    except (OutputError, ClassifierError) as e:
+    except (OutputError, ClassifierError, OptionError) as e:
         return _error(str(e), EXIT_USAGE)
     except ServerError as e:
         hint = (f"\nthe output directory {options.out} can be resumed with --resume"

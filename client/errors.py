@@ -101,6 +101,10 @@ class OutputNotWritable(OutputWriteError):
         return cls(f"the output directory {out} cannot be written ({detail}); {hint}")
 
 
+class OptionError(ClientError):
+    """An option the servers cannot honour (e.g. a --repr-layer the model has not): a usage error."""
+
+
 class ClassifierError(ClientError):
     """The classifier weights cannot be read or do not fit the embeddings."""
 

@@ -97,19 +97,37 @@ def max_lengths(servers, models: Sequence[str]) -> Dict[str, int]:
     return limits
 
 
-def check_outputs(servers, options) -> None:
-    """ServerError when a server's model lacks an output the run asks for (an older server)."""
-    from .errors import ServerError
+async def check_asked(servers, options) -> None:
+    """Before anything is sent: ServerError when a server's model lacks an output the run asks
+    for (an older server), OptionError when it refuses what the run asks (e.g. a --repr-layer
+    the model has not): one four-letter request per model to the first server says so."""
+    from tritonclient.utils import InferenceServerException
+
+    from .errors import OptionError, ServerError
     from .representations import Ask
+    from .schedule import Item, Request
+    from .transport import PROBE_SEQUENCE, is_rejection
 
     ask = Ask.of(options.include, options.layer)
-    for server in servers if ask is not None else ():
+    if ask is None or not servers:
+        return
+    for server in servers:
         for model in options.models:
             missing = ask.missing_outputs(server.models[model].outputs)
             if missing:
                 raise ServerError(f"server {server.spec.url}: model {model} has no output "
                                   f"{', '.join(missing)} (asked by --include "
                                   f"{','.join(options.include)}); update the server")
+    for model in options.models:
+        probe = Request(model, -1, [Item(-1, "probe", PROBE_SEQUENCE)])
+        try:
+            await servers[0].embed(probe, ask)
+        except InferenceServerException as e:
+            if not is_rejection(e):
+                raise ServerError(f"server {servers[0].spec.url}: model {model}: {e}") from None
+            raise OptionError(f"server {servers[0].spec.url}: model {model} refuses --include "
+                              f"{','.join(options.include)} --repr-layer {options.layer}: "
+                              f"{e.message() or e}") from None
 
 
 def check_lengths(validated: reader.ValidatedInput, plain: str, limit: int) -> None:

@@ -129,7 +129,7 @@ class _Run:
         """Before anything is sent: the servers have the outputs asked (--include), and in plain
         mode under --too-long error no record is over the model's maximum."""
         options = self.options
-        plain.check_outputs(self.pool.joined, options)
+        await plain.check_asked(self.pool.joined, options)
         if options.plain and options.too_long == "error":
             await asyncio.to_thread(plain.check_lengths, self.validated, options.plain,
                                     self.limits[options.models[0]])

@@ -315,3 +315,14 @@ def test_sample_mode_returns_bos_per_token_rows_and_sequences(embed_server, tmp_
                                    rtol=1e-4, atol=1e-5)
     merged = pq.read_table(out / "merged.parquet")
     assert merged.column("id").to_pylist() == ids
+
+
+def test_a_layer_the_model_has_not_is_refused_before_anything_is_sent(embed_server, tmp_path,
+                                                                     capsys):
+    fasta = write_fasta(tmp_path / "P.fasta", PROTEINS)
+    out = tmp_path / "out"
+    code = run_cli("--proteins", str(fasta), "--out", str(out), *live(embed_server),
+                   "--repr-layer", "99")
+    assert code == cli.EXIT_USAGE
+    assert "refuses --include mean --repr-layer 99" in capsys.readouterr().err
+    assert not (out / "run.json").exists()
