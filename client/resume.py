@@ -176,7 +176,9 @@ def complete_finished(previous: dict, out: OutputDir, options: RunOptions,
             out.write_summary(summary)
         except OSError as e:
             raise OutputWriteError.resumable("writing summary.json", out.path, e) from e
-    message = (f"resume: all {frames:,} frames / {chunks:,} chunks already embedded in "
+    what = (f"{frames:,} sequences" if options.plain
+            else f"{frames:,} frames / {chunks:,} chunks")
+    message = (f"resume: all {what} already embedded in "
                f"{out.path}; " + (f"wrote the missing {', '.join(wrote)}" if wrote
                                   else "nothing to do"))
     return RunResult("complete", out.path, summary, message)

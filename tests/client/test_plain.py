@@ -282,7 +282,7 @@ def test_resume_after_an_interruption_completes_without_recomputing(embed_server
     # Finished: --resume says so; with its HDF5 file gone, the run is computed again.
     capsys.readouterr()
     assert run_cli(*argv, "--resume") == cli.EXIT_OK
-    assert f"all {len(records)} frames" in capsys.readouterr().out
+    assert f"all {len(records)} sequences already embedded" in capsys.readouterr().out
     (out / "esm2.per_token.h5").unlink()
     assert run_cli(*argv, "--resume") == cli.EXIT_OK
     assert [len(r) for r in per_token(out, "esm2").values()] == [len(s) for s in records.values()]
