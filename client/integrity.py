@@ -5,13 +5,18 @@
 - Each committed part carries the sha256 of its bytes in the manifest; parts are checked on
   --resume (a part that fails is recomputed, and the run says so) and again as they are read
   for the final files, so no corrupted part reaches the final or derived outputs.
+- A finished run's output files are listed with their sha256 in checksums.sha256
+  (`sha256sum -c` reads it); a --resume of the finished run checks them: a changed embedding
+  file makes the run compute again, a changed derived file (merged, predictions) is written
+  again when the --resume asks for it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional, Sequence
 
 CHUNK_BYTES = 1 << 20
 
@@ -72,3 +77,65 @@ class CorruptPart(Exception):
     def __init__(self, path: Path, detail: str):
         super().__init__(f"{path} is corrupted ({detail})")
         self.path = path
+
+
+# ------------------------------------------------------------------ the final files
+
+CHECKSUMS_FILE = "checksums.sha256"
+# The run's bookkeeping (sink.py's names), not outputs: never in CHECKSUMS_FILE.
+BOOKKEEPING = {"run.json", "manifest.jsonl", "summary.json", CHECKSUMS_FILE, ".lock"}
+
+
+def output_files(out: Path) -> List[str]:
+    """The finished run's output files: every file at the top of `out` but its bookkeeping."""
+    return sorted(p.name for p in Path(out).iterdir() if p.is_file()
+                  and p.name not in BOOKKEEPING and not p.name.endswith(".partial"))
+
+
+def read_checksums(out: Path) -> Dict[str, str]:
+    """{file name: sha256} from CHECKSUMS_FILE (`sha256sum` format); {} when there is none."""
+    recorded = {}
+    try:
+        lines = (Path(out) / CHECKSUMS_FILE).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return recorded
+    for line in lines:
+        digest, _, name = line.partition("  ")
+        if len(digest) == 64 and name:
+            recorded[name] = digest
+    return recorded
+
+
+def write_checksums(out: Path, names: Optional[Sequence[str]] = None) -> None:
+    """CHECKSUMS_FILE for `names` (default: all output files, anew; else only those updated),
+    checkable with `sha256sum -c checksums.sha256` in `out`."""
+    out = Path(out)
+    recorded = {} if names is None else read_checksums(out)
+    for name in output_files(out) if names is None else names:
+        recorded[name] = file_sha256(out / name)
+    tmp = out / (CHECKSUMS_FILE + ".partial")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(f"{digest}  {name}\n" for name, digest in sorted(recorded.items()))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out / CHECKSUMS_FILE)
+
+
+def changed_files(out: Path, names: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """{name: what is wrong} for the recorded files (of `names`, default all) that exist and
+    no longer match their checksum (a file that is gone is left to the caller's checks)."""
+    out, changed = Path(out), {}
+    for name, digest in read_checksums(out).items():
+        if names is not None and name not in names:
+            continue
+        try:
+            found = file_sha256(out / name)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            changed[name] = f"is unreadable ({e.strerror or e})"
+            continue
+        if found != digest:
+            changed[name] = (f"changed since the run wrote it (sha256 {short(found)}, "
+                             f"{CHECKSUMS_FILE} says {short(digest)})")
+    return changed

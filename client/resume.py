@@ -1,9 +1,10 @@
 """--resume: what the interrupted run left, what is computed again, and finished runs.
 
 The output directory is opened before any server is contacted. A run whose summary says
-complete and whose final files still hold that many rows is finished without reading the
-sample or contacting a server: only derived files it now asks for and lacks (merged.parquet,
-the predictions) are written from the final files. Otherwise each block of the input is
+complete and whose final files still hold that many rows, with the bytes checksums.sha256
+records, is finished without reading the sample or contacting a server: only derived files
+it now asks for and lacks or that changed (merged.parquet, the predictions) are written from
+the final files. Otherwise each block of the input is
 checked against the manifest (`ResumePlan.models_to_compute`): a committed block with all its
 parts is skipped, one with parts missing is computed for those models only, any other block
 is computed; the servers are contacted at the first block to compute.
@@ -18,6 +19,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from .classifier import HIGHEST_FILE, PREDICTIONS_FILE, load_classifier, write_with_predictions
 from .errors import OutputError, OutputWriteError
+from .integrity import CHECKSUMS_FILE, changed_files, write_checksums
 from .options import RunOptions, RunResult
 from .progress import Counters
 from .report import Tally
@@ -26,6 +28,9 @@ from .servers import ServerPool
 from .sink import MERGE_ORDER, MERGED_FILE, SUMMARY_FILE, OutputDir, require_same_run
 
 log = logging.getLogger("embed_client")
+
+# Written from the embedding files: a changed one is written again when the --resume asks it.
+DERIVED = (MERGED_FILE, PREDICTIONS_FILE, HIGHEST_FILE)
 
 
 class ResumePlan:
@@ -125,6 +130,9 @@ def finished_run(out: OutputDir, models: Sequence[str], hidden: Dict[str, int]) 
         elif not rows == committed == frames:
             problems.append(f"{out.final_path(model).name} holds {rows:,} rows, the run "
                             f"committed {committed:,} of {frames:,} frames")
+    if not problems:  # the embedding files' bytes against checksums.sha256
+        problems = [f"{name} {problem}" for name, problem in changed_files(out.path).items()
+                    if name not in DERIVED]
     if problems:
         log.warning("resume: %s says the run is complete, but %s; recomputing",
                     SUMMARY_FILE, "; ".join(problems))
@@ -146,11 +154,18 @@ def complete_finished(previous: dict, out: OutputDir, options: RunOptions,
     run asks for and lacks (merged.parquet, the predictions) are written."""
     prep = previous["stages"]["prep"]
     frames, chunks = int(prep["frames"]), int(prep.get("chunks", 0))
-    need_merged = options.merged and out.final_rows(
-        "merged", sum(hidden.get(m, 0) for m in MERGE_ORDER)) != frames
+    changed = changed_files(out.path, DERIVED)
+    for name, problem in changed.items():
+        log.warning("resume: %s %s; %s", name, problem,
+                    "written again" if (options.merged if name == MERGED_FILE
+                                        else options.classifier is not None)
+                    else "ask for it (--merged / --classifier) to write it again")
+    need_merged = options.merged and (MERGED_FILE in changed or out.final_rows(
+        "merged", sum(hidden.get(m, 0) for m in MERGE_ORDER)) != frames)
     classifier = None
     if options.classifier is not None:
-        if all((out.path / name).exists() for name in (PREDICTIONS_FILE, HIGHEST_FILE)):
+        predictions = (PREDICTIONS_FILE, HIGHEST_FILE)
+        if all((out.path / n).exists() and n not in changed for n in predictions):
             log.info("resume: %s and %s exist and are kept (remove them to predict again "
                      "with %s)", PREDICTIONS_FILE, HIGHEST_FILE, options.classifier)
         else:
@@ -173,9 +188,11 @@ def complete_finished(previous: dict, out: OutputDir, options: RunOptions,
         if predictions is not None:
             summary["stages"]["classifier"] = predictions
         try:
+            write_checksums(out.path, wrote)
             out.write_summary(summary)
         except OSError as e:
-            raise OutputWriteError.resumable("writing summary.json", out.path, e) from e
+            raise OutputWriteError.resumable(f"writing {CHECKSUMS_FILE}, summary.json",
+                                             out.path, e) from e
     what = (f"{frames:,} sequences" if options.plain
             else f"{frames:,} frames / {chunks:,} chunks")
     message = (f"resume: all {what} already embedded in "

@@ -27,7 +27,7 @@ from typing import Dict, Optional
 from . import finals, plain, reader, resume
 from .classifier import Classifier, load_classifier, write_with_predictions
 from .errors import IncompleteError, InputError, InterruptedRun, OutputWriteError
-from .integrity import file_sha256, short
+from .integrity import file_sha256, short, write_checksums
 from .options import RunOptions, RunResult
 from .pipeline import Pipeline, frames_of
 from .progress import Counters
@@ -223,6 +223,8 @@ class _Run:
         if warning:
             log.warning("%s", warning)
         try:
+            report.write_skipped()
+            write_checksums(out.path)  # every output file, for a later --resume (and sha256sum -c)
             summary = report.write("complete", warning, final_rows, predictions)
         except OSError as e:
             raise OutputWriteError.resumable("writing summary.json", out.path, e) from e

@@ -6,19 +6,24 @@
   recomputes it (that model, that block only), and the final rows equal a clean run's.
 - A part corrupted after it was committed, before the final files: no final or derived file
   is written, the run says why, and `--resume` recomputes it.
+- A finished run's files against checksums.sha256 (`sha256sum -c` agrees): a changed
+  merged.parquet is written again by `--resume --merged`, a changed esm2.parquet makes the
+  run compute again (it needs a server then), ending with the clean run's rows.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from embed_client import cli
-from embed_client.integrity import file_sha256
+from embed_client.integrity import CHECKSUMS_FILE, file_sha256, read_checksums
 from embed_client.sink import OutputDir, RunConfig
 
 from test_end_to_end import (assert_complete_output, classifier_file, read_model_table,  # noqa: F401
@@ -161,3 +166,49 @@ def test_part_corrupted_before_the_final_files_stops_them(embed_server, classifi
     err = capsys.readouterr().err
     assert "1 part corrupted" in err, err
     assert_complete_output(out, sample, embed_server.checkpoints, embed_server.hidden_sizes)
+
+
+@pytest.fixture(scope="module")
+def dead_server():
+    from embed_server.launcher import free_ports
+
+    return f"127.0.0.1:{free_ports(1)[0]}"
+
+
+def test_finished_run_files_are_checked(embed_server, dead_server, tmp_path, capsys):
+    sample = write_sample(tmp_path / "S.fasta", n=12, seed=43)
+    out = tmp_path / "out"
+    argv = ["--sample", str(sample), "--out", str(out), "--window", "16", "--progress", "plain",
+            "--merged"]
+    live = ["--server", embed_server.grpc_url, "--metrics-url", embed_server.metrics_url]
+    offline = ["--resume", "--server", dead_server, "--retries", "0"]
+    assert run_cli(*argv, *live) == cli.EXIT_OK
+    recorded = read_checksums(out)
+    assert set(recorded) == {"dnabert_s.parquet", "esm2.parquet", "merged.parquet"}
+    if shutil.which("sha256sum"):
+        subprocess.run(["sha256sum", "--quiet", "-c", CHECKSUMS_FILE], cwd=out, check=True)
+    clean = {m: read_model_table(out, m)[2].copy() for m in ("esm2", "dnabert_s", "merged")}
+    capsys.readouterr()
+
+    zero_64_bytes(out / "merged.parquet")
+    code = run_cli(*argv, *offline)
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_OK, captured.err
+    assert "merged.parquet changed since the run wrote it" in captured.err
+    assert "wrote the missing merged.parquet" in captured.out
+    np.testing.assert_array_equal(read_model_table(out, "merged")[2], clean["merged"])
+    rewritten = read_checksums(out)
+    assert rewritten["merged.parquet"] == file_sha256(out / "merged.parquet")
+    assert {k: v for k, v in rewritten.items() if k != "merged.parquet"} == {
+        k: v for k, v in recorded.items() if k != "merged.parquet"}
+
+    zero_64_bytes(out / "esm2.parquet")
+    code = run_cli(*argv, *offline)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_SERVER, err
+    assert "esm2.parquet changed since the run wrote it" in err and "recomputing" in err, err
+    assert run_cli(*argv, "--resume", *live) == cli.EXIT_OK
+    for model, expected in clean.items():
+        np.testing.assert_allclose(read_model_table(out, model)[2], expected, atol=1e-5, rtol=0)
+    assert "nothing to do" in (capsys.readouterr(), run_cli(*argv, *offline),
+                               capsys.readouterr().out)[2]
