@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fp8
 from .attention import PackedAttention, alibi_bias
 from .compiling import compile_function
 from .plan import ExecutionPlan
@@ -203,11 +204,23 @@ def layer_tail(context: torch.Tensor, x: torch.Tensor, dense_w, dense_b, ln1_w, 
                ln2_w, ln2_b, eps: float) -> torch.Tensor:
     """Everything of a layer after attention, as one pure function (so one compiled graph serves
     all layers): output projection + residual + post-LN, then GLU MLP + residual + post-LN."""
+    # fp8.linear is F.linear for tensor weights; for an fp8.Fp8Weight (the fp8 plans) it quantizes
+    # its input per token first, which Inductor fuses into the kernel that produces it (compiled).
     inter = wo_w.shape[1]                        # weight shapes, not x's: static when traced (ONNX)
-    h = F.layer_norm(F.linear(context, dense_w, dense_b) + x, ln1_w.shape, ln1_w, ln1_b, eps)   # [*, H]
-    g = F.linear(h, glu_w)                                                                       # [*, 2I]
+    h = F.layer_norm(fp8.linear(context, dense_w, dense_b) + x, ln1_w.shape, ln1_w, ln1_b, eps)  # [*, H]
+    g = fp8.linear(h, glu_w)                                                                     # [*, 2I]
     a = F.gelu(g[..., :inter]) * g[..., inter:]                                                  # [*, I]
-    return F.layer_norm(F.linear(a, wo_w, wo_b) + h, ln2_w.shape, ln2_w, ln2_b, eps)            # [*, H]
+    return F.layer_norm(fp8.linear(a, wo_w, wo_b) + h, ln2_w.shape, ln2_w, ln2_b, eps)          # [*, H]
+
+
+def layer_tail_fp8_out(*args) -> tuple:
+    """layer_tail and its output quantized per token (fp8.Fp8Rows): the next layer's q/k/v input
+    under the "fp8" plan, made in the same compiled graph as the LayerNorm that produces it."""
+    x = layer_tail(*args)
+    return x, fp8.quantize_rows(x)
+
+
+FP8_WEIGHTS = {"fp8": ("Wqkv", "dense", "glu", "wo"), "fp8-ffn": ("glu", "wo")}   # per plan.linears
 
 
 class DnabertS(nn.Module):
@@ -238,9 +251,20 @@ class DnabertS(nn.Module):
         return kernels_attention.supports(self.config.head_dim)
 
     def prepare(self, plan: ExecutionPlan) -> None:
-        """Follow `plan` (plan.choose_plan) from now on: its attention backend and compilation."""
+        """Follow `plan` (plan.choose_plan) from now on: its attention backend, compilation and
+        linears (fp8 plans: e4m3 weights made here from the current ones, per output channel)."""
         self.plan = plan
-        self._layer_tail = compile_function(layer_tail) if plan.compiled else layer_tail
+        tail = layer_tail_fp8_out if plan.linears == "fp8" else layer_tail
+        self._layer_tail = compile_function(tail) if plan.compiled else tail
+        self._layer_tail_last = (self._layer_tail if tail is layer_tail else   # the last layer's output: no e4m3
+                                 compile_function(layer_tail) if plan.compiled else layer_tail)
+        names = FP8_WEIGHTS.get(plan.linears, ())
+        for block in self.encoder.layer:
+            block.fp8_weights = {}   # the previous plan's go first (memory)
+            if names:
+                weights = {"Wqkv": block.attention.self.Wqkv.weight, "dense": block.attention.output.dense.weight,
+                           "glu": block.mlp.gated_layers.weight, "wo": block.mlp.wo.weight}
+                block.fp8_weights = fp8.quantize_linears({n: weights[n] for n in names})
 
     def alibi_slopes_tensor(self, device: torch.device) -> torch.Tensor:
         """[heads] float32 slopes on `device` (cached per device)."""
@@ -249,18 +273,27 @@ class DnabertS(nn.Module):
             self._slopes_on[device] = torch.tensor(self._slopes, dtype=torch.float32, device=device)
         return self._slopes_on[device]
 
-    def _layers(self, x: torch.Tensor, attend, tail, layer: Optional[int] = None) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, attend, tail, layer: Optional[int] = None, tail_last=None,
+                fp8_weights: bool = False) -> torch.Tensor:
         """The layers over the embedded stream x [*, H] up to `layer` (0 = the embeddings, default
-        the last); `attend` maps [*, 3, heads, d] -> [*, H], `tail` is layer_tail (compiled or not)."""
+        the last); `attend` maps [*, 3, heads, d] -> [*, H], `tail` is layer_tail (compiled or not;
+        layer_tail_fp8_out returns the stream and its e4m3 rows), `tail_last` the last layer's
+        (default `tail`); `fp8_weights`: the GEMMs take each block's fp8_weights (packed only)."""
         heads, head_dim, eps = self.config.num_attention_heads, self.config.head_dim, self.config.layer_norm_eps
-        stop = representation_layer(layer, len(self.encoder.layer))
-        for block in self.encoder.layer[:stop]:
-            qkv = block.attention.self.Wqkv(x).unflatten(-1, (3, heads, head_dim))  # [*, 3, heads, d]
+        layers = self.encoder.layer
+        stop = representation_layer(layer, len(layers))
+        qkv_in = x                                   # the q/k/v GEMM's input: x, or its e4m3 rows
+        for i, block in enumerate(layers[:stop]):
+            w = block.fp8_weights if fp8_weights else {}
+            proj = block.attention.self.Wqkv
+            qkv = fp8.linear(qkv_in, w.get("Wqkv", proj.weight), proj.bias).unflatten(-1, (3, heads, head_dim))
             context = attend(qkv)                                                 # [*, H]
             out, mlp = block.attention.output, block.mlp
-            x = tail(context, x, out.dense.weight, out.dense.bias, out.LayerNorm.weight,
-                                 out.LayerNorm.bias, mlp.gated_layers.weight, mlp.wo.weight, mlp.wo.bias,
-                                 mlp.layernorm.weight, mlp.layernorm.bias, eps)
+            this_tail = tail_last if tail_last is not None and i == len(layers) - 1 else tail
+            x = this_tail(context, x, w.get("dense", out.dense.weight), out.dense.bias, out.LayerNorm.weight,
+                          out.LayerNorm.bias, w.get("glu", mlp.gated_layers.weight), w.get("wo", mlp.wo.weight),
+                          mlp.wo.bias, mlp.layernorm.weight, mlp.layernorm.bias, eps)
+            x, qkv_in = x if isinstance(x, tuple) else (x, x)
         return x
 
     def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
@@ -283,7 +316,8 @@ class DnabertS(nn.Module):
         def attend_packed(qkv):                     # [T, 3, heads, d] -> [T, H]
             return attend.attend_qkv(qkv).reshape(qkv.shape[0], -1)
 
-        return self._layers(self.embeddings(input_ids), attend_packed, self._layer_tail, layer)[:total]
+        return self._layers(self.embeddings(input_ids), attend_packed, self._layer_tail, layer,
+                            self._layer_tail_last, self.plan.linears != "native")[:total]
 
     forward = forward_packed
 

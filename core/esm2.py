@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fp8
 from .attention import PackedAttention
 from .compiling import compile_function
+from .esm2_steps import LayerSteps, add_norm_torch, add_norm_triton, first_norm, layer_steps  # noqa: F401
 from .packing import positions_in_sequence, sequence_index
 from .plan import ExecutionPlan
 from .representations import representation_layer
@@ -201,23 +203,7 @@ def rotate_qkv_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return qkv
 
 
-def add_norm_torch(x: torch.Tensor, y: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x + y, LayerNorm(x + y)); y None: (x, LayerNorm(x))."""
-    if y is not None:
-        x = x + y
-    return x, F.layer_norm(x, weight.shape, weight, bias, eps)
-
-
-def add_norm_triton(x, y, weight, bias, eps):
-    """add_norm_torch as one kernels_elementwise pass (the residual add fused into the LayerNorm)."""
-    from .kernels_elementwise import add_layer_norm
-    return add_layer_norm(x, y, weight, bias, eps)
-
-
-def feed_forward(h, fc1_w, fc1_b, fc2_w, fc2_b):
-    """fc1, exact (erf) GELU, fc2 (before the residual add)."""
-    return F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+# add + LayerNorm (add_norm_torch, add_norm_triton) and the fp8 plans' steps: esm2_steps.py.
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,17 +211,21 @@ def feed_forward(h, fc1_w, fc1_b, fc2_w, fc2_b):
 
 
 def layer_head(rotate: Callable, h, qkv_w, qkv_b, cos, sin, heads: int) -> torch.Tensor:
-    """The normalised stream h [*, hidden] -> q, k, v [*, 3, heads, head_dim], q and k rotated."""
-    qkv = F.linear(h, qkv_w, qkv_b).unflatten(-1, (3, heads, -1))   # one GEMM for q, k and v
+    """The normalised stream h [*, hidden] -> q, k, v [*, 3, heads, head_dim], q and k rotated.
+    (fp8.linear is F.linear for a tensor weight; e4m3 GEMM for an fp8.Fp8Weight, h then Fp8Rows.)"""
+    qkv = fp8.linear(h, qkv_w, qkv_b).unflatten(-1, (3, heads, -1))   # one GEMM for q, k and v
     return rotate(qkv, cos, sin)
 
 
-def layer_tail(add_norm: Callable, x, context, out_w, out_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b,
+def layer_tail(steps: LayerSteps, x, context, out_w, out_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b,
                next_w, next_b, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Attention output + residual, LayerNorm, feed-forward + residual, then the next LayerNorm
-    (the next layer's first, or the final one) -> (stream, its norm), both [*, hidden]."""
-    x, h = add_norm(x, F.linear(context, out_w, out_b), ln_w, ln_b, eps)
-    return add_norm(x, feed_forward(h, fc1_w, fc1_b, fc2_w, fc2_b), next_w, next_b, eps)
+    """Attention output + residual, LayerNorm, feed-forward (fc1, exact GELU, fc2) + residual, then
+    the next LayerNorm (the next layer's first, or the final one) -> (stream, its norm), both
+    [*, hidden] (the norm as fp8.Fp8Rows where the plan's next GEMM is fp8). `steps`: the plan's
+    element-wise steps (esm2_steps.layer_steps); native: add_norm, F.gelu, as is, add_norm."""
+    x, h = steps.norm_mid(x, fp8.linear(steps.out_in(context), out_w, out_b), ln_w, ln_b, eps)
+    y = fp8.linear(steps.act(fp8.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+    return steps.norm_next(x, y, next_w, next_b, eps)
 
 
 class _Container(nn.Module):
@@ -262,6 +252,12 @@ class Esm2Layer(nn.Module):
         self.output = _Container(dense=nn.Linear(config.intermediate_size, h))
         self.LayerNorm = nn.LayerNorm(h, eps=eps)
         self._qkv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None   # fused_qkv()'s tensors
+        self.fp8_weights: dict = {}   # name (qkv, out, fc1, fc2) -> fp8.Fp8Weight, made by ESM2.prepare
+
+    def linears(self) -> dict:
+        """The layer's GEMM weights by name (q/k/v fused)."""
+        return {"qkv": self.fused_qkv()[0], "out": self.attention.output.dense.weight,
+                "fc1": self.intermediate.dense.weight, "fc2": self.output.dense.weight}
 
     def fused_qkv(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The q, k, v projections as one [3 * hidden, hidden] weight and [3 * hidden] bias.
@@ -286,20 +282,22 @@ class Esm2Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend: Callable[[torch.Tensor], torch.Tensor], head: Callable, tail: Callable,
-                next_norm: nn.LayerNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+                next_norm: nn.LayerNorm, fp8_weights: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream [*, hidden] (packed [T, H] or padded [B, L, H]); h: this layer's
-        first LayerNorm of it. Returns the new stream and `next_norm` of it.
+        first LayerNorm of it. Returns the new stream and `next_norm` of it. `fp8_weights`: the
+        GEMMs take self.fp8_weights where it has them (the fp8 plans; packed only).
 
         `attend` maps q, k, v [*, 3, heads, head_dim] to [*, heads, head_dim]; `head` and `tail`
         are `layer_head` and `layer_tail` with the plan's element-wise steps bound (maybe compiled).
         """
         weight, bias = self.fused_qkv()
-        qkv = head(h, weight, bias, cos, sin, self.num_heads)           # [*, 3, heads, head_dim]
+        w = self.fp8_weights if fp8_weights else {}
+        qkv = head(h, w.get("qkv", weight), bias, cos, sin, self.num_heads)   # [*, 3, heads, head_dim]
         context = attend(qkv).flatten(-2)                               # [*, hidden]
         out, fc1, fc2 = self.attention.output.dense, self.intermediate.dense, self.output.dense
-        return tail(x, context, out.weight, out.bias, self.LayerNorm.weight, self.LayerNorm.bias,
-                    fc1.weight, fc1.bias, fc2.weight, fc2.bias, next_norm.weight, next_norm.bias,
-                    self.LayerNorm.eps)
+        return tail(x, context, w.get("out", out.weight), out.bias, self.LayerNorm.weight, self.LayerNorm.bias,
+                    w.get("fc1", fc1.weight), fc1.bias, w.get("fc2", fc2.weight), fc2.bias,
+                    next_norm.weight, next_norm.bias, self.LayerNorm.eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,14 +332,22 @@ class ESM2(nn.Module):
         return kernels_rotary.supports(self.config.head_dim) and kernels_attention.supports(self.config.head_dim)
 
     def prepare(self, plan: ExecutionPlan) -> None:
-        """Follow `plan` (plan.choose_plan) from now on: its attention, kernels and compilation."""
+        """Follow `plan` (plan.choose_plan) from now on: its attention, kernels, compilation and
+        linears (fp8 plans: e4m3 weights made here from the current ones, per output channel)."""
         self.plan = plan
-        rotate, add_norm = (rotate_qkv_triton, add_norm_triton) if plan.kernels else (rotate_qkv_torch, add_norm_torch)
-        self._add_norm = add_norm
+        rotate = rotate_qkv_triton if plan.kernels else rotate_qkv_torch
+        self._add_norm = first_norm(plan)
         self._head = functools.partial(layer_head, rotate)
-        self._tail = functools.partial(layer_tail, add_norm)
+        self._tail = functools.partial(layer_tail, layer_steps(plan, last=False))
+        self._tail_last = functools.partial(layer_tail, layer_steps(plan, last=True))
         if plan.compiled:
             self._head, self._tail = compile_function(self._head), compile_function(self._tail)
+            self._tail_last = compile_function(self._tail_last)
+        names = {"fp8": ("qkv", "out", "fc1", "fc2"), "fp8-ffn": ("fc1", "fc2")}.get(plan.linears, ())
+        for block in self.encoder.layer:
+            block.fp8_weights = {}   # the previous plan's go first (memory)
+            if names:
+                block.fp8_weights = fp8.quantize_linears({n: w for n, w in block.linears().items() if n in names})
 
     def _embed(self, input_ids: torch.Tensor, mask_ratio: torch.Tensor) -> torch.Tensor:
         """Token embeddings with ESM's token-dropout rescale; mask_ratio is per token ([*] float32).
@@ -356,10 +362,12 @@ class ESM2(nn.Module):
         return (x.float() * (1 - MASK_RATIO_TRAIN) / (1 - mask_ratio)[..., None]).to(x.dtype)
 
     def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Callable,
-                add_norm: Callable, head: Callable, tail: Callable, layer: Optional[int] = None) -> torch.Tensor:
+                add_norm: Callable, head: Callable, tail: Callable, layer: Optional[int] = None,
+                tail_last: Optional[Callable] = None, fp8_weights: bool = False) -> torch.Tensor:
         """The layers over the embedded stream x [*, hidden] -> the representation at `layer`
         (fair-esm's repr_layers: 0 = the embeddings, k = the stream after k layers; the last,
-        the default, has the final LayerNorm applied)."""
+        the default, has the final LayerNorm applied). `tail_last`: the last layer's tail (default
+        `tail`); `fp8_weights`: the layers' GEMMs take their fp8 weights (Esm2Layer.forward)."""
         layers = self.encoder.layer
         stop = representation_layer(layer, len(layers))
         if stop == 0:
@@ -367,8 +375,9 @@ class ESM2(nn.Module):
         first = layers[0].attention.LayerNorm
         x, h = add_norm(x, None, first.weight, first.bias, first.eps)
         next_norms = [layer.attention.LayerNorm for layer in layers[1:]] + [self.encoder.emb_layer_norm_after]
-        for block, next_norm in zip(layers[:stop], next_norms[:stop]):
-            x, h = block(x, h, cos, sin, attend, head, tail, next_norm)
+        for i, (block, next_norm) in enumerate(zip(layers[:stop], next_norms[:stop])):
+            this_tail = tail_last if tail_last is not None and i == len(layers) - 1 else tail
+            x, h = block(x, h, cos, sin, attend, head, this_tail, next_norm, fp8_weights)
         return h if stop == len(layers) else x                  # emb_layer_norm_after of the stream at the end
 
     def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
@@ -387,7 +396,8 @@ class ESM2(nn.Module):
         # Layout built once, used by every layer. ESM scales q (before the rotary; same thing).
         attend = PackedAttention(cu_seqlens, max_seqlen, total, x.dtype, scale=self.config.head_dim ** -0.5,
                                  backend=self.plan.attention)
-        return self._layers(x, cos, sin, attend.attend_qkv, self._add_norm, self._head, self._tail, layer)
+        return self._layers(x, cos, sin, attend.attend_qkv, self._add_norm, self._head, self._tail, layer,
+                            self._tail_last, self.plan.linears != "native")
 
     forward = forward_packed
 
@@ -411,5 +421,6 @@ class ESM2(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=scale)
             return out.transpose(1, 2)                          # [B, L, heads, head_dim]
 
-        head, tail = functools.partial(layer_head, rotate_qkv_torch), functools.partial(layer_tail, add_norm_torch)
+        head = functools.partial(layer_head, rotate_qkv_torch)
+        tail = functools.partial(layer_tail, layer_steps(ExecutionPlan(), last=False))
         return self._layers(x, cos, sin, attend, add_norm_torch, head, tail, layer)   # [B, L, hidden]

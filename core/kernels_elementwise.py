@@ -9,6 +9,10 @@
   would be), and the LayerNorm (fp32 math, biased variance, eps inside the root, as torch's)
   normalises that rounded sum.
 
+  With `quant=True` (the fp8 plans, fp8.py) it writes the normalisation as e4m3 with one scale
+  per row (amax / 448 of the fp32 values) instead of the dtype's: the next GEMM's input comes out
+  of this pass, no separate quantization over memory.
+
 `available(device)` says where it can run (CUDA, or any device with TRITON_INTERPRET=1: tests).
 Row offsets are 64-bit (large packs of wide rows pass 2^31 values). An exact-GELU kernel lost to
 ATen's and was dropped (perf/RESULTS.md).
@@ -28,9 +32,10 @@ def _kernel(triton, tl):
 
     # R (rows = tokens of the pack) changes with every pack: not specialised on (as kernels_rotary).
     @triton.jit(do_not_specialize=["R"])
-    def add_layer_norm_kernel(x_ptr, y_ptr, sum_ptr, out_ptr, w_ptr, b_ptr, R, N, eps,
+    def add_layer_norm_kernel(x_ptr, y_ptr, sum_ptr, out_ptr, w_ptr, b_ptr, scale_ptr, R, N, eps,
                               x_st, y_st, sum_st, out_st,
-                              HAS_Y: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                              HAS_Y: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                              QUANT: tl.constexpr = False):
         # One program: BLOCK_R rows x all N columns (BLOCK_N >= N, masked).
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]     # [BR, 1]
         c = tl.arange(0, BLOCK_N)[None, :]                                   # [1, BN]
@@ -49,7 +54,14 @@ def _kernel(triton, tl):
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1)[:, None] / N + eps)
         w = tl.load(w_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + r * out_st + c, (d * rstd * w + b).to(out_ptr.dtype.element_ty), mask=m)
+        out = d * rstd * w + b
+        if QUANT:
+            # e4m3 with a per-row scale (fp8.quantize_rows' rule); masked lanes hold b = 0 there.
+            amax = tl.max(tl.where(col_ok, tl.abs(out), 0.0), axis=1)[:, None]
+            scale = tl.maximum(amax, 1e-12) / 448.0
+            out = tl.minimum(tl.maximum(out / scale, -448.0), 448.0)
+            tl.store(scale_ptr + r, scale, mask=r < R)
+        tl.store(out_ptr + r * out_st + c, out.to(out_ptr.dtype.element_ty), mask=m)
 
     return add_layer_norm_kernel
 
@@ -69,8 +81,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def add_layer_norm(x: torch.Tensor, y: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
                    eps: float, block_rows: Optional[int] = None,
-                   num_warps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   num_warps: Optional[int] = None, quant: bool = False) -> Tuple[torch.Tensor, object]:
     """(s, layer_norm(s)) with s = x + y, both [..., N] in x's dtype; y None: (x, layer_norm(x)).
+    quant=True: the norm as fp8.Fp8Rows (e4m3 [R, N], scale [R, 1] float32) instead.
 
     `block_rows` and `num_warps` default to a tiling for ~4k values per program (benchmarks
     pass others: perf/bench_kernels.py).
@@ -86,7 +99,13 @@ def add_layer_norm(x: torch.Tensor, y: Optional[torch.Tensor], weight: torch.Ten
     y2 = _rows(y) if y is not None else x2
     rows = x2.shape[0]
     total = torch.empty_like(x2) if y is not None else x2
-    out = torch.empty_like(x2)
+    if quant:
+        from .fp8 import E4M3, Fp8Rows
+        out = torch.empty(x2.shape, dtype=E4M3, device=x2.device)
+        scale = torch.empty(rows, 1, dtype=torch.float32, device=x2.device)
+    else:
+        out = torch.empty_like(x2)
+        scale = out   # not read (QUANT=False)
     block_n = 1 << max(0, (n - 1).bit_length())
     if block_rows is None:
         block_rows = max(1, 4096 // block_n)
@@ -94,8 +113,9 @@ def add_layer_norm(x: torch.Tensor, y: Optional[torch.Tensor], weight: torch.Ten
         num_warps = 8 if block_rows * block_n >= 4096 else 4
     if rows:
         kernel[(-(-rows // block_rows),)](
-            x2, y2, total, out, weight, bias, rows, n, float(eps),
+            x2, y2, total, out, weight, bias, scale, rows, n, float(eps),
             x2.stride(0), y2.stride(0), total.stride(0), out.stride(0),
-            HAS_Y=y is not None, BLOCK_R=block_rows, BLOCK_N=block_n, num_warps=num_warps)
+            HAS_Y=y is not None, BLOCK_R=block_rows, BLOCK_N=block_n, QUANT=quant, num_warps=num_warps)
     shape = x.shape
-    return (total.view(shape) if y is not None else x), out.view(shape)
+    stream = total.view(shape) if y is not None else x
+    return stream, (Fp8Rows(out, scale) if quant else out.view(shape))

@@ -14,13 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from . import triton_support
+from . import fp8, triton_support
 from .attention import flash_varlen_available, flex_available
 
 DEVICES_HELP = "auto | cpu | cuda | cuda:N"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_CHOICES = ("auto", "padded", "flash", "flex", "triton")
 KERNEL_CHOICES = ("auto", "triton", "torch")
+# The linears' formats (ExecutionPlan.linears): "native" = the dtype's GEMMs; the fp8 plans
+# (RuntimeConfig.dtype "fp8" | "fp8-ffn") run bf16 with e4m3 linears (fp8.py).
+LINEARS = ("native",) + fp8.PLANS
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,14 @@ class ExecutionPlan:
     attention: str = "padded"   # "padded" | "flash" | "flex" | "triton" (see attention.py)
     kernels: bool = False       # our Triton kernels for the element-wise work (ESM-2: rotary, add + LayerNorm)
     compiled: bool = False      # torch.compile of each layer's element-wise functions
+    linears: str = "native"     # "native" | "fp8" (every linear in e4m3) | "fp8-ffn" (the feed-forward's)
 
     def describe(self) -> str:
         """One line for the server log: what runs on this instance."""
-        return (f"device {self.device}, dtype {str(self.dtype).replace('torch.', '')}, "
+        linears = {"fp8": ", linears fp8 e4m3 (all; per-channel weights, per-token activations)",
+                   "fp8-ffn": ", linears fp8 e4m3 (feed-forward only; per-channel weights, per-token "
+                              "activations)"}.get(self.linears, "")
+        return (f"device {self.device}, dtype {str(self.dtype).replace('torch.', '')}{linears}, "
                 f"attention {self.attention}, our kernels {'on' if self.kernels else 'off'}, "
                 f"compiled {'on' if self.compiled else 'off'}")
 
@@ -69,7 +76,9 @@ def choose_plan(config, encoder: torch.nn.Module) -> ExecutionPlan:
     `COMPILE_WITH_KERNELS` (False: with our kernels it runs eager, measured faster).
     """
     device = resolve_device(config.device)
-    dtype = choose_dtype(device) if config.dtype == "auto" else DTYPES[config.dtype]
+    linears = _linears(config.dtype, device, encoder)
+    dtype = (choose_dtype(device) if config.dtype == "auto" else
+             torch.bfloat16 if linears != "native" else DTYPES[config.dtype])
     name = type(encoder).__name__
     compile_requested = config.compile is True
     kernels = _use_kernels(config.kernels, device, encoder,
@@ -80,7 +89,18 @@ def choose_plan(config, encoder: torch.nn.Module) -> ExecutionPlan:
     if config.compile is None and kernels and not encoder.COMPILE_WITH_KERNELS:
         compiled = False
     attention = _attention(config.attention, kernels, device, dtype, encoder)
-    return ExecutionPlan(device=device, dtype=dtype, attention=attention, kernels=kernels, compiled=compiled)
+    return ExecutionPlan(device=device, dtype=dtype, attention=attention, kernels=kernels, compiled=compiled,
+                         linears=linears)
+
+
+def _linears(dtype: str, device: torch.device, encoder: torch.nn.Module) -> str:
+    """ExecutionPlan.linears for RuntimeConfig.dtype; ValueError where fp8 cannot run."""
+    if dtype not in fp8.PLANS:
+        return "native"
+    problem = fp8.support_problem(device) or fp8.shape_problem(encoder)
+    if problem:
+        raise ValueError(f"dtype {dtype!r} refused: {problem}")
+    return dtype
 
 
 def without_kernels(plan: ExecutionPlan, config, encoder: torch.nn.Module) -> ExecutionPlan:

@@ -35,7 +35,7 @@ import torch
 
 from .errors import InvalidSequenceError, SequenceTooLargeError
 from .packing import PackedBatch, pack
-from .plan import ATTENTION_CHOICES, DEVICES_HELP, DTYPES, KERNEL_CHOICES, choose_plan, without_kernels
+from .plan import ATTENTION_CHOICES, DEVICES_HELP, DTYPES, KERNEL_CHOICES, LINEARS, choose_plan, without_kernels
 from .representations import Rows
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,12 @@ class RuntimeConfig:
     """How to run an encoder: where, in which dtype, how many tokens per forward, which inputs.
 
     device: "auto" (first CUDA device, else CPU), "cpu", "cuda" or "cuda:N".
-    dtype: "auto" (bfloat16 on CUDA compute capability >= 8.0, float32 otherwise) or a name.
+    dtype: "auto" (bfloat16 on CUDA compute capability >= 8.0, float32 otherwise) or a name:
+        float32, bfloat16, float16, or an fp8 plan (bf16 with e4m3 linears, fp8.py; CUDA compute
+        capability >= 8.9 only): "fp8" (every linear) or "fp8-ffn" (the feed-forward's).
+    fp8_min_cosine: the fp8 plans' accuracy gate (fp8_gate.py), run by `warmup()`: the smallest
+        per-sequence cosine of pooled embeddings, fp8 against fp32, on bundled sequences, below
+        which the plan is refused (ValueError). Ignored by the other dtypes.
     token_budget: tokens per forward; None = from the device's free memory at load.
     max_length: longest accepted sequence in letters; None = the model's default.
     too_long: "error" rejects longer sequences; "truncate" keeps their first max_length letters
@@ -83,13 +88,17 @@ class RuntimeConfig:
     compile: Optional[bool] = None
     attention: str = "auto"
     kernels: str = "auto"
+    fp8_min_cosine: float = 0.999
 
     def __post_init__(self):
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ValueError(f"device must be {DEVICES_HELP}, got {dev!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES and self.dtype not in LINEARS[1:]:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES) + list(LINEARS[1:])}, "
+                             f"got {self.dtype!r}")
+        if not (isinstance(self.fp8_min_cosine, (int, float)) and -1.0 <= self.fp8_min_cosine <= 1.0):
+            raise ValueError(f"fp8_min_cosine must be a number in [-1, 1], got {self.fp8_min_cosine!r}")
         if self.token_budget is not None and (not isinstance(self.token_budget, int) or self.token_budget < 1):
             raise ValueError(f"token_budget must be a positive int or None, got {self.token_budget!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
@@ -206,6 +215,7 @@ class Embedder:
         else:
             self.token_budget, how = token_budget_for(self.device, self.encoder, self.dtype), "auto"
         self.stats = EmbedStats()
+        self.fp8_check = None   # fp8 plans: fp8_gate.Fp8Check, set by warmup()
         self.last_truncated: dict[int, tuple[int, int]] = {}
         # Test hook: called with each packed batch just before its forward (an injected
         # allocation failure raises torch.cuda.OutOfMemoryError from here).
@@ -380,7 +390,8 @@ class Embedder:
 
     def warmup(self, lengths: Sequence[int] = (16, 48, 100, 200)) -> None:
         """Runs two small synthetic packs so compilation and kernel selection happen at load, not on the
-        first request; the counters stay at zero. Token id 0 is valid in every vocabulary."""
+        first request; the counters stay at zero. Token id 0 is valid in every vocabulary. An fp8
+        plan then passes its accuracy gate (fp8_gate.gate: `fp8_check`) or raises Fp8GateError."""
         arrays = [np.zeros(n, dtype=np.int64) for n in lengths]
         try:
             self.embed_tokens(arrays)
@@ -397,6 +408,10 @@ class Embedder:
             log.info("%s: %s", type(self.encoder).__name__, self.plan.describe())
             self.embed_tokens(arrays)
         self.embed_tokens(arrays[::2])
+        if self.plan.linears != "native":
+            # The fp8 plan measured on this checkpoint; Fp8GateError (ValueError) below the threshold.
+            from .fp8_gate import gate
+            self.fp8_check = gate(self)
         self.stats = EmbedStats()
 
     def close(self) -> None:

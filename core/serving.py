@@ -111,8 +111,9 @@ def _optional_int(params: dict, key: str) -> Optional[int]:
 
 
 def runtime_options(params: dict, device: str):
-    """RuntimeConfig from the config parameters dtype, token_budget, max_length, too_long, attention,
-    kernels (absent ones keep RuntimeConfig's defaults)."""
+    """RuntimeConfig from the config parameters dtype (auto | float32 | bfloat16 | float16 | fp8 |
+    fp8-ffn), token_budget, max_length, too_long, attention, kernels, fp8_min_cosine (absent ones keep
+    RuntimeConfig's defaults)."""
     from .runtime import RuntimeConfig
 
     return RuntimeConfig(
@@ -123,7 +124,20 @@ def runtime_options(params: dict, device: str):
         too_long=params.get("too_long", "error").strip() or "error",
         attention=params.get("attention", "auto").strip() or "auto",
         kernels=params.get("kernels", "auto").strip() or "auto",
+        fp8_min_cosine=_fp8_min_cosine(params),
     )
+
+
+def _fp8_min_cosine(params: dict) -> float:
+    """The fp8_min_cosine parameter (the fp8 plans' gate, fp8_gate.py): a number, or auto = 0.999."""
+    value = params.get("fp8_min_cosine", "auto").strip()
+    if value in ("", "auto"):
+        from .fp8_gate import DEFAULT_MIN_COSINE
+        return DEFAULT_MIN_COSINE
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"parameter fp8_min_cosine must be 'auto' or a number, got {value!r}") from None
 
 
 def checkpoint_path(params: dict, model_dir: Union[str, Path]) -> Path:

@@ -59,6 +59,7 @@ class EmbeddingModel:
         e = self.embedder
         pb_utils.Logger.log_info(
             f"{self.model_name} ({args['model_instance_name']}): {path}; plan: {e.plan.describe()}; "
+            + (f"{e.fp8_check.describe()}; " if e.fp8_check is not None else "") +
             f"token budget {e.token_budget}, max_length {e.max_length} ({e.config.too_long}), "
             f"max_request_tokens {self.max_request_tokens}")
         self._init_metrics({"model": self.model_name, "gpu": gpu, "instance": args["model_instance_name"]})

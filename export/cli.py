@@ -3,6 +3,7 @@
     embed-export --esm2 SRC --dnabert-s SRC --out REPO [--link] [--force]
     embed-export demo --out REPO
     embed-export onnx --model esm2 --checkpoint SRC --out DIR
+    embed-export check-fp8 --model esm2 --checkpoint SRC [--fasta FILE] [--plan fp8|fp8-ffn|both]
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_repo_options(parser)
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="huggingface_hub cache for hub ids (default: its own, ~/.cache/huggingface)")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,onnx}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,onnx,check-fp8}")
 
     demo = sub.add_parser("demo", help="write small random checkpoints in the published layouts and "
                           "assemble a repository from them", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -57,7 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     onnx.add_argument("--force", action="store_true", help="replace --out if it exists")
     onnx.add_argument("--cache-dir", type=Path, default=None, help="huggingface_hub cache for hub ids")
+    _add_check_fp8(sub)
     return parser
+
+
+def _add_check_fp8(sub) -> None:
+    check = sub.add_parser("check-fp8", help="the fp8 plans' accuracy gate on a checkpoint: pooled embeddings "
+                           "with each fp8 plan against fp32, refused below --min-cosine (exit 1)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    check.add_argument("--model", choices=("esm2", "dnabert_s"), required=True, help="model kind")
+    check.add_argument("--checkpoint", required=True, metavar="SRC",
+                       help="checkpoint: " + SOURCE_HELP.format(pt=" (or a fair-esm .pt for esm2)"))
+    check.add_argument("--fasta", type=Path, default=None,
+                       help="your own sequences (default: 160 bundled synthetic ones, embed_core.fp8_gate)")
+    check.add_argument("--max-sequences", type=int, default=1000, help="use at most this many from --fasta")
+    check.add_argument("--plan", choices=("fp8", "fp8-ffn", "both"), default="both",
+                       help="fp8 = every linear in e4m3; fp8-ffn = the feed-forward's only")
+    check.add_argument("--min-cosine", type=float, default=0.999,
+                       help="the smallest per-sequence cosine accepted (the model config's fp8_min_cosine)")
+    check.add_argument("--device", default="auto", help="auto | cuda | cuda:N (fp8 needs compute capability >= 8.9)")
+    check.add_argument("--cache-dir", type=Path, default=None, help="huggingface_hub cache for hub ids")
 
 
 def _add_repo_options(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
             return _demo(args)
         if args.command == "onnx":
             return _onnx(args)
+        if args.command == "check-fp8":
+            return _check_fp8(args)
         return _build(args)
     except ExportError as err:
         print(f"embed-export: error: {err}", file=sys.stderr, flush=True)
@@ -131,6 +153,28 @@ def _onnx(args: argparse.Namespace) -> int:
               f"padded together and alone: max |onnx - model core| = {result.max_abs_diff:.3g} "
               f"(tolerance {args.tolerance:g})", flush=True)
     return 0
+
+
+def _check_fp8(args: argparse.Namespace) -> int:
+    """Each asked fp8 plan measured on the checkpoint; 0 when the asked plan (or, with both, at least
+    one) passes, 1 otherwise. The figures are printed either way."""
+    from embed_core.fp8_gate import check_checkpoint, read_fasta
+
+    path = resolve_source(args.checkpoint, args.cache_dir)
+    plans = ("fp8", "fp8-ffn") if args.plan == "both" else (args.plan,)
+    sequences = read_fasta(args.fasta, args.max_sequences) if args.fasta else None
+    source = f"{len(sequences)} sequences of {args.fasta}" if sequences else "the bundled sequences"
+    print(f"embed-export: check-fp8 {args.model} {path} on {source}", flush=True)
+    try:
+        checks = check_checkpoint(args.model, path, plans, sequences, args.min_cosine, args.device)
+    except ValueError as err:   # e.g. no FP8 on this device
+        raise ExportError(str(err)) from None
+    for check in checks:
+        print(f"embed-export: {check.describe()}", flush=True)
+    passed = [c.plan for c in checks if c.passed]
+    print(f"embed-export: dtype {passed[0] if passed else 'bfloat16'} is the fastest plan this checkpoint "
+          f"passes (model config parameter dtype)", flush=True)
+    return 0 if passed else 1
 
 
 def _report(checkpoint: ValidCheckpoint) -> None:

@@ -45,7 +45,10 @@ DNABERT_S_FULL = dict(vocab_size=4096, hidden_size=768, num_hidden_layers=12, nu
                       intermediate_size=3072)
 DNABERT_S_SMALL = dict(vocab_size=512, hidden_size=192, num_hidden_layers=2, num_attention_heads=12,
                        intermediate_size=384)   # head_dim 16: the smallest the Triton attention kernel takes
-TARGETS = {"esm2_c_over_b": 1.5, "dnabert_s_c_tokens_per_s": 2.0e6}
+TARGETS = {"esm2_c_over_b": 1.5, "dnabert_s_c_tokens_per_s": 2.0e6,
+           # issue 17: fp8 on every linear against our bf16 (c) in the same run; DNABERT-S fp8 tokens/s
+           "esm2_fp8_over_c": 1.5, "dnabert_s_fp8_tokens_per_s": 2.2e6}
+FP8_PLANS = ("fp8", "fp8-ffn")   # variant entries that run RuntimeConfig(dtype=...): the fp8 plans
 
 
 def import_core():
@@ -170,10 +173,32 @@ def padded_runner(forward, pad_id: int, skip: tuple, batches_of, device: torch.d
     return run
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row cosine similarity of a and b."""
+    num = (a.astype(np.float64) * b).sum(1)
+    return num / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
     """Smallest per-row cosine similarity of a and b."""
-    num = (a.astype(np.float64) * b).sum(1)
-    return float((num / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+    return float(row_cosines(a, b).min())
+
+
+def fp32_reference(core, model, tokenizer, args, device, work: list):
+    """fp32 embeddings (PyTorch eager, padded attention) of work[:--fp32-ref-seqs], or None (0)."""
+    part = work[:args.fp32_ref_seqs]
+    if not part:
+        return None
+    embedder = core.Embedder(model, tokenizer, core.RuntimeConfig(
+        device=str(device), dtype="float32", kernels="torch", attention="padded", compile=False,
+        token_budget=args.token_budget))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = embedder.embed_tokens(part)
+    print(f"bench_models: fp32 reference of {len(part)} sequences in {time.perf_counter() - t0:.1f} s", flush=True)
+    embedder.close()
+    free_memory(device)
+    return out
 
 
 def random_init_(model: torch.nn.Module, seed: int, std) -> None:
@@ -259,8 +284,9 @@ def bench_esm2(core, args, device: torch.device, dtype: torch.dtype) -> dict:
             variants.append(variant)
     if not variants:
         raise SystemExit("bench_models: no --esm-rotary variant can run here")
+    ref = fp32_reference(core, ours, Esm2Tokenizer(), args, device, work)
     embedder, out_c, c_key = run_ours(core, ours, Esm2Tokenizer(), args, device, dtype, work, warm, runs, out_b,
-                                      variants)
+                                      variants, ref)
     result = summarize("esm2", dims, build_s, work, vanilla_work, runs, out_a, out_b, out_c, embedder, c_key)
     del embedder, ours
     free_memory(device)
@@ -296,10 +322,12 @@ def attention_variant(name: str) -> tuple:
     entry pins the attention with kernels="torch", so each backend's share shows."""
     if name == "auto":
         return "c", {}, ", defaults"
+    if name in FP8_PLANS:
+        return fp8_variant(name)
     return f"c_{name}", {"attention": name, "kernels": "torch"}, f", attention {name}"
 
 
-ESM_VARIANTS = ("auto", "torch", "triton", "eager", "flash")   # rotary_variant's names
+ESM_VARIANTS = ("auto", "torch", "triton", "eager", "flash") + FP8_PLANS   # rotary_variant's names
 
 
 @with_budget
@@ -321,16 +349,26 @@ def rotary_variant(name: str, device: torch.device) -> tuple:
         return "c_uncomp", {"compile": False}, ", defaults, not compiled"
     if name == "flash":
         return "c_flash", {"attention": "flash"}, ", defaults but flash attention"
+    if name in FP8_PLANS:
+        return fp8_variant(name)
     return "c", {}, ", defaults"
 
 
-def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_b=None, variants=(None,)):
+def fp8_variant(name: str) -> tuple:
+    """An fp8 plan (RuntimeConfig dtype fp8 | fp8-ffn) with the runtime's other defaults."""
+    return f"c_{name}", {"dtype": name}, f", {name} linears (e4m3)"
+
+
+def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_b=None, variants=(None,),
+             ref=None):
     """(c): the Embedder under the runtime's policy; on CUDA with a compilable encoder also eager, first.
 
     `variants`: the (c) runs, each (key, RuntimeConfig overrides, label suffix) (see
     attention_variant / rotary_variant); None = the runtime's defaults, key "c".
     Returns (the last embedder, the output of the fastest (c) run, its key). A run that fails is
-    reported and skipped, so one broken variant does not cost the others.
+    reported and skipped, so one broken variant does not cost the others. The fp8 plans' runs are
+    never "the fastest (c)" (they are measured against it); `ref`: fp32 embeddings of work[:len(ref)],
+    each run's min/mean cosine against them in its figures.
     """
     def embedder_for(compile_, overrides=None):
         options = {"device": str(device), "dtype": name_of(dtype), "token_budget": args.token_budget,
@@ -347,12 +385,15 @@ def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_
             return None
         if out_b is not None:
             runs[key]["min_cos_b"] = cosine_rows(out, out_b)
+        if ref is not None:
+            cos = row_cosines(out[:len(ref)], ref)
+            runs[key]["cos_fp32"] = {"min": float(cos.min()), "mean": float(cos.mean()), "sequences": len(ref)}
         if args.profile and device.type == "cuda":
             profile(f"({key}) {label}", embedder, work, device, trace_dir=args.trace_dir)
         return out
 
     policy = {"auto": None, "on": True, "off": False}[args.compile]
-    if device.type == "cuda" and policy is not False:
+    if device.type == "cuda" and policy is not False and not args.skip_eager:
         eager = embedder_for(False)
         run_one("c_eager", f"ours: Embedder {name_of(dtype)} packed, eager (budget {eager.token_budget})", eager)
         eager.close()
@@ -364,7 +405,8 @@ def run_ours(core, model, tokenizer, args, device, dtype, work, warm, runs, out_
         out = run_one(key, f"ours: Embedder {name_of(dtype)} packed, {how}{label} (budget {embedder.token_budget})",
                       embedder)
         embedder.close()
-        if out is not None and (best is None or runs[key]["tokens_per_s"] > runs[best]["tokens_per_s"]):
+        native = not key.startswith(tuple(f"c_{p}" for p in FP8_PLANS))
+        if out is not None and native and (best is None or runs[key]["tokens_per_s"] > runs[best]["tokens_per_s"]):
             best, out_best = key, out
     if best is None:
         raise RuntimeError("every (c) run failed")
@@ -524,7 +566,8 @@ def bench_dnabert_s(core, args, device: torch.device, dtype: torch.dtype) -> dic
     runs["b"], out_b = measure(f"ours forward_padded {name_of(dtype)} SDPA+ALiBi bias, length-sorted", b, work,
                                warm, device)
     variants = [attention_variant(b.strip()) for b in args.attention.split(",") if b.strip()]
-    embedder, out_c, c_key = run_ours(core, model, None, args, device, dtype, work, warm, runs, out_b, variants)
+    ref = fp32_reference(core, model, None, args, device, work)
+    embedder, out_c, c_key = run_ours(core, model, None, args, device, dtype, work, warm, runs, out_b, variants, ref)
     result = summarize("dnabert_s", dims, build_s, work, vanilla_work, runs, out_a, out_b, out_c, embedder, c_key)
     del embedder, model
     free_memory(device)
@@ -578,6 +621,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perf/bench_kernels.py's JSON: use its fastest correct attention tilings, with and "
                         "without bias (at its largest token count); --attention-tiling, --esm-attention-tiling "
                         "override")
+    p.add_argument("--skip-eager", action="store_true",
+                   help="skip the (c_eager) run that comes first on CUDA when compiling")
+    p.add_argument("--fp32-ref-seqs", type=int, default=640,
+                   help="sequences embedded in fp32 (PyTorch eager) as the reference of every (c) run's "
+                        "min/mean cosine (column cos~fp32; 0: none)")
     p.add_argument("--skip-vanilla", action="store_true",
                    help="skip the slow fp32 vanilla runs (a) (same as --esm-vanilla-seqs 0 --dna-vanilla-seqs 0)")
     p.add_argument("--profile", action="store_true", help="print each (c) run's top CUDA kernels (torch.profiler)")
@@ -595,9 +643,11 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, name, small if args.small else full)
     if args.skip_vanilla:
         args.esm_vanilla_seqs = args.dna_vanilla_seqs = 0
-    bad = [b for b in args.attention.split(",") if variant_name(b) not in ("auto", "padded", "flex", "triton")]
+    bad = [b for b in args.attention.split(",")
+           if variant_name(b) not in ("auto", "padded", "flex", "triton") + FP8_PLANS]
     if bad:
-        raise SystemExit(f"bench_models: --attention takes auto, padded, flex, triton (comma-separated), got {bad}")
+        raise SystemExit(f"bench_models: --attention takes auto, padded, flex, triton, fp8, fp8-ffn "
+                         f"(comma-separated), got {bad}")
     bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ESM_VARIANTS]
     if bad:
         raise SystemExit(f"bench_models: --esm-rotary takes {', '.join(ESM_VARIANTS)} (comma-separated, each "
@@ -611,7 +661,7 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
 def print_table(results: list, device_name: str) -> None:
     print(f"\nbench_models on {device_name}")
     print(f"{'model':10} {'path':69} {'seqs':>6} {'tokens':>9} {'s':>7} {'tokens/s':>11} {'peak GiB':>8} "
-          f"{'cos~(b)':>8}")
+          f"{'cos~(b)':>8} {'cos~fp32 min/mean':>17}")
     for r in results:
         for key, run in r["runs"].items():
             if "error" in run:
@@ -619,6 +669,8 @@ def print_table(results: list, device_name: str) -> None:
                 continue
             peak = f"{run['peak_gib']:8.1f}" if "peak_gib" in run else f"{'-':>8}"
             cos = f"{run['min_cos_b']:8.5f}" if "min_cos_b" in run else f"{'':8}"
+            if "cos_fp32" in run:
+                cos += f" {run['cos_fp32']['min']:8.5f}/{run['cos_fp32']['mean']:.5f}"
             flag = "" if run["finite"] else "  NON-FINITE"
             if run.get("graphs_compiled_warm"):
                 flag += f"  [warm-up {run['warm_s']:.0f} s, {run['graphs_compiled_warm']} graphs]"
@@ -637,11 +689,18 @@ def print_table(results: list, device_name: str) -> None:
 def targets(results: list) -> dict:
     met = {}
     for r in results:
+        fp8 = r["runs"].get("c_fp8", {})
         if r["model"] == "esm2":
             met["esm2_c_over_b"] = {"target": TARGETS["esm2_c_over_b"], "value": round(r["ratios"]["c_over_b"], 3)}
+            if "tokens_per_s" in fp8:
+                met["esm2_fp8_over_c"] = {"target": TARGETS["esm2_fp8_over_c"], "value": round(
+                    fp8["tokens_per_s"] / r["runs"][r["best_c"]]["tokens_per_s"], 3)}
         else:
             met["dnabert_s_c_tokens_per_s"] = {"target": TARGETS["dnabert_s_c_tokens_per_s"],
                                                "value": round(r["runs"][r["best_c"]]["tokens_per_s"])}
+            if "tokens_per_s" in fp8:
+                met["dnabert_s_fp8_tokens_per_s"] = {"target": TARGETS["dnabert_s_fp8_tokens_per_s"],
+                                                     "value": round(fp8["tokens_per_s"])}
     for v in met.values():
         v["met"] = v["value"] >= v["target"]
     return met

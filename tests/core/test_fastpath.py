@@ -137,7 +137,7 @@ def test_compiled_esm2_layer_has_no_graph_break():
     cos, sin = model.rotary_embeddings(torch.arange(total))
     x = torch.randn(total, ESM.hidden_size, generator=torch.Generator().manual_seed(0))
     head_fn = functools.partial(esm2_module.layer_head, esm2_module.rotate_qkv_torch)
-    tail_fn = functools.partial(esm2_module.layer_tail, esm2_module.add_norm_torch)
+    tail_fn = functools.partial(esm2_module.layer_tail, esm2_module.layer_steps(ExecutionPlan(), last=False))
     with torch.inference_mode():
         weight, bias = layer.fused_qkv()
         head = torch._dynamo.explain(head_fn)(x, weight, bias, cos, sin, ESM.num_attention_heads)

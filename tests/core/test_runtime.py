@@ -194,7 +194,7 @@ def test_device_policy(model):
     assert not embedder.plan.compiled, "CPU stays eager"
 
 
-@pytest.mark.parametrize("bad", [dict(device="gpu"), dict(device="cuda:x"), dict(dtype="fp8"),
+@pytest.mark.parametrize("bad", [dict(device="gpu"), dict(device="cuda:x"), dict(dtype="fp9"),
                                  dict(token_budget=0), dict(max_length=-1), dict(too_long="drop")])
 def test_config_validation(bad):
     with pytest.raises(ValueError):

@@ -1,0 +1,163 @@
+"""The fp8 plans' accuracy gate: fp8 against fp32 on the user's own weights, refused below a threshold.
+
+e4m3 has three mantissa bits; whether a checkpoint's embeddings survive them depends on its
+weights and its activation outliers, which random weights cannot tell (issue 17). So every fp8
+plan measures itself on the checkpoint it serves: the same sequences embedded with the fp8 plan
+and with the fp32 reference (the encoder's weights as served, computed in fp32, PyTorch eager,
+padded attention), the cosine of each sequence's pooled embedding, and the plan refused
+(`Fp8GateError`, a ValueError) when the smallest is below the threshold (default 0.999;
+RuntimeConfig.fp8_min_cosine, config parameter `fp8_min_cosine`).
+
+* `Embedder.warmup()` runs `gate(embedder)` for an fp8 plan on `bundled_sequences` (32, cheap:
+  one fp32 pass over ~3-6k tokens on the device; the encoder is cast to fp32 and back in place,
+  exactly, as its weights are bf16 then). The server log states the result (`Fp8Check.describe`).
+* `embed-export check-fp8` runs `check_checkpoint` on more of them (160) or on the user's FASTA,
+  for each fp8 plan, and prints the figures.
+
+The bundled sequences are synthetic, made here from a fixed seed: proteins of 40-170 residues
+with UniProt's amino-acid background frequencies, DNA chunks of 100-300 bp (uniform bases). A
+user's own FASTA (their real inputs) is the better test; the gate takes one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .plan import ExecutionPlan
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_COSINE = 0.999
+GATE_SEQUENCES = 32        # at load
+CHECK_SEQUENCES = 160      # embed-export check-fp8
+# UniProtKB/Swiss-Prot amino-acid composition (%), A C D E F G H I K L M N P Q R S T V W Y.
+_AMINO = "ACDEFGHIKLMNPQRSTVWY"
+_AMINO_FREQ = np.array([8.25, 1.38, 5.46, 6.72, 3.86, 7.07, 2.27, 5.91, 5.80, 9.65,
+                        2.41, 4.06, 4.74, 3.93, 5.53, 6.64, 5.35, 6.86, 1.10, 2.92])
+
+
+class Fp8GateError(ValueError):
+    """An fp8 plan measured below its threshold on this checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Check:
+    """One gate measurement: the plan, how many sequences, the cosines, the threshold."""
+
+    plan: str
+    sequences: int
+    min_cosine: float
+    mean_cosine: float
+    threshold: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.min_cosine >= self.threshold)
+
+    def describe(self) -> str:
+        return (f"fp8 gate ({self.plan}): pooled embeddings vs fp32 on {self.sequences} sequences: min cosine "
+                f"{self.min_cosine:.5f}, mean {self.mean_cosine:.5f} (threshold {self.threshold:g}): "
+                f"{'passed' if self.passed else 'REFUSED'}")
+
+
+def bundled_sequences(kind: str, n: int = GATE_SEQUENCES, seed: int = 17) -> list:
+    """n synthetic sequences for `kind` ("esm2": proteins, "dnabert_s": DNA), the same every time."""
+    rng = np.random.default_rng(seed)
+    if kind == "esm2":
+        lengths = rng.integers(40, 171, size=n)
+        p = _AMINO_FREQ / _AMINO_FREQ.sum()
+        return ["".join(rng.choice(list(_AMINO), size=int(k), p=p)) for k in lengths]
+    if kind == "dnabert_s":
+        return ["".join(rng.choice(list("ACGT"), size=int(k))) for k in rng.integers(100, 301, size=n)]
+    raise ValueError(f"no bundled sequences for model kind {kind!r}")
+
+
+def read_fasta(path: Union[str, Path], limit: Optional[int] = None) -> list:
+    """The sequences of a FASTA file (headers dropped, lines joined), the first `limit` of them."""
+    out, current = [], []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line.startswith(">"):
+            if current:
+                out.append("".join(current))
+            current = []
+        elif line:
+            current.append(line)
+    if current:
+        out.append("".join(current))
+    if not out:
+        raise ValueError(f"{path}: no sequences")
+    return out[:limit] if limit else out
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row cosine similarity of a and b [N, H] (float64)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)
+
+
+def reference_embeddings(embedder, token_arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The embedder's encoder run in fp32 (PyTorch eager, padded attention) on its device, then put
+    back in its plan's dtype and plan (in place: bf16 -> fp32 -> bf16 is exact)."""
+    encoder, plan = embedder.encoder, embedder.plan
+    reference = ExecutionPlan(device=plan.device, dtype=torch.float32, attention="padded")
+    try:
+        encoder.to(torch.float32)
+        encoder.prepare(reference)
+        with torch.inference_mode():
+            return embedder.embed_tokens(token_arrays)
+    finally:
+        encoder.to(plan.dtype)
+        encoder.prepare(plan)
+
+
+def measure(embedder, token_arrays: Sequence[np.ndarray], threshold: float = DEFAULT_MIN_COSINE) -> Fp8Check:
+    """The embedder's plan against the fp32 reference on `token_arrays`."""
+    out = embedder.embed_tokens(token_arrays)
+    ref = reference_embeddings(embedder, token_arrays)
+    cos = cosines(out, ref)
+    return Fp8Check(plan=embedder.plan.linears, sequences=len(cos), min_cosine=float(cos.min()),
+                    mean_cosine=float(cos.mean()), threshold=float(threshold))
+
+
+def gate(embedder, token_arrays: Optional[Sequence[np.ndarray]] = None, kind: Optional[str] = None,
+         threshold: Optional[float] = None) -> Fp8Check:
+    """measure() on `token_arrays` (default: the bundled sequences for `kind`, else for the encoder's
+    kind, tokenized); Fp8GateError with the figures when below the threshold (default the
+    embedder's RuntimeConfig.fp8_min_cosine)."""
+    threshold = embedder.config.fp8_min_cosine if threshold is None else threshold
+    if token_arrays is None:
+        kind = kind or ("esm2" if type(embedder.encoder).__name__ == "ESM2" else "dnabert_s")
+        token_arrays = embedder.tokenize(bundled_sequences(kind))
+    check = measure(embedder, token_arrays, threshold)
+    log.info("%s: %s", type(embedder.encoder).__name__, check.describe())
+    if not check.passed:
+        raise Fp8GateError(f"{check.describe()}: this checkpoint loses too much in fp8; serve it with dtype "
+                           f"bfloat16 (or fp8-ffn if that passes: embed-export check-fp8), or lower "
+                           f"fp8_min_cosine knowingly")
+    return check
+
+
+def check_checkpoint(kind: str, path: Union[str, Path], plans: Sequence[str] = ("fp8", "fp8-ffn"),
+                     sequences: Optional[Sequence[str]] = None, threshold: float = DEFAULT_MIN_COSINE,
+                     device: str = "auto", token_budget: Optional[int] = None) -> list:
+    """embed-export check-fp8: each plan's Fp8Check on the checkpoint at `path` (no exception for a
+    plan below the threshold: the caller prints and decides)."""
+    from .models import load_embedder
+    from .runtime import RuntimeConfig
+
+    checks = []
+    for plan in plans:
+        embedder = load_embedder(kind, path, RuntimeConfig(device=device, dtype=plan, token_budget=token_budget,
+                                                           fp8_min_cosine=threshold))
+        try:
+            seqs = list(sequences) if sequences is not None else bundled_sequences(kind, CHECK_SEQUENCES)
+            checks.append(measure(embedder, embedder.tokenize(seqs), threshold))
+        finally:
+            embedder.close()
+    return checks
