@@ -94,20 +94,33 @@ def _models(text: str) -> tuple:
     return names
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every default shown (help that names its own default keeps it); epilog kept as written."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default said once, where it says something: not on required options, unset
+    ones (None), flags (False), or help that names its own default; the epilog kept as written."""
 
     def __init__(self, prog):
         super().__init__(prog, width=100)
 
     def _get_help_string(self, action):
-        if action.required or (action.default is None and "default" in (action.help or "")):
-            return action.help
-        return super()._get_help_string(action)
+        text = action.help or ""
+        default = action.default
+        if (action.required or not action.option_strings or default is None or default is False
+                or default == argparse.SUPPRESS or "(default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def version() -> str:
+    """The installed virnuc-embed's version (importlib.metadata)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("virnuc-embed")
+    except PackageNotFoundError:
+        return "unknown (virnuc-embed is not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults_s, defaults_t = ScheduleConfig(), TransportConfig()
     p = argparse.ArgumentParser(
         prog="embed-client",
         description="Embed a FASTA/FASTQ sample (plain or compressed) with DNABERT-S and ESM-2\n"
@@ -119,19 +132,33 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=_HelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    _input_options(p)
+    _server_options(p)
+    _flow_options(p)
+    plain.add_output_arguments(p)
+    _classifier_options(p)
+    _display_options(p)
+    return p
+
+
+def _input_options(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("input and output")
     inputs = io.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--sample", type=Path, default=None,
                         help="input FASTA or FASTQ (.gz/.bz2/.xz/.zst accepted), VirNucPro's "
-                        "prep; no default: give one of --sample, --proteins, --dna")
+                        "prep; '-': standard input (spooled into --out first); give one of "
+                        "--sample, --proteins, --dna")
     plain.add_input_arguments(inputs)
     io.add_argument("--out", type=Path, default=None,
-                    help="output directory (default: <sample stem>_embeddings beside the sample)")
+                    help="output directory (default: <sample stem>_embeddings beside the "
+                    "sample; needed when the input is standard input)")
     io.add_argument("--resume", action="store_true",
                     help="continue an interrupted run in --out: finished blocks are neither "
                     "recomputed nor duplicated, and no server is contacted unless something is "
                     "left to compute (a finished run only gets the --merged/--classifier files "
-                    "it lacks)")
+                    "it lacks); the first run's --chunk, --models, --window... are used unless "
+                    "given (run.json)")
     io.add_argument("--merged", action="store_true",
                     help="also write merged.parquet: the VirNucPro features per frame, "
                     "DNABERT-S then ESM-2 (768 + 2560 = 3328 for the published models)")
@@ -143,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="chunk length in bp (use the classifier trained for it)")
     prep.add_argument("--models", type=_models, default=",".join(MODEL_KINDS),
                       help=f"models to run, comma-separated subset of {','.join(MODEL_KINDS)}")
+
+
+def _server_options(p: argparse.ArgumentParser) -> None:
     srv = p.add_argument_group("servers")
     srv.add_argument("--server", dest="servers", action="append", default=None,
                      metavar="HOST[:PORT]",
@@ -152,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "--resolve-every (default: localhost:8001)")
     srv.add_argument("--metrics-url", dest="metrics_urls", action="append", default=None,
                      metavar="URL",
-                     help="Prometheus metrics URL of each --server, in the same order "
-                     "(default: http://<server host>:8002/metrics)")
+                     help="Prometheus metrics URL of each --server, in the same order, for the "
+                     "per-GPU figures (default: http://<server host>:<gRPC port + 1>/metrics, "
+                     "embed-server's layout: 8001 -> 8002)")
     srv.add_argument("--resolve-every", type=_non_negative_float, default=30.0,
                      metavar="SECONDS",
                      help="a --server NAME that resolves to several addresses (a Kubernetes "
@@ -171,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"file holding the servers' API key (embed-server --api-key-file), "
                      f"sent with every request and never shown; else ${API_KEY_ENV} "
                      f"[${API_KEY_FILE_ENV}]")
+
+
+def _flow_options(p: argparse.ArgumentParser) -> None:
+    defaults_s, defaults_t = ScheduleConfig(), TransportConfig()
     flow = p.add_argument_group("scheduling and faults")
     flow.add_argument("--token-budget", type=_positive_int, default=None,
                       help="estimated model tokens per request (ESM-2: residues + 2; DNABERT-S: "
@@ -193,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     flow.add_argument("--silence-warning", type=float, default=60.0, metavar="SECONDS",
                       help="warn when no server has answered for this long while requests "
                       "wait (e.g. a frozen server), and again each time as long; 0: never")
-    plain.add_output_arguments(p)
+
+
+def _classifier_options(p: argparse.ArgumentParser) -> None:
     clf = p.add_argument_group("classifier")
     clf.add_argument("--classifier", type=Path, default=None,
                      help="VirNucPro MLP weights (.safetensors or .npz; .pt/.pth state dict "
@@ -202,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     clf.add_argument("--allow-pickle", action="store_true",
                      help="allow a whole pickled module (the original 300_model.pth / "
                      "500_model.pth); runs code from the file, needs torch")
+
+
+def _display_options(p: argparse.ArgumentParser) -> None:
     ui = p.add_argument_group("display")
     ui.add_argument("--progress", choices=("auto", "rich", "plain"), default="auto",
                     help="auto: a live view when stdout is a terminal, log lines otherwise")
@@ -209,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds between progress log lines (plain mode)")
     ui.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     ui.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    return p
 
 
 def options_from_args(args: argparse.Namespace) -> RunOptions:
