@@ -48,7 +48,8 @@ output directory (--out): dnabert_s.parquet, esm2.parquet (columns id, embedding
 fixed_size_list<float32>[hidden], length int32; rows in input frame order),
 merged.parquet (--merged: DNABERT-S then ESM-2 features), prediction_results.txt and
 prediction_results_highestscore.csv (--classifier), summary.json (counts per stage),
-checksums.sha256 (every output file's sha256: sha256sum -c checksums.sha256), and while running: run.json, manifest.jsonl, parts/ (for --resume). --include bos and
+checksums.sha256 (each output file's sha256: sha256sum -c checksums.sha256), and while
+running: run.json, manifest.jsonl, parts/ (for --resume). --include bos and
 --with-sequence add bos and sequence columns; --include per_token writes
 <model>.per_token.h5 (one dataset [tokens, hidden] per id). Plain mode (--proteins: esm2,
 --dna: dnabert_s) keys rows by record id; too_long.tsv lists truncated or windowed records.
