@@ -14,7 +14,8 @@ Every outcome after step 4 leaves summary.json saying what happened; only a run 
 counts all match is "complete".
 
 --resume opens the output directory first and contacts no server until a block needs
-computing; a run found complete is finished without reading the sample (resume.py).
+computing; a run found complete is finished without parsing the sample (resume.py); its
+sha256 is read first in every --resume, to refuse another sample (integrity.py).
 """
 
 from __future__ import annotations
