@@ -5,9 +5,9 @@ complete and whose final files still hold that many rows, with the bytes checksu
 records, is finished without parsing the sample (only its sha256 is read, to check it is the
 same) or contacting a server: only derived files it now asks for and lacks or that changed
 (merged.parquet, the predictions) are written from the final files. Otherwise each block of
-the input is checked against the manifest (`ResumePlan.models_to_compute`): a committed block with all its
-parts is skipped, one with parts missing is computed for those models only, any other block
-is computed; the servers are contacted at the first block to compute.
+the input is checked against the manifest (`ResumePlan.models_to_compute`): a committed block
+with all its parts is skipped, one with parts missing is computed for those models only, any
+other block is computed; the servers are contacted at the first block to compute.
 """
 
 from __future__ import annotations
