@@ -3,7 +3,8 @@
 Shows records read, frames embedded (of the total, estimated until the prep has read the
 whole input), sequences/s, tokens/s, ETA and, from every server's Prometheus `/metrics`,
 tokens/s per GPU (the `embed_tokens_total` counter, labels {model, gpu, instance}, summed
-per gpu). Metrics that cannot be read are shown as unavailable; they never fail a run.
+per gpu; a CPU instance is labelled "cpu"). Metrics that cannot be read are shown as
+unavailable and said once per URL (with the hint to pass --metrics-url); they never fail a run.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class MetricsPoller:
         self._first: Dict[Tuple[str, str], Tuple[float, float]] = {}
         self.rates: Dict[Tuple[str, str], float] = {}
         self.unavailable: Dict[str, str] = {}
+        self._warned: set = set()      # URLs whose unavailability was said (once each)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._started = False
@@ -112,8 +114,11 @@ class MetricsPoller:
                     text = response.read().decode("utf-8", errors="replace")
                 per_gpu = parse_tokens_per_gpu(text)
             except Exception as e:  # a metrics endpoint is optional: note it, keep going
-                if url not in self.unavailable:
-                    log.debug("metrics %s unavailable: %s", url, e)
+                if url not in self._warned:
+                    self._warned.add(url)
+                    log.warning("per-GPU figures unavailable: %s cannot be read (%s); give "
+                                "--metrics-url for that server (embed-server --metrics-port)",
+                                url, e)
                 self.unavailable[url] = str(e)
                 continue
             self.unavailable.pop(url, None)
@@ -130,6 +135,11 @@ class MetricsPoller:
     def tokens_since_start(self) -> Dict[Tuple[str, str], float]:
         """Server-side tokens per (metrics url, gpu) since the poller started."""
         return {key: self._last[key][1] - self._first[key][1] for key in self._last}
+
+
+def device_label(gpu: str) -> str:
+    """How a figure's device is named: "gpu 0" for a GPU index, else the label ("cpu")."""
+    return f"gpu {gpu}" if str(gpu).isdigit() else str(gpu)
 
 
 def _si(value: float) -> str:
@@ -182,7 +192,7 @@ class Progress:
             eta = 0.0
         elif total is not None and frame_rate > 0:
             eta = max(0.0, (total - done) / frame_rate)
-        gpu_rates = {f"{_host(url)} gpu {gpu}": rate
+        gpu_rates = {f"{_host(url)} {device_label(gpu)}": rate
                      for (url, gpu), rate in sorted(self.metrics.rates.items())}
         return {
             "records": c.records_read, "records_total": c.records_total,

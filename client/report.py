@@ -16,7 +16,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 from embed_core.alphabets import ADDED_TOKENS_PER_SEQUENCE
 
 from .options import RunOptions
-from .progress import Counters, MetricsPoller
+from .progress import Counters, MetricsPoller, device_label
 from .reader import ValidatedInput
 from .servers import ServerPool
 from .sink import SUMMARY_FILE, OutputDir
@@ -182,7 +182,7 @@ class Report:
         sequences = sum(tally.received.values())
         tokens = sum(tally.letters[m] + ADDED_TOKENS_PER_SEQUENCE * tally.received[m]
                      for m in self.options.models)
-        server_tokens = {f"{url} gpu {gpu}": int(n)
+        server_tokens = {f"{url} {device_label(gpu)}": int(n)
                          for (url, gpu), n in self.metrics.tokens_since_start().items()}
         return {"sequences_per_s": round(sequences / send_s, 2),
                 "tokens_per_s": round(tokens / send_s, 1),

@@ -47,7 +47,6 @@ CONNECTION_MARKERS = ("socket closed", "connection reset", "stream removed", "rs
 # Valid in both alphabets (nucleotides and residues): asks a model with dims [-1] its width.
 PROBE_SEQUENCE = "ACGT"
 DEFAULT_GRPC_PORT = 8001
-DEFAULT_METRICS_PORT = 8002
 # embed-server's inference key: `x-api-key`, sent over gRPC with the prefix Triton 2.51 gives a
 # restricted protocol's header (server/frontend.py: GRPC_HEADER_PREFIX + API_KEY_HEADER).
 API_KEY_METADATA = "triton-grpc-protocol-x-api-key"
@@ -65,7 +64,7 @@ class ServerSpec:
 
     @classmethod
     def parse(cls, url: str, metrics_url: Optional[str] = None) -> "ServerSpec":
-        """`host[:port]` (gRPC, default 8001); metrics default: http://host:8002/metrics."""
+        """`host[:port]` (gRPC, default 8001); metrics default http://host:<port + 1>/metrics."""
         text = url.strip()
         if "://" in text:
             text = text.split("://", 1)[1]
@@ -80,7 +79,7 @@ class ServerSpec:
         host = parts.hostname
         shown = f"[{host}]" if ":" in host else host
         if metrics_url is None:
-            metrics_url = f"http://{shown}:{DEFAULT_METRICS_PORT}/metrics"
+            metrics_url = f"http://{shown}:{port + 1}/metrics"  # embed-server's 8001 -> 8002
         elif "://" not in metrics_url:
             metrics_url = "http://" + metrics_url
         if urlsplit(metrics_url).path in ("", "/"):
@@ -294,14 +293,14 @@ class Server:
         self.last_error = str(error)
         self.stats.retries += 1
         now = time.monotonic()
-        if now < self.available_at:
+        if now < self.available_at or self.dead:
             return
         self.failures += 1
-        if self.failures > self.config.retries:
-            self.dead = True
-            self.stats.given_up = self.last_error
-            log.error("server %s given up after %d retries: %s",
-                      self.spec.url, self.config.retries, self.last_error)
+        if self.failures > self.config.retries:  # said once: its other requests then fail quietly
+            self.dead, self.stats.given_up = True, self.last_error
+            log.error("server %s given up after %d retries (%d failed requests, put back in the "
+                      "queue): %s", self.spec.url, self.config.retries, self.stats.retries,
+                      self.last_error)
             return
         delay = self.config.delay(self.failures)
         self.available_at = now + delay

@@ -174,7 +174,7 @@ def test_classifier_of_the_wrong_width_stops_before_sending(tmp_path, embed_serv
 @pytest.mark.parametrize("server, metrics, expected", [
     ("localhost:8001", None, ("localhost:8001", "http://localhost:8002/metrics")),
     ("gpu-node-3", None, ("gpu-node-3:8001", "http://gpu-node-3:8002/metrics")),
-    ("grpc://10.0.0.5:9001/", None, ("10.0.0.5:9001", "http://10.0.0.5:8002/metrics")),
+    ("grpc://10.0.0.5:9001/", None, ("10.0.0.5:9001", "http://10.0.0.5:9002/metrics")),
     ("[::1]:8001", None, ("[::1]:8001", "http://[::1]:8002/metrics")),
     ("h:8001", "h:9102", ("h:8001", "http://h:9102/metrics")),
     ("h:8001", "https://m.example/custom", ("h:8001", "https://m.example/custom")),
@@ -192,7 +192,7 @@ def test_metrics_urls_pair_with_servers_in_order(tmp_path):
         "--metrics-url", "a:3"])
     options = cli.options_from_args(args)
     assert [(s.url, s.metrics_url) for s in options.servers] == [
-        ("a:1", "http://a:3/metrics"), ("b:2", "http://b:8002/metrics")]
+        ("a:1", "http://a:3/metrics"), ("b:2", "http://b:3/metrics")]
     assert options.out == tmp_path / "S1_embeddings"  # default: beside the sample
     assert options.models == ("dnabert_s", "esm2") and options.chunk == 300
 

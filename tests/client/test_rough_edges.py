@@ -4,12 +4,15 @@ options."""
 
 from __future__ import annotations
 
+import logging
 import re
 from importlib.metadata import version
 
 import pytest
 
 from embed_client import cli
+from embed_client.progress import Counters, MetricsPoller, Progress
+from embed_client.transport import Server, ServerSpec, TransportConfig
 
 
 def _help(capsys) -> str:
@@ -35,3 +38,55 @@ def test_version(capsys):
         cli.main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"embed-client {version('virnuc-embed')}"
+
+
+class _Lines(logging.Handler):
+    """The messages of one logger (the CLI's logger does not propagate to caplog's)."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+        self.logger = logging.getLogger(name)
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+
+
+def test_metrics_url_follows_the_grpc_port():
+    assert ServerSpec.parse("gpu-1:9001").metrics_url == "http://gpu-1:9002/metrics"
+    assert ServerSpec.parse("gpu-1").metrics_url == "http://gpu-1:8002/metrics"
+    assert ServerSpec.parse("gpu-1:9001", "gpu-1:7000").metrics_url == "http://gpu-1:7000/metrics"
+
+
+def test_unreadable_metrics_are_said_once_and_cpu_is_labelled_cpu():
+    from embed_server.launcher import free_ports
+
+    url = f"http://127.0.0.1:{free_ports(1)[0]}/metrics"
+    poller = MetricsPoller([url], timeout=0.5)
+    with _Lines("embed_client.progress") as lines:
+        for _ in range(3):
+            poller.poll()
+    said = [m for m in lines.messages if "per-GPU figures unavailable" in m]
+    assert len(said) == 1 and url in said[0] and "--metrics-url" in said[0]
+    poller.rates = {("http://h:8002/metrics", "cpu"): 5.0, ("http://h:8002/metrics", "0"): 7.0}
+    gpus = Progress(Counters(), poller, tty=False).snapshot()["gpus"]
+    assert set(gpus) == {"h:8002 cpu", "h:8002 gpu 0"}
+
+
+def test_a_given_up_server_is_said_once_with_the_count():
+    server = Server(ServerSpec.parse("127.0.0.1:1"), TransportConfig(retries=2))
+    with _Lines("embed_client") as lines:
+        for _ in range(12):          # 12 requests in flight fail, each after the backoff ended
+            server.available_at = 0.0
+            server.failed(RuntimeError("connection refused"))
+    given_up = [m for m in lines.messages if "given up" in m]
+    assert server.dead and len(given_up) == 1
+    assert "after 2 retries (3 failed requests" in given_up[0]
+    assert server.stats.retries == 12
