@@ -17,6 +17,11 @@ Memory is bounded: records are streamed; duplicate detection keeps one 8-byte ha
 record (80 MB for 10M reads, against ~1 GB for a Python set of id strings) and, only
 when two hashes collide, reads the file once more to compare the real ids, so a hash
 collision can never be reported as a duplicate.
+
+Nucleotide input (VirNucPro's prep, DNABERT-S) may be RNA: U/u are IUPAC codes, read as T/t
+(`ValidatedInput.rna_records` counts the records that held one; `.records()` yields them
+with T), so six-frame translation reads their codons as DNA's. A letter that is an amino
+acid and no nucleotide code (E, F, I, L, P, Q...) says the file looks like proteins.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ POLICIES = ("error", "skip")
 MAX_LISTED = 20
 
 _IUPAC_BYTES = (IUPAC_NUCLEOTIDES + IUPAC_NUCLEOTIDES.lower()).encode()
+_U_AS_T = str.maketrans("Uu", "Tt")
+# Amino-acid letters (and the stop '*') that are no IUPAC nucleotide code: a protein FASTA.
+PROTEIN_ONLY = "EFIJLOPQXZ*"
 _SNIFF_BYTES = 1 << 16
 _BLOCK_BYTES = 1 << 18
 
@@ -95,16 +103,19 @@ class ValidatedInput:
     n_bases: int  # bases in the kept records
     skipped: Tuple[InputProblem, ...]  # every skipped record with its reason, in file order
     skipped_indices: frozenset  # 0-based record indices of the skipped records
+    rna_records: int = 0  # kept nucleotide records holding U/u: `.records()` reads them as T/t
 
     def records(self) -> Iterator[Record]:
-        """Stream the kept records, in file order, reading the file again."""
+        """Stream the kept records, in file order, reading the file again (U as T: RNA)."""
         skip = self.skipped_indices
         seen = 0
+        rna = self.rna_records > 0
         for index, raw in enumerate(_raw(self.path, self.format, check=False)):
             seen += 1
             if skip and index in skip:
                 continue
-            yield Record(raw.name.split(None, 1)[0], raw.sequence)
+            sequence = raw.sequence.translate(_U_AS_T) if rna else raw.sequence
+            yield Record(raw.name.split(None, 1)[0], sequence)
         if seen != self.n_records:
             raise InputError(
                 str(self.path), None, None,
@@ -129,7 +140,8 @@ def validate(path, policy: str = "error", *, max_listed: int = MAX_LISTED,
     listed: list = []  # (index, InputProblem): all of them (skip) or the first max_listed (error)
     n_problems = 0
     hashes = array("q")  # hash of every non-empty record id
-    records = bases = 0
+    records = bases = rna = 0
+    count_rna = alphabet == NUCLEOTIDES  # U is selenocysteine in proteins: kept there
     fmt = _sniff(path)
     try:
         for index, raw in enumerate(_raw(path, fmt, check=alphabet)):
@@ -139,6 +151,7 @@ def validate(path, policy: str = "error", *, max_listed: int = MAX_LISTED,
                 hashes.append(hash(record_id))
             if problem is None:
                 bases += len(raw.sequence)
+                rna += count_rna and ("U" in raw.sequence or "u" in raw.sequence)
                 continue
             n_problems += 1
             if keep_all or len(listed) < max_listed:
@@ -161,6 +174,7 @@ def validate(path, policy: str = "error", *, max_listed: int = MAX_LISTED,
     return ValidatedInput(
         path=path, format=fmt, n_records=records, n_kept=records - n_problems, n_bases=bases,
         skipped=tuple(p for _, p in listed), skipped_indices=frozenset(i for i, _ in listed),
+        rna_records=rna,
     )
 
 
@@ -323,6 +337,9 @@ def _bad_letter(text, position: int, offset: int, alphabet: Alphabet = NUCLEOTID
     if isinstance(letter, int):
         letter = chr(letter)
     shown = repr(letter) if letter.isprintable() and ord(letter) < 128 else f"byte 0x{ord(letter):02x}"
+    if alphabet == NUCLEOTIDES and letter.upper() in PROTEIN_ONLY:
+        return (f"invalid letter {shown} at sequence position {offset + position + 1}, an amino "
+                f"acid and no nucleotide code: this looks like a protein FASTA: use --proteins")
     return (
         f"invalid letter {shown} at sequence position {offset + position + 1}: "
         f"only {alphabet.name} are accepted"

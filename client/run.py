@@ -25,7 +25,7 @@ import logging
 import time
 from typing import Dict, Optional
 
-from . import finals, plain, reader, resume
+from . import finals, inputs, plain, reader, resume
 from .classifier import Classifier, load_classifier, write_with_predictions
 from .errors import IncompleteError, InputError, InterruptedRun, OutputWriteError
 from .integrity import file_sha256, short, write_checksums
@@ -108,6 +108,7 @@ class _Run:
                                                  alphabet=plain.alphabet(options.plain))
         v = self.validated
         log.info("%d records, %d kept, %d skipped", v.n_records, v.n_kept, len(v.skipped))
+        await asyncio.to_thread(inputs.check, v, options.plain)  # RNA said; DNA as proteins refused
 
     async def _fingerprint(self) -> None:
         """The sample's sha256 (its identity for --resume), in a thread."""
