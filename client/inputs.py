@@ -55,3 +55,64 @@ def refuse_dna(validated: reader.ValidatedInput) -> None:
             f"{'s' if looked > 1 else ''} of >= {DNA_MIN_LENGTH} letters hold only A, C, G, T, "
             f"U, N; use --dna (DNABERT-S embeddings per record) or --sample (VirNucPro: "
             f"chunks, six frames, both models)")
+
+
+# ------------------------------------------------------------------ standard input
+
+CHUNK_BYTES = 1 << 20
+
+
+def spool_stdin(options):
+    """`--sample -` (or --proteins/--dna -): standard input copied to <out>/stdin.input first, so
+    the run (its sha256, validation, --resume) reads a file; returns the options reading it.
+
+    On --resume the first run's copy is kept: standard input, when it holds data, must be the
+    same bytes (else OutputError naming both sha256), and may be left empty (or a terminal)."""
+    import dataclasses
+    import os
+    import sys
+
+    from .errors import OutputError
+    from .integrity import file_sha256, short
+    from .sink import STDIN_FILE, OutputDir
+
+    if str(options.sample) != "-":
+        return options
+    OutputDir(options.out).check(resume=options.resume)
+    spooled = options.out / STDIN_FILE
+    stream = getattr(sys.stdin, "buffer", None)
+    tty = stream is None or sys.stdin.isatty()
+    if options.resume and spooled.is_file() and tty:
+        log.info("--resume: standard input is a terminal; reading the first run's copy %s",
+                 spooled)
+        return dataclasses.replace(options, sample=spooled)
+    if tty:
+        raise InputError("standard input", None, None, "is a terminal (or closed): pipe a "
+                         "FASTA/FASTQ into it, or give the file's path")
+    options.out.mkdir(parents=True, exist_ok=True)
+    partial = spooled.with_name(STDIN_FILE + ".partial")
+    size = 0
+    with open(partial, "wb") as fh:
+        for block in iter(lambda: stream.read(CHUNK_BYTES), b""):
+            fh.write(block)
+            size += len(block)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if options.resume and spooled.is_file():
+        if size == 0:
+            partial.unlink()
+            log.info("--resume: standard input is empty; reading the first run's copy %s",
+                     spooled)
+        else:
+            mine, theirs = file_sha256(spooled), file_sha256(partial)
+            partial.unlink()
+            if mine != theirs:
+                raise OutputError(f"--resume: standard input (sha256 {short(theirs)}) is not "
+                                  f"the first run's input {spooled} (sha256 {short(mine)})")
+        return dataclasses.replace(options, sample=spooled)
+    if size == 0:
+        partial.unlink()
+        raise InputError("standard input", None, None, "no records: standard input is empty")
+    os.replace(partial, spooled)
+    log.info("standard input spooled to %s (%s bytes)", spooled, f"{size:,}")
+    return dataclasses.replace(options, sample=spooled)

@@ -44,6 +44,10 @@ class RunOptions:
     def __post_init__(self):
         object.__setattr__(self, "sample", Path(self.sample))
         if self.out is None:
+            if str(self.sample) == "-":
+                raise ValueError(f"--{self.plain or 'sample'} - reads standard input: give --out "
+                                 f"DIR (the input is spooled there first, for its sha256 and "
+                                 f"--resume)")
             object.__setattr__(self, "out", default_out(self.sample))
         object.__setattr__(self, "out", Path(self.out))
         from .plain import settle  # plain mode runs its one model; checks --too-long, --include

@@ -246,10 +246,11 @@ def add_input_arguments(inputs) -> None:
     """--proteins and --dna, in the group that holds --sample (exactly one of them)."""
     inputs.add_argument("--proteins", type=Path, default=None, metavar="FASTA",
                         help="plain mode: one ESM-2 embedding per protein record (ids = record "
-                        "ids), no chunking or translation; letters: ESM-2's residues (no default)")
+                        "ids), no chunking or translation; letters: ESM-2's residues; '-': "
+                        "standard input (no default)")
     inputs.add_argument("--dna", type=Path, default=None, metavar="FASTA",
                         help="plain mode: one DNABERT-S embedding per DNA record (ids = record "
-                        "ids), no chunking (no default)")
+                        "ids), no chunking; U read as T; '-': standard input (no default)")
 
 
 def add_output_arguments(parser) -> None:

@@ -42,6 +42,7 @@ log = logging.getLogger("embed_client")
 
 def execute(options: RunOptions) -> RunResult:
     """Run embed-client to the end; raises a ClientError subclass when it cannot finish."""
+    options = inputs.spool_stdin(options)  # `--sample -`: the run reads the spooled copy
     return asyncio.run(_Run(options).main())
 
 

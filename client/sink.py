@@ -8,6 +8,7 @@ Layout of `--out DIR`:
     <model>.parquet          final per-model table (written at the end, then parts removed)
     merged.parquet           optional: DNABERT-S then ESM-2 features per frame (--merged)
     summary.json             counts per stage; "status": "complete" only when all matched
+    stdin.input              the input read from standard input (`--sample -`), spooled first
 
 A block's parts are written under a temporary name and renamed; the manifest line is appended
 after the renames, so a block is finished exactly when its manifest line exists. Parts that
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.jsonl"
 SUMMARY_FILE = "summary.json"
+STDIN_FILE = "stdin.input"   # `--sample -`: standard input spooled here before the run (inputs.py)
 PARTS_DIR = "parts"
 MERGED_FILE = "merged.parquet"
 MERGE_ORDER = ("dnabert_s", "esm2")  # VirNucPro's feature order: nucleotide first
@@ -157,7 +159,8 @@ class OutputDir:
             if not (self.path / RUN_FILE).exists():
                 raise OutputError(f"--resume: {self.path} holds no interrupted run "
                                   f"(no {RUN_FILE}); run without --resume to start one")
-        elif self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+        elif self.path.exists() and (not self.path.is_dir() or any(
+                p.name != STDIN_FILE for p in self.path.iterdir())):
             ours = [n for n in (RUN_FILE, MANIFEST_FILE, SUMMARY_FILE) if (self.path / n).exists()]
             hint = ("it holds a run: pass --resume to continue it, or remove it"
                     if ours else "choose an empty or new directory")

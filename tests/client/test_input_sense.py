@@ -108,3 +108,60 @@ def test_a_dna_fasta_to_proteins_names_dna_and_sample(tmp_path, dead_server, cap
     fasta.write_text(">a\n" + "ACGT" * 6 + "\n")
     with pytest.raises(InputError, match="first 1 record of >= 20 letters"):
         inputs.refuse_dna(reader.validate(fasta))
+
+
+# ------------------------------------------------------------------ standard input
+
+def stdin_of(monkeypatch, data: bytes) -> None:
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+
+def test_stdin_needs_out(capsys):
+    assert run_cli("--sample", "-") == cli.EXIT_USAGE
+    assert "--sample - reads standard input: give --out DIR" in capsys.readouterr().err
+    assert run_cli("--proteins", "-") == cli.EXIT_USAGE
+    assert "--proteins - reads standard input" in capsys.readouterr().err
+
+
+def test_stdin_is_spooled_and_resumed(embed_server, tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    data = PROTEINS.encode()
+    out = tmp_path / "out"
+    argv = ["--proteins", "-", "--out", str(out), *live(embed_server)]
+    stdin_of(monkeypatch, data)
+    assert run_cli(*argv) == cli.EXIT_OK, capsys.readouterr().err
+    assert (out / "stdin.input").read_bytes() == data
+    run = json.loads((out / "run.json").read_text())
+    assert run["sample"] == str((out / "stdin.input").resolve())
+    assert run["sample_sha256"] == hashlib.sha256(data).hexdigest()
+    assert pq.read_table(out / "esm2.parquet").column("id").to_pylist() == ["P1", "P2"]
+    for again in (data, b""):                       # the same bytes, or nothing: the copy
+        stdin_of(monkeypatch, again)
+        assert run_cli(*argv, "--resume") == cli.EXIT_OK
+        assert "all 2 sequences already embedded" in capsys.readouterr().out
+    stdin_of(monkeypatch, data.replace(b"MKT", b"MKK"))
+    assert run_cli(*argv, "--resume") == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "standard input (sha256" in err and "is not the first run's input" in err
+    stdin_of(monkeypatch, b"")
+    assert run_cli("--sample", "-", "--out", str(tmp_path / "o2")) == cli.EXIT_INPUT
+    assert "standard input is empty" in capsys.readouterr().err
+
+
+def test_the_console_script_reads_dna_from_stdin(embed_server, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    script = shutil.which("embed-client") or str(Path(sys.executable).with_name("embed-client"))
+    out = tmp_path / "out"
+    done = subprocess.run([script, "--dna", "-", "--out", str(out), *live(embed_server)],
+                          input=b">d1\nACGTACGTTAGCCGAT\n>d2\nGAUUACA\n", capture_output=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert "1 of 2 records hold U (RNA): read as T" in done.stderr.decode()
+    assert pq.read_table(out / "dnabert_s.parquet").column("id").to_pylist() == ["d1", "d2"]
