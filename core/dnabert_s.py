@@ -10,9 +10,10 @@ layer is compiled come from the execution plan (plan.py), handed in by `prepare`
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
-from typing import Mapping, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -204,20 +205,60 @@ def layer_tail(context: torch.Tensor, x: torch.Tensor, dense_w, dense_b, ln1_w, 
                ln2_w, ln2_b, eps: float) -> torch.Tensor:
     """Everything of a layer after attention, as one pure function (so one compiled graph serves
     all layers): output projection + residual + post-LN, then GLU MLP + residual + post-LN."""
-    # fp8.linear is F.linear for tensor weights; for an fp8.Fp8Weight (the fp8 plans) it quantizes
-    # its input per token first, which Inductor fuses into the kernel that produces it (compiled).
     inter = wo_w.shape[1]                        # weight shapes, not x's: static when traced (ONNX)
-    h = F.layer_norm(fp8.linear(context, dense_w, dense_b) + x, ln1_w.shape, ln1_w, ln1_b, eps)  # [*, H]
-    g = fp8.linear(h, glu_w)                                                                     # [*, 2I]
+    h = F.layer_norm(F.linear(context, dense_w, dense_b) + x, ln1_w.shape, ln1_w, ln1_b, eps)   # [*, H]
+    g = F.linear(h, glu_w)                                                                       # [*, 2I]
     a = F.gelu(g[..., :inter]) * g[..., inter:]                                                  # [*, I]
-    return F.layer_norm(fp8.linear(a, wo_w, wo_b) + h, ln2_w.shape, ln2_w, ln2_b, eps)          # [*, H]
+    return F.layer_norm(F.linear(a, wo_w, wo_b) + h, ln2_w.shape, ln2_w, ln2_b, eps)            # [*, H]
 
 
-def layer_tail_fp8_out(*args) -> tuple:
-    """layer_tail and its output quantized per token (fp8.Fp8Rows): the next layer's q/k/v input
-    under the "fp8" plan, made in the same compiled graph as the LayerNorm that produces it."""
-    x = layer_tail(*args)
-    return x, fp8.quantize_rows(x)
+# ---- the fp8 plans: layer_tail's math in steps, each GEMM input made e4m3 by the step producing it
+
+
+def add_norm(y, x, w, b, eps: float) -> torch.Tensor:
+    """The post-LN after a residual add."""
+    return F.layer_norm(y + x, w.shape, w, b, eps)
+
+
+def add_norm_fp8(y, x, w, b, eps: float) -> tuple:
+    """add_norm and its rows in e4m3 (compiled: one Inductor kernel, rows of hidden size)."""
+    h = add_norm(y, x, w, b, eps)
+    return h, fp8.quantize_rows(h)
+
+
+def glu_fp8_torch(g: torch.Tensor) -> fp8.Fp8Rows:
+    inter = g.shape[-1] // 2
+    return fp8.quantize_rows(F.gelu(g[..., :inter].float()) * g[..., inter:].float())
+
+
+class Fp8TailSteps(NamedTuple):
+    out_in: Callable      # attention output -> the dense projection's input (fp8: quantized)
+    norm_mid: Callable    # add + post-LN -> (h, h in e4m3): the GLU GEMM's input
+    glu: Callable         # GLU GEMM output [*, 2I] -> wo's input in e4m3 (kernels_quant, or PyTorch)
+    norm_next: Callable   # add + post-LN -> the stream, or (stream, its e4m3 rows: the next q/k/v input)
+
+
+def layer_tail_fp8(steps: Fp8TailSteps, context, x, dense_w, dense_b, ln1_w, ln1_b, glu_w, wo_w, wo_b,
+                   ln2_w, ln2_b, eps: float):
+    """layer_tail under an fp8 plan: the same math, e4m3 GEMMs where the weights are fp8.Fp8Weight.
+    (A single compiled layer_tail with the quantization inside measured slower: Inductor's GLU +
+    row amax + cast kernel took 4x its bf16 GLU's time, perf/RESULTS.md.)"""
+    h, hq = steps.norm_mid(fp8.linear(steps.out_in(context), dense_w, dense_b), x, ln1_w, ln1_b, eps)
+    a = steps.glu(fp8.linear(hq, glu_w))
+    return steps.norm_next(fp8.linear(a, wo_w, wo_b), h, ln2_w, ln2_b, eps)
+
+
+def fp8_tail(plan: ExecutionPlan, last: bool) -> Callable:
+    """layer_tail_fp8 with the plan's steps bound (the last layer's output stays in the dtype)."""
+    from . import kernels_quant
+    every = plan.linears == "fp8"
+    compiled = compile_function if plan.compiled else (lambda fn: fn)
+    out_in = ((kernels_quant.quantize_rows if plan.kernels else fp8.quantize_rows) if every
+              else (lambda t: t))
+    norm_q = compiled(add_norm_fp8)
+    steps = Fp8TailSteps(out_in, norm_q, kernels_quant.glu_quantize_rows if plan.kernels else glu_fp8_torch,
+                         norm_q if every and not last else compiled(add_norm))
+    return functools.partial(layer_tail_fp8, steps)
 
 
 FP8_WEIGHTS = {"fp8": ("Wqkv", "dense", "glu", "wo"), "fp8-ffn": ("glu", "wo")}   # per plan.linears
@@ -254,10 +295,10 @@ class DnabertS(nn.Module):
         """Follow `plan` (plan.choose_plan) from now on: its attention backend, compilation and
         linears (fp8 plans: e4m3 weights made here from the current ones, per output channel)."""
         self.plan = plan
-        tail = layer_tail_fp8_out if plan.linears == "fp8" else layer_tail
-        self._layer_tail = compile_function(tail) if plan.compiled else tail
-        self._layer_tail_last = (self._layer_tail if tail is layer_tail else   # the last layer's output: no e4m3
-                                 compile_function(layer_tail) if plan.compiled else layer_tail)
+        if plan.linears == "native":
+            self._layer_tail = self._layer_tail_last = compile_function(layer_tail) if plan.compiled else layer_tail
+        else:
+            self._layer_tail, self._layer_tail_last = fp8_tail(plan, last=False), fp8_tail(plan, last=True)
         names = FP8_WEIGHTS.get(plan.linears, ())
         for block in self.encoder.layer:
             block.fp8_weights = {}   # the previous plan's go first (memory)
@@ -277,7 +318,7 @@ class DnabertS(nn.Module):
                 fp8_weights: bool = False) -> torch.Tensor:
         """The layers over the embedded stream x [*, H] up to `layer` (0 = the embeddings, default
         the last); `attend` maps [*, 3, heads, d] -> [*, H], `tail` is layer_tail (compiled or not;
-        layer_tail_fp8_out returns the stream and its e4m3 rows), `tail_last` the last layer's
+        under the fp8 plan layer_tail_fp8, which returns the stream and its e4m3 rows), `tail_last` the last layer's
         (default `tail`); `fp8_weights`: the GEMMs take each block's fp8_weights (packed only)."""
         heads, head_dim, eps = self.config.num_attention_heads, self.config.head_dim, self.config.layer_norm_eps
         layers = self.encoder.layer

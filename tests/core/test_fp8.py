@@ -284,17 +284,21 @@ def test_add_layer_norm_quant_kernel(device, with_y):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("gelu", [True, False])
+@pytest.mark.parametrize("act", ["none", "gelu", "glu"])
 @pytest.mark.parametrize("width", [200, 5000])   # whole rows per program; chunked (last chunk partial)
-def test_quantize_rows_kernels(device, gelu, width):
+def test_quantize_rows_kernels(device, act, width):
     kernels_or_skip(device)
     from embed_core import kernels_quant
-    x = randn(23, width, seed=14, scale=2.0)
+    x = randn(23, width * (2 if act == "glu" else 1), seed=14, scale=2.0)
     x[5] = 0.0                                                    # an all-zero row
     x[9, 3] = 500.0                                               # an outlier
     xd = x.to(device, torch.bfloat16)
-    rows = (kernels_quant.gelu_quantize_rows if gelu else kernels_quant.quantize_rows)(xd)
-    ref = F.gelu(xd.float().cpu()) if gelu else xd.float().cpu()
+    launch = {"none": kernels_quant.quantize_rows, "gelu": kernels_quant.gelu_quantize_rows,
+              "glu": kernels_quant.glu_quantize_rows}[act]
+    rows = launch(xd)
+    v = xd.float().cpu()
+    ref = F.gelu(v[:, :width]) * v[:, width:] if act == "glu" else F.gelu(v) if act == "gelu" else v
+    assert rows.q.shape == (23, width)
     assert_e4m3_rows(rows, ref, device)
     assert (rows.q[5].float() == 0).all()
 
@@ -311,6 +315,26 @@ def test_kernel_layer_steps_equal_torch_steps(device, monkeypatch):
     out = {}
     for kernels in ("torch", "triton"):
         embedder = Embedder(model, None, RuntimeConfig(device=device, dtype="fp8", kernels=kernels,
+                                                       attention="padded", compile=False))
+        out[kernels] = embedder.embed_tokens(arrays)
+    assert cosines(out["triton"], out["torch"]).min() > (0.99 if device == "cpu" else 0.999)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", ["fp8", "fp8-ffn"])
+def test_dnabert_s_kernel_steps_equal_torch_steps(device, dtype, monkeypatch):
+    """DNABERT-S's fp8 tail with kernels_quant's GLU and quantize against its PyTorch steps."""
+    kernels_or_skip(device)
+    monkeypatch.setenv(fp8.CPU_FLAG, "1")
+    from embed_core.dnabert_s import DnabertSConfig
+    from embed_core.dnabert_s_checkpoint import random_dnabert_s
+    model = random_dnabert_s(DnabertSConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=128))
+    rng = np.random.default_rng(4)
+    arrays = [np.concatenate(([1], rng.integers(5, 64, size=n), [2])) for n in (5, 30, 17)]
+    out = {}
+    for kernels in ("torch", "triton"):
+        embedder = Embedder(model, None, RuntimeConfig(device=device, dtype=dtype, kernels=kernels,
                                                        attention="padded", compile=False))
         out[kernels] = embedder.embed_tokens(arrays)
     assert cosines(out["triton"], out["torch"]).min() > (0.99 if device == "cpu" else 0.999)

@@ -184,5 +184,5 @@ def test_demo_fair_esm_layout(tmp_path):
 
 def test_help_shows_every_option():
     text = build_parser().format_help()
-    for option in ("--esm2", "--dnabert-s", "--out", "--link", "--force", "{demo,onnx}"):
+    for option in ("--esm2", "--dnabert-s", "--out", "--link", "--force", "{demo,onnx,check-fp8}"):
         assert option in text
