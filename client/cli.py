@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from embed_core.alphabets import MODEL_KINDS
 
-from . import plain
+from . import plain, rerun
 from .credentials import API_KEY_ENV, API_KEY_FILE_ENV, check_ca_file, env_path, read_api_key
 from .errors import (ClassifierError, ClientError, IncompleteError, InputError, InterruptedRun, OptionError,
                      OutputError, OutputWriteError, ServerError)
@@ -163,14 +163,15 @@ def _input_options(p: argparse.ArgumentParser) -> None:
     io.add_argument("--merged", action="store_true",
                     help="also write merged.parquet: the VirNucPro features per frame, "
                     "DNABERT-S then ESM-2 (768 + 2560 = 3328 for the published models)")
-    io.add_argument("--skip-bad-records", action="store_true",
+    io.add_argument("--skip-bad-records", action="store_true", default=None,
                     help="skip bad records (listed in skipped.tsv and summary.json) instead "
                     "of stopping before anything is sent")
     prep = p.add_argument_group("VirNucPro prep")
-    prep.add_argument("--chunk", type=int, choices=CHUNK_SIZES, default=300,
-                      help="chunk length in bp (use the classifier trained for it)")
-    prep.add_argument("--models", type=_models, default=",".join(MODEL_KINDS),
-                      help=f"models to run, comma-separated subset of {','.join(MODEL_KINDS)}")
+    prep.add_argument("--chunk", type=int, choices=CHUNK_SIZES, default=None,
+                      help="chunk length in bp (use the classifier trained for it) (default: 300)")
+    prep.add_argument("--models", type=_models, default=None,
+                      help=f"models to run, comma-separated subset of {','.join(MODEL_KINDS)} "
+                      f"(default: {','.join(MODEL_KINDS)})")
 
 
 def _server_options(p: argparse.ArgumentParser) -> None:
@@ -259,6 +260,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         raise ValueError(f"{len(metrics)} --metrics-url given for {len(servers)} --server")
     specs = tuple(ServerSpec.parse(url, metrics[i] if i < len(metrics) else None)
                   for i, url in enumerate(servers))
+    rerun.settle(args)  # --resume: the options not given are the first run's (run.json)
     models = args.models if isinstance(args.models, tuple) else _models(args.models)
     asked = plain.options_from_args(args)  # the input (--sample/--proteins/--dna), --include...
     window, budget = plain.schedule_defaults(args, asked["include"])

@@ -256,20 +256,21 @@ def add_input_arguments(inputs) -> None:
 def add_output_arguments(parser) -> None:
     """--too-long, --include, --repr-layer, --with-sequence."""
     group = parser.add_argument_group("plain mode and what to return")
-    group.add_argument("--too-long", choices=("error", "truncate", "windows"), default="error",
+    group.add_argument("--too-long", choices=("error", "truncate", "windows"), default=None,
                        help="a --proteins/--dna record over the model's maximum (the server's "
                        "max_length: ESM-2 1022 residues, DNABERT-S 10,000 bp by default): error "
                        "(naming it, nothing sent), truncate (its first max_length letters, as "
                        "fair-esm), windows (--dna: windows of max_length bp, ids "
-                       "<id>_w<offset>); listed in too_long.tsv and summary.json")
-    group.add_argument("--include", default="mean",
+                       "<id>_w<offset>); listed in too_long.tsv and summary.json (default: error)")
+    group.add_argument("--include", default=None,
                        help="comma-separated: mean (always), bos (first token's row: a bos "
                        "column), per_token (every token the mean averages, into "
-                       "<model>.per_token.h5: one dataset per sequence)")
-    group.add_argument("--repr-layer", type=int, default=-1, metavar="N",
+                       "<model>.per_token.h5: one dataset per sequence) (default: mean)")
+    group.add_argument("--repr-layer", type=int, default=None, metavar="N",
                        help="representation layer, as fair-esm's repr_layers: 0 = the "
-                       "embeddings, k = after k layers, -1 = the last, -2 = one before")
-    group.add_argument("--with-sequence", action="store_true",
+                       "embeddings, k = after k layers, -1 = the last, -2 = one before "
+                       "(default: -1)")
+    group.add_argument("--with-sequence", action="store_true", default=None,
                        help="add a sequence column (the letters embedded) to <model>.parquet")
 
 
@@ -278,11 +279,17 @@ def options_from_args(args) -> dict:
     from .representations import parse_include
 
     plain = next((name for name in PLAIN_INPUTS if getattr(args, name, None) is not None), None)
-    include = parse_include(getattr(args, "include", "mean"))
+    include = parse_include(_given(args, "include", "mean"))
     return dict(sample=getattr(args, plain) if plain else args.sample, plain=plain,
-                too_long=getattr(args, "too_long", "error"), include=include,
-                layer=getattr(args, "repr_layer", -1),
-                with_sequence=getattr(args, "with_sequence", False))
+                too_long=_given(args, "too_long", "error"), include=include,
+                layer=_given(args, "repr_layer", -1),
+                with_sequence=bool(_given(args, "with_sequence", False)))
+
+
+def _given(args, name: str, default):
+    """An option's value, or its default when not given (None: rerun.py fills it on --resume)."""
+    value = getattr(args, name, None)
+    return default if value is None else value
 
 
 def schedule_defaults(args, include: Sequence[str]) -> Tuple[int, int]:

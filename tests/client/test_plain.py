@@ -265,7 +265,7 @@ def test_resume_after_an_interruption_completes_without_recomputing(embed_server
     assert 1 <= len(committed) < 3
 
     # Other options than the interrupted run's are refused, naming them.
-    assert run_cli(*argv[:-4], "--window", "3", "--resume") == cli.EXIT_USAGE
+    assert run_cli(*argv[:-4], "--include", "mean", "--resume") == cli.EXIT_USAGE
     assert run_cli(*argv, "--resume") == cli.EXIT_OK
     summary = assert_counts(out, "esm2", len(records))
     done = sum(r["frames"] for r in committed)

@@ -4,6 +4,7 @@ options."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from importlib.metadata import version
@@ -90,3 +91,43 @@ def test_a_given_up_server_is_said_once_with_the_count():
     assert server.dead and len(given_up) == 1
     assert "after 2 retries (3 failed requests" in given_up[0]
     assert server.stats.retries == 12
+
+
+def test_resume_takes_the_first_runs_options(embed_server, tmp_path, monkeypatch, capsys):
+    from embed_client.sink import OutputDir
+
+    from test_end_to_end import write_sample
+
+    sample = write_sample(tmp_path / "s.fa", n=6, seed=4)
+    out = tmp_path / "out"
+    live = ["--sample", str(sample), "--out", str(out), "--server", embed_server.grpc_url,
+            "--metrics-url", embed_server.metrics_url]
+    commit, calls = OutputDir.commit, []
+
+    def disk_full_at_the_second_block(self, *args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(OutputDir, "commit", disk_full_at_the_second_block)
+    first = ["--chunk", "500", "--window", "5", "--skip-bad-records", "--include", "mean,bos"]
+    assert cli.run(cli.build_parser().parse_args(live + first)) == cli.EXIT_OUTPUT
+    monkeypatch.undo()
+    capsys.readouterr()
+
+    def resume(*extra):
+        return cli.run(cli.build_parser().parse_args(live + ["--resume", *extra]))
+
+    assert resume("--window", "6", "--chunk", "500") == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--window 6 (the first run's: 5)" in err and "--chunk" not in err.split("--window")[0]
+    assert resume("--window", "5") == cli.EXIT_OK, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ("resume: the first run's options (run.json): --chunk 500, --skip-bad-records on, "
+            "--include mean,bos") in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["chunk"] == 500
+    assert summary["resumed"]["blocks"] >= 1
+    assert resume() == cli.EXIT_OK                   # finished: said so, options still taken
+    assert "already embedded" in capsys.readouterr().out
