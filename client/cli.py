@@ -48,9 +48,12 @@ output directory (--out): dnabert_s.parquet, esm2.parquet (columns id, embedding
 fixed_size_list<float32>[hidden], length int32; rows in input frame order),
 merged.parquet (--merged: DNABERT-S then ESM-2 features), prediction_results.txt and
 prediction_results_highestscore.csv (--classifier), summary.json (counts per stage),
-checksums.sha256 (each output file's sha256: sha256sum -c checksums.sha256), and while
-running: run.json, manifest.jsonl, parts/ (for --resume). --include bos and
---with-sequence add bos and sequence columns; --include per_token writes
+checksums.sha256 (each output file's sha256: sha256sum -c checksums.sha256), and the
+run's record, kept when it completes: run.json (the sample's sha256 and the options a
+--resume takes again) and manifest.jsonl (each committed block, its parts' sha256); with
+them a --resume of a finished run says "already embedded" and writes only what it lacks.
+parts/ exists only while running; stdin.input is the spooled input of --sample -.
+--include bos and --with-sequence add bos and sequence columns; --include per_token writes
 <model>.per_token.h5 (one dataset [tokens, hidden] per id). Plain mode (--proteins: esm2,
 --dna: dnabert_s) keys rows by record id; too_long.tsv lists truncated or windowed records.
 """

@@ -129,5 +129,9 @@ def test_resume_takes_the_first_runs_options(embed_server, tmp_path, monkeypatch
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["chunk"] == 500
     assert summary["resumed"]["blocks"] >= 1
+    # run.json and manifest.jsonl stay, the run's record (--help says so); parts/ is gone
+    assert (out / "run.json").is_file() and (out / "manifest.jsonl").is_file()
+    assert not (out / "parts").exists()
     assert resume() == cli.EXIT_OK                   # finished: said so, options still taken
     assert "already embedded" in capsys.readouterr().out
+    assert "run's record, kept when it completes: run.json" in _help(capsys)
