@@ -22,7 +22,6 @@ values); the plan allows CPU only for tests, with EMBED_FP8_ON_CPU=1 (`support_p
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple, Optional, Union
 
@@ -94,22 +93,27 @@ def linear_fp8(x: Fp8Rows, w: Fp8Weight, bias: Optional[torch.Tensor] = None,
     """(x.q * x.scale) @ (w.q * w.scale)^T + bias -> [M, N] in out_dtype (fp32 accumulation)."""
     if bias is not None and bias.dtype != out_dtype:
         bias = bias.to(out_dtype)
-    if x.q.device.type == "cpu" and not _cpu_rowwise():
+    if x.q.device.type == "cpu" and not _CPU_ROWWISE.get(True, True):
         # torch < 2.13 has per-tensor scales only on CPU: the same math from the e4m3 values in fp32.
         out = (x.q.float() * x.scale) @ (w.q.float() * w.scale.t()).t()
         return (out if bias is None else out + bias.float()).to(out_dtype)
     return torch._scaled_mm(x.q, w.q.t(), scale_a=x.scale, scale_b=w.scale, bias=bias, out_dtype=out_dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_rowwise() -> bool:
-    """Whether this torch's CPU _scaled_mm takes row-wise scales (2.13 does; 2.11 only per-tensor)."""
-    q = torch.ones(16, 16).to(E4M3)
-    try:
-        torch._scaled_mm(q, q.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
-        return True
-    except RuntimeError:
-        return False
+# {True: whether this torch's CPU _scaled_mm takes row-wise scales} (2.13 does; 2.11 only per-tensor),
+# probed by support_problem when a plan puts fp8 on CPU: a plain dict read, so compiled code reads it too.
+_CPU_ROWWISE: dict = {}
+
+
+def _probe_cpu_rowwise() -> None:
+    if True not in _CPU_ROWWISE:
+        q = torch.ones(16, 16).to(E4M3)
+        try:
+            torch._scaled_mm(q, q.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16),
+                             out_dtype=torch.bfloat16)
+            _CPU_ROWWISE[True] = True
+        except RuntimeError:
+            _CPU_ROWWISE[True] = False
 
 
 def linear(x: Union[torch.Tensor, Fp8Rows], w: Union[torch.Tensor, Fp8Weight],
@@ -141,6 +145,7 @@ def support_problem(device: torch.device) -> Optional[str]:
                     "tensor cores: fp8 needs compute capability >= 8.9 (Ada, Hopper or later)")
         return None
     if device.type == "cpu" and os.environ.get(CPU_FLAG) == "1":
+        _probe_cpu_rowwise()
         return None
     return (f"fp8 linears need a CUDA GPU of compute capability >= 8.9, not {device.type} "
             f"(tests may set {CPU_FLAG}=1 to run the same math on CPU)")

@@ -82,6 +82,21 @@ def test_linear_fp8_equals_float64_of_the_dequantized_operands():
     assert (out.double() - exact).norm() / exact.norm() < 0.05
 
 
+def test_cpu_fallback_is_the_same_math(monkeypatch):
+    """torch < 2.13 has no row-wise scales in the CPU _scaled_mm: linear_fp8 then computes the same
+    product in fp32 from the e4m3 values (the H200 machine's torch 2.11 takes that path on CPU)."""
+    x, w, b = randn(21, 64, seed=8), randn(32, 64, seed=9), randn(32, seed=10).bfloat16()
+    rows, weight = fp8.quantize_rows(x), fp8.quantize_weight(w)
+    monkeypatch.setitem(fp8._CPU_ROWWISE, True, False)
+    fallback = fp8.linear_fp8(rows, weight, b)
+    monkeypatch.setitem(fp8._CPU_ROWWISE, True, True)
+    try:
+        native = fp8.linear_fp8(rows, weight, b)
+    except RuntimeError as err:   # this torch's CPU kernel is per-tensor only: nothing to compare
+        pytest.skip(f"CPU _scaled_mm without row-wise scales here: {str(err)[:80]}")
+    torch.testing.assert_close(fallback.float(), native.float(), rtol=2 ** -7, atol=1e-2)
+
+
 def test_linear_dispatch_keeps_tensor_weights_on_f_linear():
     x, w, b = randn(9, 32, seed=5).bfloat16(), randn(16, 32, seed=6).bfloat16(), randn(16, seed=7).bfloat16()
     assert torch.equal(fp8.linear(x, w, b), F.linear(x, w, b))
