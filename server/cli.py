@@ -17,7 +17,8 @@ safety:
   HTTP is served by embed-server's front end, which refuses request bodies over
   --max-request-bytes (413) and malformed requests before tritonserver parses them;
   tritonserver's own HTTP server listens only on a private Unix socket. gRPC messages are
-  limited by tritonserver to 2 GiB; the models refuse over-long or too many sequences.
+  limited by tritonserver to 2 GiB (--grpc-max-request-bytes: a lower limit, through a proxy);
+  the models refuse over-long or too many sequences.
 
   Admin APIs (shared memory, model repository, logging, trace) are disabled unless an admin
   key is given; then they need the header {ADMIN_HEADER} (HTTP) or
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-request-bytes", type=int, default=32 * 1024 * 1024,
         help="largest HTTP request body; larger ones get 413 before tritonserver sees them "
         "(default 32 MiB: 1,024 x 10 kb DNA sequences as JSON are about 10.3 MB)",
+    )
+    p.add_argument(
+        "--grpc-max-request-bytes", type=int, default=0,
+        help="serve gRPC through embed-server's gRPC proxy, refusing messages over this many bytes "
+        "(RESOURCE_EXHAUSTED) before they are read; 0: tritonserver's own gRPC server, which takes "
+        "messages up to 2 GiB (docs/deploy.md: why and what it costs)",
     )
     p.add_argument("--tls-cert", type=Path, default=env_path("EMBED_TLS_CERT"),
                    help="PEM certificate (chain) for gRPC over TLS and HTTPS [$EMBED_TLS_CERT]")
@@ -145,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             admin_key=admin_key,
             api_key=api_key,
             triton_args=tuple(args.triton_arg),
+            grpc_max_request_bytes=args.grpc_max_request_bytes,
         ))
         print(f"embed-server: starting tritonserver on {server.options.model_repository}", flush=True)
         server.start()

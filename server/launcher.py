@@ -82,6 +82,7 @@ class ServerOptions:
     admin_key: Optional[str] = dataclasses.field(default=None, repr=False)  # opens the admin APIs
     api_key: Optional[str] = dataclasses.field(default=None, repr=False)    # required for inference
     triton_args: tuple = ()                # further tritonserver options (not the owned ones)
+    grpc_max_request_bytes: int = 0        # > 0: gRPC through grpc_proxy with this message limit
 
     def __post_init__(self):
         object.__setattr__(self, "model_repository", Path(self.model_repository).resolve())
@@ -90,6 +91,8 @@ class ServerOptions:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
         if len(set(ports)) != 3:
             raise LaunchError(f"HTTP, gRPC and metrics ports must differ, got {ports}")
+        if self.grpc_max_request_bytes and self.grpc_max_request_bytes < 1024:
+            raise LaunchError(f"the gRPC message limit must be at least 1024 bytes, got {self.grpc_max_request_bytes}")
         if self.max_request_bytes < 1024:
             raise LaunchError(f"the request size limit must be at least 1024 bytes, got {self.max_request_bytes}")
         for label, key in (("admin key", self.admin_key), ("API key", self.api_key)):
@@ -392,6 +395,7 @@ class TritonServer:
         self.models: list = []  # names of the models served, once ready
         self.frontend: Optional[frontend.Frontend] = None          # the HTTP port
         self.metrics_frontend: Optional[frontend.Frontend] = None  # the metrics port
+        self.grpc_proxy = None  # the gRPC port, with --grpc-max-request-bytes (grpc_proxy.GrpcProxy)
         # Triton's restriction of the admin APIs: the operator's key, or a name no gRPC client
         # can send and a random value (the launcher itself uses it for the repository index).
         if options.admin_key:
@@ -416,6 +420,12 @@ class TritonServer:
     def metrics_socket(self) -> Optional[str]:
         """tritonserver's metrics server (evhtp too, with the same crash): a Unix socket as well."""
         return str(self._workdir / "triton-metrics.sock") if self._workdir is not None else None
+
+    @property
+    def grpc_socket(self) -> Optional[str]:
+        """With the gRPC proxy: tritonserver's gRPC server, on a Unix socket (tritonserver adds
+        ':<port>' to the address it is given, so that is the file's name)."""
+        return str(self._workdir / "triton-grpc.sock") if self._workdir is not None else None
 
     @property
     def triton_url(self) -> str:
@@ -443,7 +453,7 @@ class TritonServer:
             f"--backend-directory={backend_dir}",
             # Reachable only through the front end (the port is unused for a Unix socket).
             f"--http-address=unix:{self.http_socket}",
-            f"--grpc-address={o.address}",
+            f"--grpc-address={'unix:' + self.grpc_socket if o.grpc_max_request_bytes else o.address}",
             f"--metrics-address=unix:{self.metrics_socket}",
             f"--http-port={o.http_port}",
             f"--grpc-port={o.grpc_port}",
@@ -454,11 +464,12 @@ class TritonServer:
         if o.api_key:
             cmd.append(f"--http-restricted-api=inference:{frontend.API_KEY_HEADER}={o.api_key}")
             cmd.append(f"--grpc-restricted-protocol=inference:{frontend.API_KEY_HEADER}={o.api_key}")
-        if o.tls_client_ca is not None:
+        grpc_tls = o.tls and not o.grpc_max_request_bytes  # else TLS ends at the gRPC proxy
+        if grpc_tls and o.tls_client_ca is not None:
             cmd += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={o.tls_client_ca}"]
-        elif o.tls:
+        elif grpc_tls:
             cmd.append("--grpc-use-ssl=true")
-        if o.tls:
+        if grpc_tls:
             cmd += [f"--grpc-server-cert={o.tls_cert}", f"--grpc-server-key={o.tls_key}"]
         defaults = [
             f"--backend-config=python,shm-default-byte-size={o.shm_byte_size}",
@@ -515,6 +526,36 @@ class TritonServer:
                 reason = "already in use" if err.errno == 98 else str(err)
                 raise LaunchError(f"cannot listen on {label} {o.address}:{port}: {reason}") from None
 
+    def start_grpc_proxy(self) -> None:
+        """With --grpc-max-request-bytes; started after tritonserver is forked (gRPC's threads
+        and fork() do not mix)."""
+        o = self.options
+        try:
+            from .grpc_proxy import GrpcProxy
+        except ImportError as err:
+            raise LaunchError(f"--grpc-max-request-bytes needs grpcio ({err}): pip install grpcio") from None
+        self.grpc_proxy = GrpcProxy(o.address, o.grpc_port, f"unix:{self.grpc_socket}:{o.grpc_port}",
+                                    o.grpc_max_request_bytes, self.grpc_credentials())
+        try:
+            self.grpc_proxy.start()
+        except OSError as err:
+            self.grpc_proxy = None
+            reason = "already in use" if err.errno == 98 else str(err)
+            raise LaunchError(f"cannot listen on gRPC {o.address}:{o.grpc_port}: {reason}") from None
+
+    def grpc_credentials(self):
+        """The gRPC proxy's TLS credentials, from the same files as HTTPS; None without TLS."""
+        o = self.options
+        if not o.tls:
+            return None
+        import grpc
+
+        return grpc.ssl_server_credentials(
+            [(o.tls_key.read_bytes(), o.tls_cert.read_bytes())],
+            root_certificates=o.tls_client_ca.read_bytes() if o.tls_client_ca else None,
+            require_client_auth=o.tls_client_ca is not None,
+        )
+
     def start(self) -> "TritonServer":
         """Start tritonserver and return once every model is ready; LaunchError otherwise."""
         o = self.options
@@ -541,6 +582,8 @@ class TritonServer:
                 )
             except OSError as err:  # a log file in a missing folder, a binary that cannot run
                 raise LaunchError(f"cannot start {binary}: {err}") from err
+            if o.grpc_max_request_bytes:
+                self.start_grpc_proxy()
             self.wait_ready()
         except BaseException:
             self.stop()
@@ -604,10 +647,10 @@ class TritonServer:
     def stop(self, timeout_s: float = 30.0) -> Optional[int]:
         """SIGTERM (graceful: in-flight requests finish), then SIGKILL the whole group."""
         code = None
-        for front in (self.frontend, self.metrics_frontend):
+        for front in (self.frontend, self.metrics_frontend, self.grpc_proxy):
             if front is not None:
                 front.stop()
-        self.frontend = self.metrics_frontend = None
+        self.frontend = self.metrics_frontend = self.grpc_proxy = None
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
@@ -632,6 +675,8 @@ class TritonServer:
     def endpoints(self) -> str:
         o = self.options
         grpc = f"{self.grpc_url} (TLS{', client certificates' if o.tls_client_ca else ''})" if o.tls else self.grpc_url
+        if o.grpc_max_request_bytes:
+            grpc += f" (messages up to {o.grpc_max_request_bytes:,} bytes)"
         return (
             f"HTTP     {self.http_url} (bodies up to {o.max_request_bytes:,} bytes)\n"
             f"gRPC     {grpc}\n"

@@ -1092,3 +1092,107 @@ def test_https_front_end_with_client_certificates(tmp_path):
         front.stop()
         backend.shutdown()
         backend.server_close()
+
+
+# ------------------------------------------------------------------ the optional gRPC proxy
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory, demo_checkpoints):
+    """embed-server --grpc-max-request-bytes 1 MiB, with TLS (ending at the proxy) and an API key."""
+    from embed_server.launcher import free_ports, start_server
+    from embed_server.repository import assemble_repository
+
+    pytest.importorskip("grpc")
+    root = tmp_path_factory.mktemp("proxied")
+    cert, key = self_signed(root)
+    repo = assemble_repository(root / "repo", {"dnabert_s": demo_checkpoints / "dnabert_s"}, cpu_instances=1)
+    for attempt in (1, 2):
+        http, grpc_port, metrics = free_ports(3)
+        context = start_server(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics, cpu=True,
+                               log_file=root / "tritonserver.log", startup_timeout_s=300, tls_cert=cert,
+                               tls_key=key, api_key=API_KEY, grpc_max_request_bytes=1 << 20)
+        try:
+            server = context.__enter__()
+            break
+        except LaunchError as err:
+            if attempt == 1 and "already in use" in str(err):
+                continue
+            pytest.fail(f"the proxied embed-server did not start: {err}", pytrace=False)
+    try:
+        yield server, cert
+    finally:
+        context.__exit__(None, None, None)
+
+
+def test_grpc_proxy_refuses_messages_over_its_limit_and_relays_the_rest(proxied):
+    import grpc
+
+    server, cert = proxied
+    tls = dict(ssl=True, root_certificates=str(cert))
+    assert good_grpc(server.grpc_url, "dnabert_s", headers=API, **tls).shape[0] == 1
+    client = grpcclient.InferenceServerClient(server.grpc_url, **tls)
+    try:
+        big = grpcclient.InferInput("SEQUENCE", [1, 1], "BYTES")
+        big.set_data_from_numpy(np.array([[b"A" * (2 << 20)]], dtype=object))
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("dnabert_s", [big], headers=API)
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED" and "1048576" in info.value.message()
+        just_under = grpcclient.InferInput("SEQUENCE", [1, 1], "BYTES")
+        just_under.set_data_from_numpy(np.array([[b"A" * 900_000]], dtype=object))
+        with pytest.raises(InferenceServerException) as info:  # relayed: the model's own refusal
+            client.infer("dnabert_s", [just_under], headers=API)
+        assert "10000" in info.value.message()
+        for headers in (None, {"triton-grpc-protocol-x-api-key": "wrong-" + API_KEY}):  # keys still checked
+            with pytest.raises(InferenceServerException) as info:
+                good_grpc(server.grpc_url, "dnabert_s", headers=headers, **tls)
+            assert "restricted" in info.value.message()
+        with pytest.raises(InferenceServerException) as info:  # admin APIs still closed
+            client.get_log_settings()
+        assert "restricted" in info.value.message()
+        assert client.is_server_ready() and client.get_model_metadata("dnabert_s").name == "dnabert_s"
+        # a deadline reaches tritonserver through the proxy
+        with pytest.raises(InferenceServerException) as info:
+            tensor = grpcclient.InferInput("SEQUENCE", [1, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[b"ACGT"]], dtype=object))
+            client.infer("dnabert_s", [tensor], headers=API, client_timeout=1e-6)
+        assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    finally:
+        client.close()
+    # the stream is relayed too
+    channel = grpc.secure_channel(server.grpc_url, grpc.ssl_channel_credentials(cert.read_bytes()))
+    try:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        from tritonclient.grpc import service_pb2
+
+        answers = [service_pb2.ModelStreamInferResponse.FromString(raw)
+                   for raw in stream(iter(grpc_bases()[2:4]), metadata=tuple(API.items()), timeout=60)]
+        assert len(answers) == 2 and not [a.error_message for a in answers if a.error_message], answers
+        assert [list(a.infer_response.outputs[0].shape)[0] for a in answers] == [2, 2]
+    finally:
+        channel.close()
+    # plain gRPC to the TLS proxy: refused
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException):
+            client.is_server_live(client_timeout=10)
+    finally:
+        client.close()
+    assert good_grpc(server.grpc_url, "dnabert_s", headers=API, **tls).shape[0] == 1
+
+
+def test_tritonserver_command_with_the_grpc_proxy(tmp_path):
+    from pathlib import Path
+
+    from embed_server.launcher import TritonServer
+
+    for name in ("c.pem", "k.pem"):
+        (tmp_path / name).write_text("x")
+    server = TritonServer(ServerOptions(model_repository=tmp_path, tls_cert=tmp_path / "c.pem",
+                                        tls_key=tmp_path / "k.pem", grpc_max_request_bytes=1 << 20))
+    server._workdir = tmp_path
+    command = server.command(Path("tritonserver"), tmp_path)
+    assert f"--grpc-address=unix:{tmp_path / 'triton-grpc.sock'}" in command
+    assert not [a for a in command if "ssl" in a or "server-cert" in a]  # TLS ends at the proxy
+    with pytest.raises(LaunchError):
+        ServerOptions(model_repository=tmp_path, grpc_max_request_bytes=10)
