@@ -353,3 +353,19 @@ def test_dnabert_s_kernel_steps_equal_torch_steps(device, dtype, monkeypatch):
                                                        attention="padded", compile=False))
         out[kernels] = embedder.embed_tokens(arrays)
     assert cosines(out["triton"], out["torch"]).min() > (0.99 if device == "cpu" else 0.999)
+
+
+@pytest.mark.parametrize("kind", ["esm2", "dnabert_s"])
+def test_fp8_intermediate_layers_and_per_token_rows(kind, demo_checkpoints, fp8_on_cpu):
+    """An earlier representation layer under the fp8 plan is the stream (bf16), not e4m3 rows, and
+    stays close to fp32's; per-token rows come back as with bf16."""
+    encoder, tokenizer = load_model(kind, demo_checkpoints / kind)
+    arrays = tokenizer.encode_batch(bundled_sequences(kind, 6)) if hasattr(tokenizer, "encode_batch") else [
+        tokenizer.encode(s) for s in bundled_sequences(kind, 6)]
+    ref = Embedder(encoder, tokenizer, RuntimeConfig(device="cpu", dtype="float32"))
+    want = ref.launch_tokens(arrays, layer=1, include=("mean", "per_token")).outputs()
+    got = Embedder(encoder, tokenizer, RuntimeConfig(device="cpu", dtype="fp8", kernels="torch")).launch_tokens(
+        arrays, layer=1, include=("mean", "per_token")).outputs()
+    assert got["per_token"].shape == want["per_token"].shape
+    assert cosines(got["mean"], want["mean"]).min() > 0.99
+    assert cosines(got["per_token"], want["per_token"]).min() > 0.95
