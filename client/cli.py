@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 from embed_core.alphabets import MODEL_KINDS
 
 from . import plain, rerun
-from .credentials import API_KEY_ENV, API_KEY_FILE_ENV, check_ca_file, env_path, read_api_key
+from .credentials import (API_KEY_ENV, API_KEY_FILE_ENV, check_ca_file, check_client_certificate,
+                          env_path, read_api_key)
 from .errors import (ClassifierError, ClientError, IncompleteError, InputError, InterruptedRun, OptionError,
                      OutputError, OutputWriteError, ServerError)
 from .options import CHUNK_SIZES, RunOptions
@@ -202,6 +203,11 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--tls-ca-file", type=Path, default=None, metavar="PATH",
                      help="PEM CA certificate(s) that signed the servers' certificate (a "
                      "self-signed certificate is its own CA); implies --tls")
+    srv.add_argument("--tls-cert-file", type=Path, default=None, metavar="PATH",
+                     help="PEM client certificate for servers that require one (embed-server "
+                     "--tls-client-ca: mutual TLS), with --tls-key-file; implies --tls")
+    srv.add_argument("--tls-key-file", type=Path, default=None, metavar="PATH",
+                     help="PEM private key of --tls-cert-file")
     srv.add_argument("--api-key-file", type=Path, default=env_path(API_KEY_FILE_ENV),
                      metavar="PATH",
                      help=f"file holding the servers' API key (embed-server --api-key-file), "
@@ -285,8 +291,11 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
 def _security(args: argparse.Namespace) -> dict:
     """TransportConfig's TLS and API key fields (ValueError: a usage error)."""
     ca_file = getattr(args, "tls_ca_file", None)
+    cert, key = getattr(args, "tls_cert_file", None), getattr(args, "tls_key_file", None)
     check_ca_file(ca_file)
-    return dict(tls=bool(getattr(args, "tls", False) or ca_file), tls_ca_file=ca_file,
+    check_client_certificate(cert, key)
+    return dict(tls=bool(getattr(args, "tls", False) or ca_file or cert), tls_ca_file=ca_file,
+                tls_cert_file=cert, tls_key_file=key,
                 api_key=read_api_key(getattr(args, "api_key_file", None)))
 
 

@@ -59,3 +59,56 @@ def check_ca_file(path: Optional[Path]) -> None:
         raise ValueError(f"cannot read the TLS CA file {path}: {e.strerror}") from None
     if b"-----BEGIN CERTIFICATE-----" not in text:
         raise ValueError(f"the TLS CA file {path} holds no PEM certificate")
+
+
+def check_client_certificate(cert: Optional[Path], key: Optional[Path]) -> None:
+    """ValueError unless both or neither of the client certificate and its key are given,
+    readable, and PEM (mutual TLS: embed-server --tls-client-ca)."""
+    if (cert is None) != (key is None):
+        raise ValueError("--tls-cert-file and --tls-key-file go together (mutual TLS)")
+    for path, marker, what in ((cert, b"-----BEGIN CERTIFICATE-----", "client certificate"),
+                               (key, b"PRIVATE KEY-----", "client key")):
+        if path is None:
+            continue
+        try:
+            text = path.read_bytes()
+        except OSError as e:
+            raise ValueError(f"cannot read the TLS {what} file {path}: {e.strerror}") from None
+        if marker not in text:
+            raise ValueError(f"the TLS {what} file {path} holds no PEM {what}")
+
+
+def channel_args(tls_name: Optional[str]) -> list:
+    """tritonclient's own channel options (2 GiB messages, its keep-alive) plus the name the
+    server's certificate is checked against: given `channel_args`, tritonclient uses them
+    instead of its defaults, and gRPC's default 4 MiB answer limit would cut big answers."""
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
+
+    keep = KeepAliveOptions()
+    args = [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keep.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keep.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keep.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keep.http2_max_pings_without_data)]
+    if tls_name:
+        args.append(("grpc.ssl_target_name_override", tls_name))
+    return args
+
+
+def open_client(url: str, config, tls_name: Optional[str] = None):
+    """A tritonclient.grpc.aio client to `url` as `config` (a TransportConfig) says: plain, or
+    TLS with its CA file and client certificate; `tls_name`: the name the certificate must
+    carry when `url` is an address found under that name (discovery.py)."""
+    import tritonclient.grpc.aio as grpcaio
+
+    if not config.tls:
+        return grpcaio.InferenceServerClient(url)
+
+    def path(p):
+        return None if p is None else str(p)
+
+    return grpcaio.InferenceServerClient(
+        url, ssl=True, root_certificates=path(config.tls_ca_file),
+        private_key=path(config.tls_key_file), certificate_chain=path(config.tls_cert_file),
+        channel_args=channel_args(tls_name) if tls_name else None)

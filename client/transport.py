@@ -13,9 +13,9 @@ Faults:
   single sequences and re-queued; a single rejected sequence is reported by id, never retried.
 - Anything else (a model that fails, a wrong answer shape) ends the run (`ServerError`).
 
-Security (embed-server's TLS and API key, docs/deploy.md "Safety"): `TransportConfig.tls`
-connects over TLS (the system's CAs, or `tls_ca_file`), and `api_key` goes with every call as
-the gRPC metadata embed-server expects; the key is never shown (not in repr, logs or files).
+Security (embed-server's TLS and API key, docs/deploy.md "Safety"): `TransportConfig.tls` and
+its files (credentials.open_client); `api_key` goes with every call as the gRPC metadata
+embed-server expects, never shown (not in repr, logs or files).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from .credentials import open_client
 from .errors import ServerError, ServerUnavailableError
 from .schedule import Item, Request
 
@@ -139,6 +140,8 @@ class TransportConfig:
     backoff_max: float = 30.0
     tls: bool = False                   # gRPC over TLS
     tls_ca_file: Optional[Path] = None  # PEM CA certificate(s) to trust; None: the system's
+    tls_cert_file: Optional[Path] = None  # client certificate and key (mutual TLS)
+    tls_key_file: Optional[Path] = None
     api_key: Optional[str] = field(default=None, repr=False)  # never shown
 
     @property
@@ -197,18 +200,10 @@ class Server:
 
     async def connect(self, models: Sequence[str]) -> None:
         """Wait for the server (backing off up to `retries` times) and read the model configs."""
-        import tritonclient.grpc.aio as grpcaio
         from tritonclient.utils import InferenceServerException
 
         config = self.config
-        roots = None
-        if config.tls and config.tls_ca_file is not None:
-            roots = str(config.tls_ca_file)
-        names = None
-        if config.tls and self.spec.tls_name:
-            names = [("grpc.ssl_target_name_override", self.spec.tls_name)]
-        self.client = grpcaio.InferenceServerClient(self.spec.url, ssl=config.tls,
-                                                    root_certificates=roots, channel_args=names)
+        self.client = open_client(self.spec.url, config, self.spec.tls_name)
         for attempt in range(self.config.retries + 1):
             try:
                 ready = await self.client.is_server_ready(headers=config.headers,

@@ -48,6 +48,9 @@ def _add_options(parser):
     parser.add_argument("--tls", action="store_true", help="gRPC over TLS")
     parser.add_argument("--tls-ca-file", default="",
                         help="PEM CA certificate(s) of the server's certificate; implies --tls")
+    parser.add_argument("--tls-cert-file", default="",
+                        help="PEM client certificate (mutual TLS), with --tls-key-file")
+    parser.add_argument("--tls-key-file", default="", help="PEM key of --tls-cert-file")
     parser.add_argument("--api-key-file", default=os.environ.get("EMBED_API_KEY_FILE", ""),
                         help="file holding the server's API key (else $EMBED_API_KEY)")
 
@@ -55,7 +58,10 @@ def _add_options(parser):
 def _security(options):
     """(InferenceServerClient's TLS arguments, the headers of every request)."""
     ca_file = getattr(options, "tls_ca_file", "") or None
-    tls = {"ssl": bool(getattr(options, "tls", False) or ca_file), "root_certificates": ca_file}
+    cert = getattr(options, "tls_cert_file", "") or None
+    tls = {"ssl": bool(getattr(options, "tls", False) or ca_file or cert),
+           "root_certificates": ca_file, "certificate_chain": cert,
+           "private_key": getattr(options, "tls_key_file", "") or None}
     key_file = getattr(options, "api_key_file", "")
     key = (open(key_file).read() if key_file else os.environ.get("EMBED_API_KEY", "")).strip()
     return tls, ({API_KEY_METADATA: key} if key else None)

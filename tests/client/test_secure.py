@@ -1,12 +1,15 @@
 """embed-client (and the locust user) against an embed-server with TLS and an API key.
 
-One such server (dnabert_s only, one CPU instance, a self-signed certificate for 127.0.0.1)
-is started once for this module, as tests/server/test_safety.py starts its own. The key comes
-from a file or $EMBED_API_KEY and appears in no output, file or repr.
+One such server (dnabert_s only, one CPU instance, a certificate for 127.0.0.1 and localhost
+signed by a test CA, client certificates required: mutual TLS) is started once for this
+module, as tests/server/test_safety.py starts its own. The key comes from a file or
+$EMBED_API_KEY and appears in no output, file or repr.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import importlib.util
 import json
 import os
@@ -28,35 +31,48 @@ API_KEY = "client-" + "0badc0de" * 4
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def self_signed(root: Path):
-    """(certificate, key) for 127.0.0.1 and localhost, from the openssl command."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl command is needed for a test certificate")
-    cert, key = root / "server.crt", root / "server.key"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
-                    "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def signed_certificates(root: Path) -> dict:
+    """A test CA, a server certificate for 127.0.0.1 / localhost and a client certificate,
+    both signed by the CA (PEM files under `root`)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed for test certificates")
+    files = {name: root / name for name in ("ca.crt", "ca.key", "server.crt", "server.key",
+                                            "client.crt", "client.key")}
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", str(files["ca.key"]), "-out", str(files["ca.crt"]),
+            "-days", "1", "-subj", "/CN=embed test CA")
+    for who, extension in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+                           ("client", "extendedKeyUsage=clientAuth")):
+        request, ext = root / f"{who}.csr", root / f"{who}.ext"
+        ext.write_text(extension + "\n")
+        openssl("req", "-new", *ec, "-keyout", str(files[f"{who}.key"]), "-out", str(request),
+                "-subj", f"/CN={who}")
+        openssl("x509", "-req", "-in", str(request), "-CA", str(files["ca.crt"]), "-CAkey",
+                str(files["ca.key"]), "-CAcreateserial", "-out", str(files[f"{who}.crt"]),
+                "-days", "1", "-extfile", str(ext))
+    return files
 
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory, demo_checkpoints):
-    """(server, CA file) of an embed-server with TLS and an API key."""
+    """(server, certificate files) of an embed-server with mutual TLS and an API key."""
     from embed_server.launcher import LaunchError, free_ports, start_server
     from embed_server.repository import assemble_repository
 
     root = tmp_path_factory.mktemp("secured_client")
-    cert, key = self_signed(root)
+    files = signed_certificates(root)
     repo = assemble_repository(root / "repo", {"dnabert_s": demo_checkpoints / "dnabert_s"},
                                cpu_instances=1)
     for attempt in (1, 2):
         http, grpc_port, metrics = free_ports(3)
         context = start_server(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
                                cpu=True, log_file=root / "tritonserver.log",
-                               startup_timeout_s=300, tls_cert=cert, tls_key=key,
+                               startup_timeout_s=300, tls_cert=files["server.crt"],
+                               tls_key=files["server.key"], tls_client_ca=files["ca.crt"],
                                api_key=API_KEY)
         try:
             server = context.__enter__()
@@ -66,7 +82,7 @@ def secured(tmp_path_factory, demo_checkpoints):
                 continue
             pytest.fail(f"the secured embed-server did not start: {err}", pytrace=False)
     try:
-        yield server, cert
+        yield server, files
     finally:
         context.__exit__(None, None, None)
 
@@ -89,6 +105,10 @@ def client_argv(server, sample: Path, out: Path):
             "--window", "16", "--progress", "plain", "--retries", "0"]
 
 
+def client_certificate(files: dict):
+    return ["--tls-cert-file", str(files["client.crt"]), "--tls-key-file", str(files["client.key"])]
+
+
 def no_key_anywhere(out: Path, *texts: str) -> None:
     for text in texts:
         assert API_KEY not in text
@@ -98,12 +118,13 @@ def no_key_anywhere(out: Path, *texts: str) -> None:
 
 
 def test_client_over_tls_with_the_api_key(secured, key_file, tmp_path, capsys, monkeypatch):
-    server, cert = secured
+    server, files = secured
+    cert, mine = files["ca.crt"], client_certificate(files)
     sample = write_sample(tmp_path / "S.fasta", n=10, seed=31)
     frames = [f.frame_id for f in expected_frames(sample)]
     monkeypatch.delenv("EMBED_API_KEY", raising=False)
     out = tmp_path / "from_file"
-    code = run_cli(*client_argv(server, sample, out), "--tls-ca-file", str(cert),
+    code = run_cli(*client_argv(server, sample, out), "--tls-ca-file", str(cert), *mine,
                    "--api-key-file", str(key_file), "-v")
     captured = capsys.readouterr()
     assert code == cli.EXIT_OK, captured.err
@@ -113,7 +134,7 @@ def test_client_over_tls_with_the_api_key(secured, key_file, tmp_path, capsys, m
 
     monkeypatch.setenv("EMBED_API_KEY", API_KEY)  # from the environment, with --tls
     out = tmp_path / "from_env"
-    code = run_cli(*client_argv(server, sample, out), "--tls", "--tls-ca-file", str(cert))
+    code = run_cli(*client_argv(server, sample, out), "--tls", "--tls-ca-file", str(cert), *mine)
     captured = capsys.readouterr()
     assert code == cli.EXIT_OK, captured.err
     assert read_model_table(out, "dnabert_s")[1] == frames
@@ -124,10 +145,10 @@ def test_client_over_tls_with_the_api_key(secured, key_file, tmp_path, capsys, m
 
 
 def test_refusals_are_clear(secured, key_file, tmp_path, capsys, monkeypatch):
-    server, cert = secured
+    server, files = secured
     sample = write_sample(tmp_path / "S.fasta", n=3, seed=37)
     monkeypatch.delenv("EMBED_API_KEY", raising=False)
-    tls = ["--tls-ca-file", str(cert)]
+    tls = ["--tls-ca-file", str(files["ca.crt"]), *client_certificate(files)]
 
     code = run_cli(*client_argv(server, sample, tmp_path / "a"), *tls)
     err = capsys.readouterr().err
@@ -143,11 +164,18 @@ def test_refusals_are_clear(secured, key_file, tmp_path, capsys, monkeypatch):
     code = run_cli(*client_argv(server, sample, tmp_path / "c"), "--api-key-file", str(key_file))
     err = capsys.readouterr().err  # plain gRPC to a TLS server
     assert code == cli.EXIT_SERVER and "unavailable" in err, err
+    code = run_cli(*client_argv(server, sample, tmp_path / "c"), "--api-key-file", str(key_file),
+                   "--tls-ca-file", str(files["ca.crt"]))
+    err = capsys.readouterr().err  # no client certificate for a server that requires one
+    assert code == cli.EXIT_SERVER and "unavailable" in err, err
 
     empty = tmp_path / "empty.key"
     empty.write_text("\n")
     for bad in (["--api-key-file", str(empty)], ["--api-key-file", str(tmp_path / "none")],
-                ["--tls-ca-file", str(tmp_path / "none")], ["--tls-ca-file", str(empty)]):
+                ["--tls-ca-file", str(tmp_path / "none")], ["--tls-ca-file", str(empty)],
+                ["--tls-cert-file", str(files["client.crt"])],
+                ["--tls-cert-file", str(files["client.key"]), "--tls-key-file",
+                 str(files["client.key"])]):
         code = run_cli(*client_argv(server, sample, tmp_path / "d"), *bad)
         err = capsys.readouterr().err
         assert code == cli.EXIT_USAGE and "Traceback" not in err, (bad, err)
@@ -162,12 +190,14 @@ def test_key_metadata_is_the_servers():
 def test_locust_user_over_tls_with_the_api_key(secured, key_file, tmp_path):
     if importlib.util.find_spec("locust") is None:
         pytest.skip("the load test needs locust (extra 'perf')")
-    server, cert = secured
+    server, files = secured
     command = [sys.executable, "-m", "locust", "-f", str(ROOT / "perf" / "locustfile.py"),
                "--headless", "-u", "2", "-r", "2", "--run-time", "6s", "--stop-timeout", "30",
                "--host", server.grpc_url, "--seqs-per-request", "2", "--request-rate", "2",
                "--dnabert-s-weight", "1", "--esm2-weight", "0",
-               "--tls-ca-file", str(cert), "--api-key-file", str(key_file),
+               "--tls-ca-file", str(files["ca.crt"]), "--api-key-file", str(key_file),
+               "--tls-cert-file", str(files["client.crt"]),
+               "--tls-key-file", str(files["client.key"]),
                "--json", "--only-summary", "--loglevel", "WARNING"]
     env = {k: v for k, v in os.environ.items() if k != "EMBED_API_KEY"}
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180,
@@ -177,3 +207,33 @@ def test_locust_user_over_tls_with_the_api_key(secured, key_file, tmp_path):
     failures = sum(s["num_failures"] for s in stats)
     assert requests > 0 and failures == 0, (done.stdout[-2000:], done.stderr[-2000:])
     assert API_KEY not in done.stdout and API_KEY not in done.stderr
+
+
+def test_an_address_found_under_a_name_is_checked_against_the_name(secured, key_file):
+    """discovery.py's ServerSpec(address, tls_name=name): the certificate must carry the name
+    (here localhost, for 127.0.0.1), and tritonclient's own channel options stay."""
+    from embed_client.credentials import channel_args, read_api_key
+    from embed_client.transport import Server, ServerSpec, TransportConfig
+
+    server, files = secured
+    args = dict(channel_args("localhost"))
+    assert args["grpc.ssl_target_name_override"] == "localhost"
+    assert args["grpc.max_receive_message_length"] > 1 << 30  # not gRPC's 4 MiB default
+    port = server.grpc_url.rsplit(":", 1)[1]
+
+    async def connect(name):
+        config = TransportConfig(tls=True, tls_ca_file=files["ca.crt"], retries=0,
+                                 tls_cert_file=files["client.crt"],
+                                 tls_key_file=files["client.key"],
+                                 api_key=read_api_key(key_file))
+        spec = dataclasses.replace(ServerSpec.parse(f"127.0.0.1:{port}"), tls_name=name)
+        one = Server(spec, config)
+        try:
+            await one.connect(["dnabert_s"])
+            return one.models["dnabert_s"].hidden
+        finally:
+            await one.close()
+
+    assert asyncio.run(connect("localhost")) > 0
+    with pytest.raises(Exception, match="unavailable"):
+        asyncio.run(connect("not-the-name.example"))
