@@ -51,9 +51,10 @@ def _error(path, policy="error"):
 def test_reads_fasta_and_fastq_plain_and_gzip(tmp_path, name, content, fmt):
     checked = validate(_write(tmp_path, name, content))
     assert (checked.format, checked.n_records, checked.n_kept, checked.skipped) == (fmt, 2, 2, ())
-    assert checked.n_bases == 27
-    assert list(checked.records()) == RECORDS  # ids are the first word; case is kept
-    assert list(checked.records()) == RECORDS  # a second pass reads the file again
+    assert checked.n_bases == 27 and checked.rna_records == 1
+    # ids are the first word; case is kept; U (RNA) is read as T (r2)
+    assert list(checked.records()) == RECORDS[:1] + [Record("r2", "NRYKMSWBDHVT")]
+    assert list(checked.records()) == list(checked.records())  # a second pass reads it again
 
 
 def test_comment_lines_before_the_first_record_are_allowed(tmp_path):
