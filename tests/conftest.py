@@ -6,6 +6,7 @@ CPU instances (configs/cpu.pbtxt: two instances per model), on free ports.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -76,37 +77,55 @@ def demo_repository(tmp_path_factory, demo_checkpoints) -> Path:
     )
 
 
-@pytest.fixture(scope="session")
-def embed_server(tmp_path_factory, demo_checkpoints, demo_repository) -> RunningServer:
-    """One real tritonserver for the whole session (CPU configs), stopped at the end."""
+@contextlib.contextmanager
+def _start_embed_server(repository, name: str = "embed-server", **options):
+    """A ready embed-server (`embed_server.launcher.TritonServer`) on `repository`, on free ports,
+    stopped on leaving: CPU configs and a 300 s start-up limit unless `options` say otherwise.
+    A port taken between free_ports() and the bind is retried once on new ports; any other
+    LaunchError fails the test, naming `name` (and the log, where `log_file` is given)."""
     from embed_server.launcher import LaunchError, free_ports, start_server
 
-    log_path = tmp_path_factory.mktemp("tritonserver") / "tritonserver.log"
-    for attempt in (1, 2):  # a port taken between free_ports() and the bind: try new ones once
+    options = {"cpu": True, "startup_timeout_s": 300, **options}
+    for attempt in (1, 2):
         http, grpc, metrics = free_ports(3)
-        context = start_server(
-            demo_repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
-            cpu=True, log_file=log_path, startup_timeout_s=300,
-        )
+        context = start_server(repository, http_port=http, grpc_port=grpc, metrics_port=metrics, **options)
         try:
             server = context.__enter__()
             break
         except LaunchError as err:
             if attempt == 1 and "already in use" in str(err):
                 continue
-            pytest.fail(f"the session's tritonserver did not start: {err}\n(log: {log_path})", pytrace=False)
+            log = f"\n(log: {options['log_file']})" if options.get("log_file") else ""
+            pytest.fail(f"{name} did not start: {err}{log}", pytrace=False)
     try:
+        yield server
+    finally:
+        context.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def start_embed_server():
+    """`with start_embed_server(repository, name, **ServerOptions fields) as server:` a ready
+    embed-server of the test's own (TLS, keys, limits), on free ports, stopped after; see
+    _start_embed_server. Usable from fixtures of any scope."""
+    return _start_embed_server
+
+
+@pytest.fixture(scope="session")
+def embed_server(tmp_path_factory, demo_checkpoints, demo_repository) -> RunningServer:
+    """One real tritonserver for the whole session (CPU configs), stopped at the end."""
+    log_path = tmp_path_factory.mktemp("tritonserver") / "tritonserver.log"
+    with _start_embed_server(demo_repository, "the session's tritonserver", log_file=log_path) as server:
+        o = server.options
         yield RunningServer(
             http_url=server.http_url,
             grpc_url=server.grpc_url,
             metrics_url=server.metrics_url,
-            http_port=http,
-            grpc_port=grpc,
-            metrics_port=metrics,
+            http_port=o.http_port,
+            grpc_port=o.grpc_port,
+            metrics_port=o.metrics_port,
             repository=demo_repository,
             checkpoints=demo_checkpoints,
             hidden_sizes={m: hidden_size(demo_checkpoints / m) for m in MODELS},
             log_path=log_path,
         )
-    finally:
-        context.__exit__(None, None, None)

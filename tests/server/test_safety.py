@@ -747,31 +747,17 @@ def self_signed(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory, demo_checkpoints):
+def secured(tmp_path_factory, demo_checkpoints, start_embed_server):
     """A second embed-server (dnabert_s, one CPU instance) with TLS, an admin key and an API key."""
-    from embed_server.launcher import free_ports, start_server
     from embed_server.repository import assemble_repository
 
     root = tmp_path_factory.mktemp("secured")
     cert, key = self_signed(root)
     repo = assemble_repository(root / "repo", {"dnabert_s": demo_checkpoints / "dnabert_s"}, cpu_instances=1)
     log = root / "tritonserver.log"
-    for attempt in (1, 2):
-        http, grpc_port, metrics = free_ports(3)
-        context = start_server(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics, cpu=True,
-                               log_file=log, startup_timeout_s=300, tls_cert=cert, tls_key=key,
-                               admin_key=ADMIN_KEY, api_key=API_KEY, max_request_bytes=1 << 20)
-        try:
-            server = context.__enter__()
-            break
-        except LaunchError as err:
-            if attempt == 1 and "already in use" in str(err):
-                continue
-            pytest.fail(f"the secured embed-server did not start: {err}", pytrace=False)
-    try:
+    with start_embed_server(repo, "the secured embed-server", log_file=log, tls_cert=cert, tls_key=key,
+                            admin_key=ADMIN_KEY, api_key=API_KEY, max_request_bytes=1 << 20) as server:
         yield server, cert, log
-    finally:
-        context.__exit__(None, None, None)
 
 
 def tls_client(server, cert, **options):
@@ -1098,31 +1084,17 @@ def test_https_front_end_with_client_certificates(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def proxied(tmp_path_factory, demo_checkpoints):
+def proxied(tmp_path_factory, demo_checkpoints, start_embed_server):
     """embed-server --grpc-max-request-bytes 1 MiB, with TLS (ending at the proxy) and an API key."""
-    from embed_server.launcher import free_ports, start_server
     from embed_server.repository import assemble_repository
 
     pytest.importorskip("grpc")
     root = tmp_path_factory.mktemp("proxied")
     cert, key = self_signed(root)
     repo = assemble_repository(root / "repo", {"dnabert_s": demo_checkpoints / "dnabert_s"}, cpu_instances=1)
-    for attempt in (1, 2):
-        http, grpc_port, metrics = free_ports(3)
-        context = start_server(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics, cpu=True,
-                               log_file=root / "tritonserver.log", startup_timeout_s=300, tls_cert=cert,
-                               tls_key=key, api_key=API_KEY, grpc_max_request_bytes=1 << 20)
-        try:
-            server = context.__enter__()
-            break
-        except LaunchError as err:
-            if attempt == 1 and "already in use" in str(err):
-                continue
-            pytest.fail(f"the proxied embed-server did not start: {err}", pytrace=False)
-    try:
+    with start_embed_server(repo, "the proxied embed-server", log_file=root / "tritonserver.log", tls_cert=cert,
+                            tls_key=key, api_key=API_KEY, grpc_max_request_bytes=1 << 20) as server:
         yield server, cert
-    finally:
-        context.__exit__(None, None, None)
 
 
 def test_grpc_proxy_refuses_messages_over_its_limit_and_relays_the_rest(proxied):
