@@ -28,9 +28,8 @@ ADDRESS = "127.0.0.2"
 
 
 @pytest.fixture(scope="module")
-def tls_pod(tmp_path_factory, demo_checkpoints):
+def tls_pod(tmp_path_factory, demo_checkpoints, start_embed_server):
     """(gRPC port, CA file) of an embed-server with TLS on 127.0.0.2, certificate for NAME."""
-    from embed_server.launcher import LaunchError, free_ports, start_server
     from embed_server.repository import assemble_repository
 
     openssl = shutil.which("openssl")
@@ -44,22 +43,9 @@ def tls_pod(tmp_path_factory, demo_checkpoints):
                     f"subjectAltName=DNS:{NAME}"], check=True, capture_output=True, timeout=60)
     repo = assemble_repository(root / "repo", {"dnabert_s": demo_checkpoints / "dnabert_s"},
                                symlink=True, cpu_instances=1)
-    for attempt in (1, 2):
-        http, grpc, metrics = free_ports(3)
-        context = start_server(repo, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                               cpu=True, address=ADDRESS, log_file=root / "tritonserver.log",
-                               startup_timeout_s=300, tls_cert=cert, tls_key=key)
-        try:
-            context.__enter__()
-            break
-        except LaunchError as err:
-            if attempt == 1 and "already in use" in str(err):
-                continue
-            pytest.fail(f"the TLS embed-server did not start: {err}", pytrace=False)
-    try:
-        yield grpc, cert
-    finally:
-        context.__exit__(None, None, None)
+    with start_embed_server(repo, "the TLS embed-server", address=ADDRESS,
+                            log_file=root / "tritonserver.log", tls_cert=cert, tls_key=key) as server:
+        yield server.options.grpc_port, cert
 
 
 def run(sample: Path, out: Path, server: str, cert: Path) -> int:
