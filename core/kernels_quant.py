@@ -46,7 +46,7 @@ def _kernel(triton, tl):
                     v = tl.load(x_ptr + r * x_st + start + c, mask=start + c < N, other=-3.0e38).to(tl.float32)
                     top = tl.maximum(top, v)
                 vmax = tl.max(top, axis=0)
-                amax = tl.maximum(0.5 * vmax * (1.0 + tl.math.erf(vmax * 0.7071067811865476)), GELU_MIN_ABS)
+                amax = tl.maximum(0.5 * vmax * (1.0 + tl.math.erf(vmax * 0.7071067811865476)), 0.17)   # GELU_MIN_ABS
             else:
                 acc = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for start in range(0, N, BLOCK_N):
