@@ -58,33 +58,18 @@ def signed_certificates(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory, demo_checkpoints):
+def secured(tmp_path_factory, demo_checkpoints, start_embed_server):
     """(server, certificate files) of an embed-server with mutual TLS and an API key."""
-    from embed_server.launcher import LaunchError, free_ports, start_server
     from embed_server.repository import assemble_repository
 
     root = tmp_path_factory.mktemp("secured_client")
     files = signed_certificates(root)
     repo = assemble_repository(root / "repo", {"dnabert_s": demo_checkpoints / "dnabert_s"},
                                cpu_instances=1)
-    for attempt in (1, 2):
-        http, grpc_port, metrics = free_ports(3)
-        context = start_server(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics,
-                               cpu=True, log_file=root / "tritonserver.log",
-                               startup_timeout_s=300, tls_cert=files["server.crt"],
-                               tls_key=files["server.key"], tls_client_ca=files["ca.crt"],
-                               api_key=API_KEY)
-        try:
-            server = context.__enter__()
-            break
-        except LaunchError as err:
-            if attempt == 1 and "already in use" in str(err):
-                continue
-            pytest.fail(f"the secured embed-server did not start: {err}", pytrace=False)
-    try:
+    with start_embed_server(repo, "the secured embed-server", log_file=root / "tritonserver.log",
+                            tls_cert=files["server.crt"], tls_key=files["server.key"],
+                            tls_client_ca=files["ca.crt"], api_key=API_KEY) as server:
         yield server, files
-    finally:
-        context.__exit__(None, None, None)
 
 
 @pytest.fixture
