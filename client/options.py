@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Tuple
 
 from embed_core.alphabets import MODEL_KINDS
 
+from .representations import INCLUDE_CHOICES
 from .schedule import ScheduleConfig
 from .sink import MERGE_ORDER
 from .transport import ServerSpec, TransportConfig
+
+PLAIN_INPUTS = {"proteins": "esm2", "dna": "dnabert_s"}       # option -> the one model it runs
+TOO_LONG = {"proteins": ("error", "truncate"), "dna": ("error", "truncate", "windows")}
 
 CHUNK_SIZES = (300, 500)
 
@@ -50,8 +55,7 @@ class RunOptions:
                                  f"--resume)")
             object.__setattr__(self, "out", default_out(self.sample))
         object.__setattr__(self, "out", Path(self.out))
-        from .plain import settle  # plain mode runs its one model; checks --too-long, --include
-        settle(self)
+        settle(self)   # plain mode runs its one model; checks --too-long, --include
         unknown = [m for m in self.models if m not in MODEL_KINDS]
         if unknown or not self.models:
             raise ValueError(f"models must be a non-empty subset of {MODEL_KINDS}, got {self.models}")
@@ -94,3 +98,28 @@ def default_out(sample: Path) -> Path:
             name = name[: -len(suffix)]
             break
     return sample.parent / f"{name}_embeddings"
+
+
+def settle(options) -> None:
+    """RunOptions' plain-mode and output checks (ValueError: a usage error); plain mode runs
+    its one model."""
+    object.__setattr__(options, "include", tuple(options.include))
+    if not set(options.include) <= set(INCLUDE_CHOICES) or "mean" not in options.include:
+        raise ValueError(f"include must hold mean and a subset of {INCLUDE_CHOICES}, "
+                         f"got {options.include}")
+    if "per_token" in options.include and importlib.util.find_spec("h5py") is None:
+        raise ValueError("--include per_token writes HDF5 files: install h5py "
+                         "(pip install h5py, or the client extra)")
+    if options.plain is None:
+        if options.too_long != "error":
+            raise ValueError("--too-long applies to --proteins and --dna")
+        return
+    if options.plain not in PLAIN_INPUTS:
+        raise ValueError(f"plain must be one of {tuple(PLAIN_INPUTS)}, got {options.plain!r}")
+    if options.too_long not in TOO_LONG[options.plain]:
+        raise ValueError(f"--too-long {options.too_long}: --{options.plain} takes "
+                         f"{', '.join(TOO_LONG[options.plain])}")
+    if options.merged or options.classifier:
+        raise ValueError("--merged and --classifier are VirNucPro's (--sample); plain mode "
+                         f"(--{options.plain}) runs one model")
+    object.__setattr__(options, "models", (PLAIN_INPUTS[options.plain],))

@@ -14,7 +14,6 @@ Each truncated or windowed record is listed in too_long.tsv and summary.json ("p
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +24,13 @@ from embed_core.alphabets import ESM_RESIDUES
 from . import reader
 from .errors import InputError, InputProblem
 from .progress import Counters
+from .options import PLAIN_INPUTS
 from .report import LISTED, Report
-from .representations import INCLUDE_CHOICES
 from .virnucpro import PrepStats
 
 log = logging.getLogger("embed_client")
 
-PLAIN_INPUTS = {"proteins": "esm2", "dna": "dnabert_s"}       # option -> the one model it runs
 DEFAULT_MAX_LENGTH = {"esm2": 1022, "dnabert_s": 10_000}     # as core/models.py (no torch here)
-TOO_LONG = {"proteins": ("error", "truncate"), "dna": ("error", "truncate", "windows")}
 UNIT = {"proteins": "residues", "dna": "bp"}
 TOO_LONG_FILE = "too_long.tsv"
 PER_TOKEN_WINDOW = 256          # default --window with per-token rows (they fill the memory)
@@ -45,31 +42,6 @@ def alphabet(plain: Optional[str]) -> reader.Alphabet:
     if plain == "proteins":
         return reader.Alphabet.of(ESM_RESIDUES, "ESM-2 residue letters")
     return reader.NUCLEOTIDES
-
-
-def settle(options) -> None:
-    """RunOptions' plain-mode and output checks (ValueError: a usage error); plain mode runs
-    its one model."""
-    object.__setattr__(options, "include", tuple(options.include))
-    if not set(options.include) <= set(INCLUDE_CHOICES) or "mean" not in options.include:
-        raise ValueError(f"include must hold mean and a subset of {INCLUDE_CHOICES}, "
-                         f"got {options.include}")
-    if "per_token" in options.include and importlib.util.find_spec("h5py") is None:
-        raise ValueError("--include per_token writes HDF5 files: install h5py "
-                         "(pip install h5py, or the client extra)")
-    if options.plain is None:
-        if options.too_long != "error":
-            raise ValueError("--too-long applies to --proteins and --dna")
-        return
-    if options.plain not in PLAIN_INPUTS:
-        raise ValueError(f"plain must be one of {tuple(PLAIN_INPUTS)}, got {options.plain!r}")
-    if options.too_long not in TOO_LONG[options.plain]:
-        raise ValueError(f"--too-long {options.too_long}: --{options.plain} takes "
-                         f"{', '.join(TOO_LONG[options.plain])}")
-    if options.merged or options.classifier:
-        raise ValueError("--merged and --classifier are VirNucPro's (--sample); plain mode "
-                         f"(--{options.plain}) runs one model")
-    object.__setattr__(options, "models", (PLAIN_INPUTS[options.plain],))
 
 
 def asked(options) -> Dict[str, object]:

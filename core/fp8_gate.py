@@ -11,7 +11,7 @@ RuntimeConfig.fp8_min_cosine, config parameter `fp8_min_cosine`).
 * `Embedder.warmup()` runs `gate(embedder)` for an fp8 plan on `bundled_sequences` (32, cheap:
   one fp32 pass over ~3-6k tokens on the device; the encoder is cast to fp32 and back in place,
   exactly, as its weights are bf16 then). The server log states the result (`Fp8Check.describe`).
-* `embed-export check-fp8` runs `check_checkpoint` on more of them (160) or on the user's FASTA,
+* `embed-export check-fp8` (embed_export.checkpoints.check_fp8) runs `measure` on more of them (160) or on the user's FASTA,
   for each fp8 plan, and prints the figures.
 
 The bundled sequences are synthetic, made here from a fixed seed: proteins of 40-170 residues
@@ -141,23 +141,3 @@ def gate(embedder, token_arrays: Optional[Sequence[np.ndarray]] = None, kind: Op
                            f"bfloat16 (or fp8-ffn if that passes: embed-export check-fp8), or lower "
                            f"fp8_min_cosine knowingly")
     return check
-
-
-def check_checkpoint(kind: str, path: Union[str, Path], plans: Sequence[str] = ("fp8", "fp8-ffn"),
-                     sequences: Optional[Sequence[str]] = None, threshold: float = DEFAULT_MIN_COSINE,
-                     device: str = "auto", token_budget: Optional[int] = None) -> list:
-    """embed-export check-fp8: each plan's Fp8Check on the checkpoint at `path` (no exception for a
-    plan below the threshold: the caller prints and decides)."""
-    from .models import load_embedder
-    from .runtime import RuntimeConfig
-
-    checks = []
-    for plan in plans:
-        embedder = load_embedder(kind, path, RuntimeConfig(device=device, dtype=plan, token_budget=token_budget,
-                                                           fp8_min_cosine=threshold))
-        try:
-            seqs = list(sequences) if sequences is not None else bundled_sequences(kind, CHECK_SEQUENCES)
-            checks.append(measure(embedder, embedder.tokenize(seqs), threshold))
-        finally:
-            embedder.close()
-    return checks

@@ -10,7 +10,7 @@ import dataclasses
 import gc
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Weights and files no loader of ours reads: never download them.
@@ -105,3 +105,24 @@ def validate_checkpoint(kind: str, path: Path) -> ValidCheckpoint:
     del embedder, encoder
     gc.collect()
     return result
+
+
+def check_fp8(kind: str, path: Union[str, Path], plans: Sequence[str] = ("fp8", "fp8-ffn"),
+              sequences: Optional[Sequence[str]] = None, threshold: Optional[float] = None,
+              device: str = "auto", token_budget: Optional[int] = None) -> list:
+    """embed-export check-fp8: each plan's Fp8Check on the checkpoint at `path` (no exception for a
+    plan below the threshold: the caller prints and decides)."""
+    from embed_core import RuntimeConfig, load_embedder
+    from embed_core.fp8_gate import CHECK_SEQUENCES, DEFAULT_MIN_COSINE, bundled_sequences, measure
+    threshold = DEFAULT_MIN_COSINE if threshold is None else threshold
+
+    checks = []
+    for plan in plans:
+        embedder = load_embedder(kind, path, RuntimeConfig(device=device, dtype=plan, token_budget=token_budget,
+                                                           fp8_min_cosine=threshold))
+        try:
+            seqs = list(sequences) if sequences is not None else bundled_sequences(kind, CHECK_SEQUENCES)
+            checks.append(measure(embedder, embedder.tokenize(seqs), threshold))
+        finally:
+            embedder.close()
+    return checks

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .checkpoints import ExportError, ValidCheckpoint, check_out_dir, resolve_source, validate_checkpoint
+from .checkpoints import ExportError, ValidCheckpoint, check_fp8, check_out_dir, resolve_source, validate_checkpoint
 
 SOURCE_HELP = ("a local Hugging Face folder{pt}, or a hub id (org/name) downloaded with huggingface_hub "
                "when online")
@@ -158,7 +158,7 @@ def _onnx(args: argparse.Namespace) -> int:
 def _check_fp8(args: argparse.Namespace) -> int:
     """Each asked fp8 plan measured on the checkpoint; 0 when the asked plan (or, with both, at least
     one) passes, 1 otherwise. The figures are printed either way."""
-    from embed_core.fp8_gate import check_checkpoint, read_fasta
+    from embed_core.fp8_gate import read_fasta
 
     path = resolve_source(args.checkpoint, args.cache_dir)
     plans = ("fp8", "fp8-ffn") if args.plan == "both" else (args.plan,)
@@ -166,7 +166,7 @@ def _check_fp8(args: argparse.Namespace) -> int:
     source = f"{len(sequences)} sequences of {args.fasta}" if sequences else "the bundled sequences"
     print(f"embed-export: check-fp8 {args.model} {path} on {source}", flush=True)
     try:
-        checks = check_checkpoint(args.model, path, plans, sequences, args.min_cosine, args.device)
+        checks = check_fp8(args.model, path, plans, sequences, args.min_cosine, args.device)
     except ValueError as err:   # e.g. no FP8 on this device
         raise ExportError(str(err)) from None
     for check in checks:

@@ -23,7 +23,7 @@ from embed_core import Embedder, RuntimeConfig, load_model
 from embed_core import fp8
 from embed_core.esm2 import Esm2Config
 from embed_core.esm2_checkpoint import random_esm2
-from embed_core.fp8_gate import (Fp8GateError, bundled_sequences, check_checkpoint, cosines, gate,
+from embed_core.fp8_gate import (Fp8GateError, bundled_sequences, cosines,
                                  read_fasta)
 from embed_core.plan import ExecutionPlan, choose_plan
 
@@ -224,7 +224,8 @@ def test_check_checkpoint_and_fasta(demo_checkpoints, tmp_path, fp8_on_cpu):
     fasta = tmp_path / "mine.fa"
     fasta.write_text(">a\nMKTAYIAKQR\nQISFVKSHFS\n>b\nACDEFGHIKLMNPQRSTVWY\n")
     assert read_fasta(fasta) == ["MKTAYIAKQRQISFVKSHFS", "ACDEFGHIKLMNPQRSTVWY"]
-    checks = check_checkpoint("esm2", demo_checkpoints / "esm2", ("fp8", "fp8-ffn"), read_fasta(fasta),
+    from embed_export.checkpoints import check_fp8
+    checks = check_fp8("esm2", demo_checkpoints / "esm2", ("fp8", "fp8-ffn"), read_fasta(fasta),
                               device="cpu")
     assert [c.plan for c in checks] == ["fp8", "fp8-ffn"] and all(c.sequences == 2 for c in checks)
     assert all(0.99 < c.min_cosine <= 1.0 for c in checks)
