@@ -387,7 +387,8 @@ class Pods:
 def pods(demo_checkpoints, tmp_path_factory):
     from embed_server.repository import assemble_repository
 
-    from conftest import hidden_size
+    def hidden_size(checkpoint):   # not imported from conftest: tests/server has a conftest module too
+        return int(json.loads((checkpoint / "config.json").read_text())["hidden_size"])
 
     repository = assemble_repository(  # one instance per model: six stubs are enough for 2 cores
         tmp_path_factory.mktemp("pods_repository"),
