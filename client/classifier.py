@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import ClassifierError
-from .sink import MERGE_ORDER
+from .layout import MERGE_ORDER
 
 log = logging.getLogger(__name__)
 

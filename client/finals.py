@@ -1,13 +1,16 @@
-"""The final files of a run that asks more than the means (--include bos/per_token,
---with-sequence, --repr-layer): `<model>.parquet` with its extra columns and, for per_token,
-`<model>.per_token.h5`.
+"""The final files of a run, written from its committed parts: `<model>.parquet` and
+merged.parquet (and the classifier's features) for a run of means (`finalize_means`, `derive`);
+for a run that asks more than the means (--include bos/per_token, --with-sequence,
+--repr-layer) `<model>.parquet` with its extra columns and, for per_token,
+`<model>.per_token.h5`. Every file is written as `*.partial` and renamed, so nothing partial
+looks finished; the parts are removed once all are in place.
 
 Why HDF5 for per-token rows: they are a [tokens, hidden] matrix per sequence, and what the field
 reads them with is h5py, one dataset per sequence named by its id (bio_embeddings, ProtTrans'
 per-residue files, many pipelines built on ESM): `f[id][:]` is that sequence's matrix, read on
 its own (no scan of the other rows), from any language with an HDF5 library. The parts stay
 Parquet (one file per model per block: the manifest, checksums and --resume are unchanged);
-this module writes the HDF5 file from them at the end, as sink.py writes the Parquet finals.
+this module writes the HDF5 file from them at the end, as it writes the Parquet finals.
 
 File layout: `<model>.per_token.h5`, attributes model, hidden, layer, include, sample; one
 float32 dataset [tokens, hidden] per sequence in input order (the file tracks creation order),
@@ -21,14 +24,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import OutputWriteError
+from .errors import OutputError, OutputWriteError
 from .integrity import CorruptPart, read_part
+from .layout import MERGE_ORDER, MERGED_FILE, PARTS_DIR
 from .representations import part_schema, token_rows
-from .sink import PARTS_DIR, OutputDir
+from .tables import aligned, embedding_schema, embedding_table, vectors
+
+if TYPE_CHECKING:   # sink.py imports this module: OutputDir is only named in annotations here
+    from .sink import OutputDir
 
 log = logging.getLogger("embed_client")
 
@@ -79,9 +86,7 @@ def finalize(out: OutputDir, options, hidden: Dict[str, int],
     try:
         rows = _write(out, options, hidden)
     except CorruptPart as e:
-        raise OutputWriteError(f"{e}: it changed after it was committed, so no final file "
-                               f"was written; continue with --resume --out {out.path} to "
-                               f"recompute it") from None
+        raise _changed_part(e, out) from None
     if options.merged or on_features is not None:   # from the final files, as a finished run
         rows.update(out.derive(hidden, options.merged, on_features))
     shutil.rmtree(out.path / PARTS_DIR, ignore_errors=True)
@@ -153,3 +158,116 @@ def _write_tokens(handle, table) -> int:
                                         data=values[offsets[i]:offsets[i + 1]])
         dataset.attrs["id"] = seq_id
     return len(ids)
+
+
+# ------------------------------------------------------------------ a run of means
+
+
+def _changed_part(error: CorruptPart, out: OutputDir) -> OutputWriteError:
+    return OutputWriteError(f"{error}: it changed after it was committed, so no final file "
+                            f"was written; continue with --resume --out {out.path} to "
+                            f"recompute it")
+
+
+def finalize_means(out: OutputDir, models: Sequence[str], hidden: Dict[str, int], merged: bool,
+                   on_features: Optional[Callable[[List[str], np.ndarray], None]] = None
+                   ) -> Dict[str, int]:
+    """Stream the committed blocks, in order, into the final files; returns rows per file.
+
+    `on_features(ids, features)` receives each block's merged DNABERT-S + ESM-2 features
+    (the classifier). Each part is checked against its checksum as it is read: a corrupted
+    one stops the run before any final or derived file is in place (OutputWriteError; a
+    --resume recomputes it). Parts are removed once every final file is in place.
+    """
+    def tables():
+        for number, record in sorted(out.blocks.items()):
+            yield number, {m: read_part(out.part_path(m, number), record.sha256.get(m))
+                           for m in models}
+
+    try:
+        rows = _write_means(out, tables(), models, hidden, merged, on_features)
+    except CorruptPart as e:
+        raise _changed_part(e, out) from None
+    shutil.rmtree(out.path / PARTS_DIR, ignore_errors=True)
+    return rows
+
+
+def derive(out: OutputDir, hidden: Dict[str, int], merged: bool,
+           on_features: Optional[Callable[[List[str], np.ndarray], None]] = None,
+           batch_rows: int = 8192) -> Dict[str, int]:
+    """merged.parquet and/or `on_features` from the final per-model files of a finished
+    run (its parts are gone); the per-model files are only read. Returns rows written."""
+    import pyarrow.parquet as pq
+
+    readers = {m: pq.ParquetFile(out.final_path(m)) for m in MERGE_ORDER}
+
+    def tables():
+        batches = {m: r.iter_batches(batch_size=batch_rows) for m, r in readers.items()}
+        for number, chunk in enumerate(aligned(batches)):
+            yield f"rows from {number * batch_rows}", chunk
+
+    return _write_means(out, tables(), (), hidden, merged, on_features)
+
+
+def _write_means(out: OutputDir, tables, models: Sequence[str], hidden: Dict[str, int],
+                 merged: bool, on_features) -> Dict[str, int]:
+    """Write `<model>.parquet` for `models` and merged.parquet (`merged`) from (label,
+    {model: table}) in frame order, all as *.partial renamed at the end."""
+    import pyarrow.parquet as pq
+
+    meta = {"sample": out.config.sample, "chunk": str(out.config.chunk)}
+    writers, temps, rows = {}, {}, {}
+    targets = {model: out.final_path(model) for model in models}
+    need_features = merged or on_features is not None
+    if need_features:
+        width = sum(hidden[m] for m in MERGE_ORDER)
+    if merged:
+        targets["merged"] = out.path / MERGED_FILE
+    try:
+        for name, target in targets.items():
+            temps[name] = target.with_name(target.name + ".partial")
+            rows[name] = 0
+        for model in models:
+            schema = embedding_schema(hidden[model], {**meta, "model": model,
+                                                      "hidden": str(hidden[model])})
+            writers[model] = pq.ParquetWriter(temps[model], schema)
+        if merged:
+            schema = embedding_schema(width, {**meta, "models": ",".join(MERGE_ORDER),
+                                              "hidden": str(width)})
+            writers["merged"] = pq.ParquetWriter(temps["merged"], schema)
+        for label, block in tables:
+            for model in models:
+                table = block[model].replace_schema_metadata(writers[model].schema.metadata)
+                writers[model].write_table(table)
+                rows[model] += table.num_rows
+            if need_features:
+                _write_features(label, block, writers.get("merged"), rows, on_features)
+        for writer in writers.values():
+            writer.close()
+        writers.clear()
+        for name, target in targets.items():
+            os.replace(temps[name], target)
+    except BaseException:
+        for writer in writers.values():
+            writer.close()
+        for tmp in temps.values():
+            if tmp.exists():
+                tmp.unlink()
+        raise
+    return rows
+
+
+def _write_features(label, block, merged_writer, rows: Dict[str, int], on_features) -> None:
+    """One block's DNABERT-S + ESM-2 features (VirNucPro's order) into merged.parquet (when
+    `merged_writer`) and to `on_features`; the models' frame ids must agree."""
+    ids = block[MERGE_ORDER[0]].column("id").to_pylist()
+    for model in MERGE_ORDER[1:]:
+        if block[model].column("id").to_pylist() != ids:
+            raise OutputError(f"block {label}: the models' frame ids differ")
+    features = np.hstack([vectors(block[m]) for m in MERGE_ORDER])
+    if merged_writer is not None:
+        lengths = block[MERGE_ORDER[0]].column("length").to_numpy()
+        merged_writer.write_table(embedding_table(ids, features, lengths, merged_writer.schema))
+        rows["merged"] += len(ids)
+    if on_features is not None:
+        on_features(ids, features)

@@ -14,9 +14,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .layout import LOCK_FILE, MANIFEST_FILE, RUN_FILE, SUMMARY_FILE
+
+log = logging.getLogger("embed_client.sink")   # the resume checks' messages, as when in sink.py
 
 CHUNK_BYTES = 1 << 20
 
@@ -71,6 +76,29 @@ def read_part(path: Path, expected: Optional[str]):
     return pq.read_table(pa.BufferReader(data))
 
 
+def check_parts(manifest: Mapping[int, object], part_path: Callable[[str, int], Path]
+                ) -> Tuple[Dict[int, Tuple[str, ...]], Dict[Tuple[int, str], str]]:
+    """Every committed part (manifest: block -> BlockRecord) against its checksum, on --resume:
+    (block -> models whose part is missing or corrupted: recomputed, (block, model) -> what is
+    wrong with a corrupted one)."""
+    missing_by_block: Dict[int, Tuple[str, ...]] = {}
+    corrupt: Dict[Tuple[int, str], str] = {}
+    for number, record in manifest.items():
+        missing = []
+        for model in record.rows:
+            problem = part_problem(part_path(model, number), record.sha256.get(model))
+            if problem is None:
+                continue
+            missing.append(model)
+            if problem != "missing":
+                corrupt[(number, model)] = problem
+                log.warning("block %d: the %s part %s is %s; it is recomputed", number,
+                            model, part_path(model, number), problem)
+        if missing:
+            missing_by_block[number] = tuple(missing)
+    return missing_by_block, corrupt
+
+
 class CorruptPart(Exception):
     """A committed part whose bytes changed after it was written."""
 
@@ -82,8 +110,8 @@ class CorruptPart(Exception):
 # ------------------------------------------------------------------ the final files
 
 CHECKSUMS_FILE = "checksums.sha256"
-# The run's bookkeeping (sink.py's names), not outputs: never in CHECKSUMS_FILE.
-BOOKKEEPING = {"run.json", "manifest.jsonl", "summary.json", CHECKSUMS_FILE, ".lock"}
+# The run's bookkeeping (layout.py's names), not outputs: never in CHECKSUMS_FILE.
+BOOKKEEPING = {RUN_FILE, MANIFEST_FILE, SUMMARY_FILE, CHECKSUMS_FILE, LOCK_FILE}
 
 
 def output_files(out: Path) -> List[str]:

@@ -11,7 +11,7 @@ from embed_core.alphabets import MODEL_KINDS
 
 from .representations import INCLUDE_CHOICES
 from .schedule import ScheduleConfig
-from .sink import MERGE_ORDER
+from .layout import MERGE_ORDER
 from .transport import ServerSpec, TransportConfig
 
 PLAIN_INPUTS = {"proteins": "esm2", "dna": "dnabert_s"}       # option -> the one model it runs

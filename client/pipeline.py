@@ -24,6 +24,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import resume
+from .dispatcher import Dispatcher
 from .errors import InterruptedRun, OutputWriteError
 from .options import RunOptions
 from .progress import Counters, MetricsPoller, Progress
@@ -32,7 +33,6 @@ from .representations import Answer, Ask, BlockRows
 from .schedule import Block, Item, Request, blocks_of, cut_requests, interleave
 from .servers import ServerPool
 from .sink import OutputDir
-from .transport import Dispatcher
 from .virnucpro import PrepStats, prepare, record_of
 
 log = logging.getLogger("embed_client")

@@ -19,9 +19,10 @@ import logging
 from typing import Dict, List, Optional, Sequence
 
 from . import discovery
+from .dispatcher import Dispatcher
 from .errors import ServerError, ServerUnavailableError
 from .progress import MetricsPoller
-from .transport import Dispatcher, Server, ServerSpec, TransportConfig
+from .transport import Server, ServerSpec, TransportConfig
 
 log = logging.getLogger("embed_client")
 

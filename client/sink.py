@@ -1,14 +1,8 @@
 """The output directory: Parquet parts committed atomically, a resume manifest, final files.
 
-Layout of `--out DIR`:
-    run.json                 what the run is (sample, chunk, models, window, hidden sizes)
-    manifest.jsonl           one line per committed block (append-only, fsynced), with the
-                             sha256 of each of its parts
-    parts/<model>/block-NNNNNNNN.parquet   one part per model per committed block
-    <model>.parquet          final per-model table (written at the end, then parts removed)
-    merged.parquet           optional: DNABERT-S then ESM-2 features per frame (--merged)
-    summary.json             counts per stage; "status": "complete" only when all matched
-    stdin.input              the input read from standard input (`--sample -`), spooled first
+The directory's file names are in layout.py, run.json and manifest.jsonl's records in
+manifest.py, the final files' writing in finals.py; `OutputDir` opens the directory (new or
+for --resume), commits each block's parts and manifest line, and hands over to finals.py.
 
 A block's parts are written under a temporary name and renamed; the manifest line is appended
 after the renames, so a block is finished exactly when its manifest line exists. Parts that
@@ -25,119 +19,21 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
-import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import finals
 from .errors import OutputError, OutputNotWritable, OutputWriteError
-from .integrity import CorruptPart, file_sha256, part_problem, read_part, short
-from .tables import aligned, embedding_schema, embedding_table, vectors
-
-log = logging.getLogger(__name__)
-
-RUN_FILE = "run.json"
-MANIFEST_FILE = "manifest.jsonl"
-SUMMARY_FILE = "summary.json"
-STDIN_FILE = "stdin.input"   # `--sample -`: standard input spooled here before the run (inputs.py)
-PARTS_DIR = "parts"
-MERGED_FILE = "merged.parquet"
-MERGE_ORDER = ("dnabert_s", "esm2")  # VirNucPro's feature order: nucleotide first
-FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """What defines a run's content; a resumed run must match it."""
-
-    sample: str
-    sample_bytes: int
-    chunk: int
-    models: Tuple[str, ...]
-    window: int
-    skip_bad_records: bool
-    hidden: Dict[str, int] = field(default_factory=dict)
-    version: int = FORMAT_VERSION
-    sample_sha256: Optional[str] = None        # None: a run.json written before fingerprints
-    asked: Dict[str, object] = field(default_factory=dict)   # plain mode, --include... (plain.asked)
-    max_length: Dict[str, int] = field(default_factory=dict)  # plain mode: letters per model
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["models"] = list(self.models)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> "RunConfig":
-        data = dict(data)
-        data["models"] = tuple(data["models"])
-        return cls(**data)
-
-    def mismatches(self, other: "RunConfig") -> List[str]:
-        """Human-readable differences that make `other` a different run."""
-        out = []
-        if self.sample_sha256 and other.sample_sha256:
-            if self.sample_sha256 != other.sample_sha256:
-                out.append(f"sample content: interrupted run {self.sample} (sha256 "
-                           f"{short(self.sample_sha256)}), now {other.sample} (sha256 "
-                           f"{short(other.sample_sha256)}): a different sample")
-        elif self.sample_bytes != other.sample_bytes:  # a run.json without a fingerprint
-            out.append(f"sample size (bytes): interrupted run {self.sample_bytes!r}, now "
-                       f"{other.sample_bytes!r}")
-        for name, label in (("chunk", "--chunk"),
-                            ("models", "--models"), ("window", "--window"),
-                            ("skip_bad_records", "--skip-bad-records"),
-                            ("version", "output format version")):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                out.append(f"{label}: interrupted run {mine!r}, now {theirs!r}")
-        for key in sorted(set(self.asked) | set(other.asked)):
-            mine, theirs = self.asked.get(key), other.asked.get(key)
-            if mine != theirs:
-                out.append(f"--{key.replace('_', '-')}: interrupted run {mine!r}, now {theirs!r}")
-        for model in set(self.hidden) & set(other.hidden):
-            if self.hidden[model] != other.hidden[model]:
-                out.append(f"{model} hidden size: interrupted run {self.hidden[model]}, "
-                           f"server now {other.hidden[model]}")
-        return out
-
-
-@dataclass(frozen=True)
-class BlockRecord:
-    """A committed block as the manifest records it."""
-
-    block: int
-    first_index: int
-    frames: int
-    first_id: str
-    last_id: str
-    rows: Dict[str, int]
-    sha256: Dict[str, str] = field(default_factory=dict)  # model -> sha256 of its part's bytes
-
-    def matches(self, first_index: int, frame_ids: Sequence[str]) -> bool:
-        return (self.first_index == first_index and self.frames == len(frame_ids)
-                and self.first_id == frame_ids[0] and self.last_id == frame_ids[-1])
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def require_same_run(stored: RunConfig, config: RunConfig, path) -> None:
-    """OutputError when a --resume's `config` differs from the interrupted run's `stored` one."""
-    problems = stored.mismatches(config)
-    if problems:
-        raise OutputError(f"--resume: {path} was started with other options or input; " + "; ".join(problems))
+from .integrity import check_parts, file_sha256
+# The names other modules and tests import from here (layout.py, manifest.py hold them).
+from .layout import (FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, MERGE_ORDER,  # noqa: F401
+                     MERGED_FILE, PARTS_DIR, RUN_FILE, STDIN_FILE, SUMMARY_FILE)
+from .manifest import (BlockRecord, RunConfig, append_record, read_manifest,  # noqa: F401
+                       require_same_run, write_json_atomic)
+from .tables import embedding_schema, embedding_table
 
 
 class OutputDir:
@@ -195,35 +91,19 @@ class OutputDir:
             stored = RunConfig.from_json(json.loads(run_file.read_text()))
             require_same_run(stored, config, self.path)
             self.config = stored
-            self.manifest = self._read_manifest()
-            self._check_parts()
+            self.manifest = read_manifest(self.path / MANIFEST_FILE)
+            self.missing, self.corrupt = check_parts(self.manifest, self.part_path)
             self._drop_orphan_parts()
             return
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock()
         self.config = config
-        _write_json_atomic(run_file, config.to_json())
+        write_json_atomic(run_file, config.to_json())
         (self.path / MANIFEST_FILE).touch()
-
-    def _check_parts(self) -> None:
-        """Every committed part against its checksum: one missing or corrupted is recomputed."""
-        for number, record in self.manifest.items():
-            missing = []
-            for model in record.rows:
-                problem = part_problem(self.part_path(model, number), record.sha256.get(model))
-                if problem is None:
-                    continue
-                missing.append(model)
-                if problem != "missing":
-                    self.corrupt[(number, model)] = problem
-                    log.warning("block %d: the %s part %s is %s; it is recomputed", number,
-                                model, self.part_path(model, number), problem)
-            if missing:
-                self.missing[number] = tuple(missing)
 
     def _lock(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_fh = open(self.path / ".lock", "w")
+        self._lock_fh = open(self.path / LOCK_FILE, "w")
         try:
             fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -231,28 +111,20 @@ class OutputDir:
 
     def close(self) -> None:
         if self._lock_fh is not None:
-            (self.path / ".lock").unlink(missing_ok=True)
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
             self._lock_fh.close()
             self._lock_fh = None
 
-    def _read_manifest(self) -> Dict[int, BlockRecord]:
-        blocks: Dict[int, BlockRecord] = {}
-        path = self.path / MANIFEST_FILE
-        if not path.exists():
-            return blocks
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = BlockRecord(**json.loads(line))
-            except (ValueError, TypeError) as e:
-                if number == len(lines):  # a line cut by a crash while appending
-                    log.warning("ignoring the truncated last line of %s", path)
-                    continue
-                raise OutputError(f"{path}:{number}: unreadable manifest line ({e})") from e
-            blocks[record.block] = record  # a block committed again: its last line wins
-        return blocks
+    def _drop_orphan_parts(self) -> None:
+        parts = self.path / PARTS_DIR
+        if not parts.exists():
+            return
+        keep = {self.part_path(m, b.block) for b in self.manifest.values() for m in b.rows}
+        for part in parts.rglob("*"):
+            if part.is_file() and part not in keep:
+                part.unlink()
+
+    # ------------------------------------------------------------ the committed blocks
 
     @property
     def blocks(self) -> Dict[int, BlockRecord]:
@@ -267,17 +139,6 @@ class OutputDir:
     def parts_removed(self) -> bool:
         """The run wrote its final files and removed its parts (no parts/ left)."""
         return bool(self.manifest) and not (self.path / PARTS_DIR).exists()
-
-    def _drop_orphan_parts(self) -> None:
-        parts = self.path / PARTS_DIR
-        if not parts.exists():
-            return
-        keep = {self.part_path(m, b.block) for b in self.manifest.values() for m in b.rows}
-        for part in parts.rglob("*"):
-            if part.is_file() and part not in keep:
-                part.unlink()
-
-    # ------------------------------------------------------------ committing
 
     def part_path(self, model: str, block: int) -> Path:
         return self.path / PARTS_DIR / model / f"block-{block:08d}.parquet"
@@ -307,17 +168,14 @@ class OutputDir:
         record = BlockRecord(block, first_index, len(frame_ids), frame_ids[0], frame_ids[-1],
                              {model: len(frame_ids) for model in names},
                              {model: sums[model] for model in names if model in sums})
-        with open(self.path / MANIFEST_FILE, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(asdict(record)) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_record(self.path / MANIFEST_FILE, record)
         self.manifest[block] = record
         self.missing.pop(block, None)
         for model in tables:
             self.corrupt.pop((block, model), None)
         return record
 
-    # ------------------------------------------------------------ finishing
+    # ------------------------------------------------------------ finishing (finals.py)
 
     def final_path(self, model: str) -> Path:
         return self.path / f"{model}.parquet"
@@ -325,101 +183,16 @@ class OutputDir:
     def finalize(self, models: Sequence[str], hidden: Dict[str, int], merged: bool,
                  on_features: Optional[Callable[[List[str], np.ndarray], None]] = None
                  ) -> Dict[str, int]:
-        """Stream the committed blocks, in order, into the final files; returns rows per file.
-
-        `on_features(ids, features)` receives each block's merged DNABERT-S + ESM-2 features
-        (the classifier). Each part is checked against its checksum as it is read: a corrupted
-        one stops the run before any final or derived file is in place (OutputWriteError; a
-        --resume recomputes it). Parts are removed once every final file is in place.
-        """
-        def tables():
-            for number, record in sorted(self.blocks.items()):
-                yield number, {m: read_part(self.part_path(m, number), record.sha256.get(m))
-                               for m in models}
-
-        try:
-            rows = self._write_finals(tables(), models, hidden, merged, on_features)
-        except CorruptPart as e:
-            raise OutputWriteError(f"{e}: it changed after it was committed, so no final file "
-                                   f"was written; continue with --resume --out {self.path} to "
-                                   f"recompute it") from None
-        shutil.rmtree(self.path / PARTS_DIR, ignore_errors=True)
-        return rows
+        """The final files of a run of means from its committed blocks (finals.finalize_means);
+        rows per file. The parts are removed once every final file is in place."""
+        return finals.finalize_means(self, models, hidden, merged, on_features)
 
     def derive(self, hidden: Dict[str, int], merged: bool,
                on_features: Optional[Callable[[List[str], np.ndarray], None]] = None,
                batch_rows: int = 8192) -> Dict[str, int]:
         """merged.parquet and/or `on_features` from the final per-model files of a finished
-        run (its parts are gone); the per-model files are only read. Returns rows written."""
-        import pyarrow.parquet as pq
-
-        readers = {m: pq.ParquetFile(self.final_path(m)) for m in MERGE_ORDER}
-
-        def tables():
-            batches = {m: r.iter_batches(batch_size=batch_rows) for m, r in readers.items()}
-            for number, chunk in enumerate(aligned(batches)):
-                yield f"rows from {number * batch_rows}", chunk
-
-        return self._write_finals(tables(), (), hidden, merged, on_features)
-
-    def _write_finals(self, tables, models: Sequence[str], hidden: Dict[str, int], merged: bool,
-                      on_features) -> Dict[str, int]:
-        """Write `<model>.parquet` for `models` and merged.parquet (`merged`) from (label,
-        {model: table}) in frame order, all as *.partial renamed at the end."""
-        import pyarrow.parquet as pq
-
-        meta = {"sample": self.config.sample, "chunk": str(self.config.chunk)}
-        writers, temps, rows = {}, {}, {}
-        targets = {model: self.final_path(model) for model in models}
-        need_features = merged or on_features is not None
-        if need_features:
-            width = sum(hidden[m] for m in MERGE_ORDER)
-        if merged:
-            targets["merged"] = self.path / MERGED_FILE
-        try:
-            for name, target in targets.items():
-                temps[name] = target.with_name(target.name + ".partial")
-                rows[name] = 0
-            for model in models:
-                schema = embedding_schema(hidden[model], {**meta, "model": model,
-                                                          "hidden": str(hidden[model])})
-                writers[model] = pq.ParquetWriter(temps[model], schema)
-            if merged:
-                schema = embedding_schema(width, {**meta, "models": ",".join(MERGE_ORDER),
-                                                  "hidden": str(width)})
-                writers["merged"] = pq.ParquetWriter(temps["merged"], schema)
-            for label, block in tables:
-                for model in models:
-                    table = block[model].replace_schema_metadata(writers[model].schema.metadata)
-                    writers[model].write_table(table)
-                    rows[model] += table.num_rows
-                if not need_features:
-                    continue
-                ids = block[MERGE_ORDER[0]].column("id").to_pylist()
-                for model in MERGE_ORDER[1:]:
-                    if block[model].column("id").to_pylist() != ids:
-                        raise OutputError(f"block {label}: the models' frame ids differ")
-                features = np.hstack([vectors(block[m]) for m in MERGE_ORDER])
-                if merged:
-                    lengths = block[MERGE_ORDER[0]].column("length").to_numpy()
-                    writers["merged"].write_table(
-                        embedding_table(ids, features, lengths, writers["merged"].schema))
-                    rows["merged"] += len(ids)
-                if on_features is not None:
-                    on_features(ids, features)
-            for writer in writers.values():
-                writer.close()
-            writers.clear()
-            for name, target in targets.items():
-                os.replace(temps[name], target)
-        except BaseException:
-            for writer in writers.values():
-                writer.close()
-            for tmp in temps.values():
-                if tmp.exists():
-                    tmp.unlink()
-            raise
-        return rows
+        run (finals.derive); returns rows written."""
+        return finals.derive(self, hidden, merged, on_features, batch_rows)
 
     def final_rows(self, name: str, hidden: Optional[int] = None) -> Optional[int]:
         """Rows of the final file `name` (a model or "merged") from its footer; None when it
@@ -436,4 +209,4 @@ class OutputDir:
             return None
 
     def write_summary(self, summary: dict) -> None:
-        _write_json_atomic(self.path / SUMMARY_FILE, summary)
+        write_json_atomic(self.path / SUMMARY_FILE, summary)

@@ -1,10 +1,9 @@
-"""gRPC transport to one or more Triton servers: bounded in-flight requests, pull-based.
+"""gRPC transport to one or more Triton servers: where each listens (`ServerSpec`), how calls
+are made (`TransportConfig`), and one server's calls, answers and backoff (`Server`).
 
-Every server gets `max_in_flight` worker slots; each slot pulls the next request from one
-shared queue, sends it (`tritonclient.grpc.aio`), and hands the embeddings to a callback.
-A slower or busier server answers later, so its slots pull less: the load spreads by itself.
-
-Faults:
+A `Server` connects (backing off while it is not ready), reads its models' configs
+(model_info.py), and sends one request at a time per worker slot: the shared queue and the
+slots are dispatcher.py's `Dispatcher`. Faults (faults.py):
 - UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED / a broken connection: the request
   goes back to the front of the queue (any server may take it) and the server cools down
   for an exponential backoff. A server whose failures outlast `retries` backoffs is given
@@ -22,29 +21,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from .credentials import open_client
+# Dispatcher (the shared queue) and the fault rules are imported from here too, as before.
+from .dispatcher import Dispatcher, RejectCallback, ResultCallback  # noqa: F401
 from .errors import ServerError, ServerUnavailableError
+from .faults import (CONNECTION_MARKERS, REJECTED, RETRIABLE, is_rejection,  # noqa: F401
+                     is_retriable)
+from .model_info import ModelInfo
 from .schedule import Item, Request
 
 log = logging.getLogger(__name__)
 
-RETRIABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
-             "StatusCode.RESOURCE_EXHAUSTED"}
-REJECTED = {"StatusCode.INVALID_ARGUMENT"}
-# Transport failures that gRPC sometimes reports as INTERNAL/UNKNOWN/CANCELLED when the peer dies.
-CONNECTION_MARKERS = ("socket closed", "connection reset", "stream removed", "rst_stream",
-                      "broken pipe", "failed to connect", "connection refused", "goaway",
-                      "end of tcp stream", "connection aborted")
 # Valid in both alphabets (nucleotides and residues): asks a model with dims [-1] its width.
 PROBE_SEQUENCE = "ACGT"
 DEFAULT_GRPC_PORT = 8001
@@ -89,47 +85,6 @@ class ServerSpec:
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """What the client needs from a model's config: names, batch bound, output width."""
-
-    name: str
-    max_batch_size: int
-    hidden: Optional[int]  # None when the config says dims [-1]: learnt from a probe
-    input_name: str
-    output_name: str
-    instances: int
-    max_length: Optional[int] = None  # config parameter max_length (letters); None: "auto"
-    outputs: Tuple[str, ...] = ()     # every output the model has (BOS, TOKEN_EMBEDDINGS, ...)
-
-    @classmethod
-    def from_config(cls, name: str, config: dict) -> "ModelInfo":
-        """Read a `get_model_config(as_json=True)["config"]` dict (int64 fields are strings)."""
-        inputs = [i for i in config.get("input", []) if i.get("data_type") == "TYPE_STRING"]
-        outputs = [o for o in config.get("output", []) if o.get("data_type") == "TYPE_FP32"]
-        if any(o.get("name") == "EMBEDDING" for o in outputs):  # the mean beside BOS, per-token
-            outputs = [o for o in outputs if o.get("name") == "EMBEDDING"]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ServerError(
-                f"model {name!r}: expected one TYPE_STRING input and one TYPE_FP32 output, "
-                f"config has inputs {config.get('input')} and outputs {config.get('output')}")
-        dims = [int(d) for d in outputs[0].get("dims", [])]
-        if len(dims) != 1 or dims[0] == 0 or dims[0] < -1:
-            raise ServerError(f"model {name!r}: output dims {dims}, expected [hidden]")
-        max_batch = int(config.get("max_batch_size", 0))
-        if max_batch < 1:
-            raise ServerError(f"model {name!r}: max_batch_size {max_batch}, expected > 0")
-        instances = 0
-        for group in config.get("instance_group", []):
-            count = int(group.get("count", 1))
-            instances += count * max(1, len(group.get("gpus", [])))
-        length = config.get("parameters", {}).get("max_length", {}).get("string_value", "")
-        return cls(name, max_batch, dims[0] if dims[0] > 0 else None, inputs[0]["name"],
-                   outputs[0]["name"], max(1, instances),
-                   int(length) if length.strip().isdigit() else None,
-                   tuple(o.get("name", "") for o in config.get("output", [])))
-
-
-@dataclass(frozen=True)
 class TransportConfig:
     """Flow control and fault handling of the transport."""
 
@@ -159,18 +114,6 @@ class TransportConfig:
 
     def delay(self, failures: int) -> float:
         return min(self.backoff_max, self.backoff * 2 ** max(0, failures - 1))
-
-
-def is_retriable(error: Exception) -> bool:
-    status = getattr(error, "status", lambda: None)()
-    if status in RETRIABLE:
-        return True
-    text = str(error).lower()
-    return any(marker in text for marker in CONNECTION_MARKERS)
-
-
-def is_rejection(error: Exception) -> bool:
-    return getattr(error, "status", lambda: None)() in REJECTED
 
 
 @dataclass
@@ -315,145 +258,3 @@ class Server:
             except Exception:  # closing a channel to a dead server must not mask the real error
                 log.debug("closing %s failed", self.spec.url, exc_info=True)
 
-
-ResultCallback = Callable[[Request, np.ndarray], None]
-RejectCallback = Callable[[Request, Item, str], None]
-
-
-class Dispatcher:
-    """The shared request queue and the worker slots of every server."""
-
-    _NEW, _AGAIN = 1, 0  # queue priorities: retried and split requests go first
-
-    def __init__(self, servers: Sequence[Server], on_result: ResultCallback,
-                 on_reject: RejectCallback):
-        self.servers = list(servers)
-        self.on_result = on_result
-        self.on_reject = on_reject
-        self.queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
-        self._order = itertools.count()
-        self._tasks: List[asyncio.Task] = []
-        self.error: Optional[BaseException] = None
-        self.failed = asyncio.Event()
-        self.closed = False
-        self.joining: Callable[[], bool] = lambda: False  # servers still connecting? (servers.py)
-        self.ask = None             # representations.Ask: what beyond the mean (None: the mean)
-        self._sending: Dict[asyncio.Task, tuple] = {}     # slot -> (server, request) in flight
-
-    def submit(self, requests: Sequence[Request]) -> None:
-        for request in requests:
-            self.queue.put_nowait((self._NEW, next(self._order), request))
-
-    def _again(self, request: Request) -> None:
-        self.queue.put_nowait((self._AGAIN, next(self._order), request))
-
-    def start(self) -> None:
-        """Every server's slots, started round-robin: the queue serves waiting slots in order,
-        so while there are fewer requests than slots they spread over the servers."""
-        for turn in range(max((server.in_flight for server in self.servers), default=0)):
-            for server in self.servers:
-                if turn < server.in_flight:
-                    self._tasks.append(asyncio.ensure_future(self._worker(server)))
-
-    def add(self, server: Server) -> bool:
-        """A server that became ready after the run started joins the pull (False: too late)."""
-        if self.closed:
-            return False
-        self.servers.append(server)
-        self._start_workers(server)
-        return True
-
-    def _start_workers(self, server: Server) -> None:
-        for _ in range(server.in_flight):
-            self._tasks.append(asyncio.ensure_future(self._worker(server)))
-
-    async def _worker(self, server: Server) -> None:
-        from tritonclient.utils import InferenceServerException
-
-        while not server.dead and not server.retired:
-            wait = server.available_at - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
-            _, _, request = await self.queue.get()
-            if server.dead or server.retired:  # it went while this slot waited: another takes it
-                self._again(request)
-                return
-            try:
-                slot = asyncio.current_task()
-                self._sending[slot] = (server, request)
-                try:
-                    embeddings = await server.embed(request, self.ask)
-                finally:
-                    self._sending.pop(slot, None)
-            except InferenceServerException as e:
-                if is_rejection(e):
-                    self._rejected(request, e)
-                elif is_retriable(e):
-                    self._again(request)
-                    server.failed(e)
-                    if server.dead:
-                        self._check_all_dead()
-                else:
-                    self.fail(ServerError(
-                        f"server {server.spec.url} model {request.model}: {e}"))
-                    return
-            except ServerError as e:
-                self.fail(e)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a bug here must end the run, not hang it
-                self.fail(e)
-                return
-            else:
-                server.succeeded(request)
-                try:
-                    self.on_result(request, embeddings)
-                except Exception as e:
-                    self.fail(e)
-                    return
-
-    def recall(self, server: Server) -> int:
-        """`server` left the pool and still holds requests: they go back to the queue and its
-        slots stop (an answer that still comes is dropped). Returns how many were recalled."""
-        recalled = 0
-        for slot, (owner, request) in list(self._sending.items()):
-            if owner is server:
-                del self._sending[slot]
-                self._again(request)
-                slot.cancel()
-                recalled += 1
-        return recalled
-
-    def _rejected(self, request: Request, error) -> None:
-        if len(request.items) > 1:
-            log.info("model %s rejected a request of %d sequences (%s); sending them one by one",
-                     request.model, len(request.items), error.message())
-            for single in request.split():
-                self._again(single)
-        else:
-            self.on_reject(request, request.items[0], error.message() or str(error))
-
-    def _check_all_dead(self) -> None:
-        if self.joining():  # a server still connecting may take the work (servers.py)
-            return
-        if all(server.dead or server.retired for server in self.servers):
-            detail = "; ".join(f"{s.spec.url}: {s.last_error}" for s in self.servers)
-            self.fail(ServerUnavailableError(
-                f"server unavailable: every server stayed down past --retries "
-                f"({self.servers[0].config.retries}): {detail}"))
-
-    def fail(self, error: BaseException) -> None:
-        """End the run with `error` (the first one wins)."""
-        if self.error is None:
-            self.error = error
-        self.failed.set()
-
-    async def close(self) -> None:
-        """Stop every worker (in-flight requests are cancelled; their blocks stay unfinished)."""
-        self.closed = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()

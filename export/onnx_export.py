@@ -97,10 +97,8 @@ def export_onnx(kind: str, checkpoint: Path, out_dir: Path, opset: int = MIN_OPS
     Files are written to a temporary folder and moved into place only after verification
     passes, so a failed export leaves nothing behind.
     """
-    import numpy as np
-    import onnx
-    import torch
-    from embed_core import Embedder, RuntimeConfig
+    import onnx  # noqa: F401  (both missing is said before a checkpoint is loaded)
+    import torch  # noqa: F401
 
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} < {MIN_OPSET}: LayerNormalization and the attention ops need >= 17")
@@ -116,70 +114,100 @@ def export_onnx(kind: str, checkpoint: Path, out_dir: Path, opset: int = MIN_OPS
     # Trace on the two shortest (B=2, short L); verify on all of them padded together (other B
     # and L) and on each alone (no padding): proof that the batch and length axes are dynamic.
     example = pad_batch(tokens[:2], pad_id)
-    module = _pooled_module(encoder)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         traced = Path(tmp) / "traced" / ONNX_FILE
         traced.parent.mkdir()
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # constant ALiBi slopes: intended
-                # The TorchScript exporter (dynamo=False) is deprecated, but it needs no onnxscript and
-                # its dynamic_axes give the dynamic batch and length this graph needs.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(
-                    module, tuple(torch.from_numpy(a) for a in example), str(traced),
-                    dynamo=False, opset_version=opset, do_constant_folding=True,
-                    input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                    dynamic_axes={"input_ids": {0: "batch", 1: "length"},
-                                  "attention_mask": {0: "batch", 1: "length"},
-                                  OUTPUT_NAME: {0: "batch"}},
-                )
-        except Exception as err:  # the tracer's errors are long: keep the first line, name the model
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ExportError(f"torch.onnx.export of the {kind} encoder failed: {type(err).__name__}: {first}") from err
-        model = onnx.load(str(traced), load_external_data=True)
-        weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-        external = external_data == "always" or (external_data == "auto" and weight_bytes > PROTOBUF_LIMIT - 2**26)
+        _trace(kind, _pooled_module(encoder), example, traced, opset)
         final = Path(tmp) / "final"
         final.mkdir()
-        if external:
-            onnx.save_model(model, str(final / ONNX_FILE), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(final / ONNX_FILE))
-        del model
-        onnx.checker.check_model(str(final / ONNX_FILE))
-
+        external = _save_checked(traced, final / ONNX_FILE, external_data)
         diff = None
         if verify:
-            embedder = Embedder(encoder, tokenizer, RuntimeConfig(device="cpu", dtype="float32", token_budget=4096))
-            try:
-                reference = embedder.embed(sequences)
-            finally:
-                embedder.close()
-            try:
-                session = onnx_session(final / ONNX_FILE)
-                got = run_onnx(session, *pad_batch(tokens, pad_id))
-                singles = np.concatenate([run_onnx(session, *pad_batch([t], pad_id)) for t in tokens])
-            except Exception as err:  # typically a traced size baked into the graph as a constant
-                raise ExportError(f"onnxruntime cannot run the exported {kind} graph on other batch sizes "
-                                  f"or lengths than the traced one: {type(err).__name__}: {err}") from err
-            if got.shape != reference.shape:
-                raise ExportError(f"ONNX output shape {got.shape} != model core {reference.shape}")
-            diff = float(max(np.abs(got - reference).max(), np.abs(singles - reference).max()))
-            if not diff < tolerance:
-                raise ExportError(f"ONNX export of {kind} disagrees with the model core: max |diff| "
-                                  f"{diff:.3g} >= {tolerance:g} on {len(sequences)} sequences")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        for path in final.iterdir():
-            path.chmod(0o644)
-        final.chmod(0o755)  # mkdtemp made it 0700; a container's server user must read it
-        final.rename(out_dir)
+            diff = _verify(kind, encoder, tokenizer, sequences, tokens, pad_id, final / ONNX_FILE, tolerance)
+        _move_into_place(final, out_dir)
     size = sum(p.stat().st_size for p in out_dir.iterdir())
     return OnnxResult(out_dir / ONNX_FILE, int(encoder.hidden_size), external, size, diff, len(sequences))
+
+
+def _trace(kind: str, module, example, path: Path, opset: int) -> None:
+    """torch.onnx.export of `module` traced on `example`, with dynamic batch and length axes."""
+    import torch
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # constant ALiBi slopes: intended
+            # The TorchScript exporter (dynamo=False) is deprecated, but it needs no onnxscript and
+            # its dynamic_axes give the dynamic batch and length this graph needs.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                module, tuple(torch.from_numpy(a) for a in example), str(path),
+                dynamo=False, opset_version=opset, do_constant_folding=True,
+                input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                dynamic_axes={"input_ids": {0: "batch", 1: "length"},
+                              "attention_mask": {0: "batch", 1: "length"},
+                              OUTPUT_NAME: {0: "batch"}},
+            )
+    except Exception as err:  # the tracer's errors are long: keep the first line, name the model
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"torch.onnx.export of the {kind} encoder failed: {type(err).__name__}: {first}") from err
+
+
+def _save_checked(traced: Path, target: Path, external_data: str) -> bool:
+    """The traced model saved at `target` (its weights in DATA_FILE beside it when `external_data`
+    says so, or "auto" finds them near protobuf's 2 GiB limit) and checked; True when external."""
+    import onnx
+
+    model = onnx.load(str(traced), load_external_data=True)
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    external = external_data == "always" or (external_data == "auto" and weight_bytes > PROTOBUF_LIMIT - 2**26)
+    if external:
+        onnx.save_model(model, str(target), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(target))
+    del model
+    onnx.checker.check_model(str(target))
+    return external
+
+
+def _verify(kind: str, encoder, tokenizer, sequences: Sequence[str], tokens: Sequence, pad_id: int,
+            path: Path, tolerance: float) -> float:
+    """Max |diff| between onnxruntime on the exported graph (all sequences padded together, and
+    each alone) and the model core; ExportError when it is not below `tolerance`."""
+    import numpy as np
+    from embed_core import Embedder, RuntimeConfig
+
+    embedder = Embedder(encoder, tokenizer, RuntimeConfig(device="cpu", dtype="float32", token_budget=4096))
+    try:
+        reference = embedder.embed(sequences)
+    finally:
+        embedder.close()
+    try:
+        session = onnx_session(path)
+        got = run_onnx(session, *pad_batch(tokens, pad_id))
+        singles = np.concatenate([run_onnx(session, *pad_batch([t], pad_id)) for t in tokens])
+    except Exception as err:  # typically a traced size baked into the graph as a constant
+        raise ExportError(f"onnxruntime cannot run the exported {kind} graph on other batch sizes "
+                          f"or lengths than the traced one: {type(err).__name__}: {err}") from err
+    if got.shape != reference.shape:
+        raise ExportError(f"ONNX output shape {got.shape} != model core {reference.shape}")
+    diff = float(max(np.abs(got - reference).max(), np.abs(singles - reference).max()))
+    if not diff < tolerance:
+        raise ExportError(f"ONNX export of {kind} disagrees with the model core: max |diff| "
+                          f"{diff:.3g} >= {tolerance:g} on {len(sequences)} sequences")
+    return diff
+
+
+def _move_into_place(final: Path, out_dir: Path) -> None:
+    """The verified folder becomes `out_dir` (replacing it), readable by a container's server."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    for path in final.iterdir():
+        path.chmod(0o644)
+    final.chmod(0o755)  # mkdtemp made it 0700; a container's server user must read it
+    final.rename(out_dir)
 
 
 def onnx_session(path: Path, threads: int = 2):

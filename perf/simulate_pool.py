@@ -1,6 +1,6 @@
 """Discrete-event simulation of embed-client's pull pool over many Triton servers.
 
-How the client works (client/transport.py, client/pipeline.py), and so what is simulated:
+How the client works (client/transport.py, client/dispatcher.py, client/pipeline.py), and so what is simulated:
 
 - Each client preps its sample in one thread, a block of `window` frames at a time; a block
   is opened (its length-sorted requests queued) only while fewer than MAX_OPEN_BLOCKS (6) are
@@ -52,7 +52,7 @@ DNABERT_TOKENS_PER_S = 1_641_364.0  # per H200, alone through Triton (answering-
 ESM2_HIDDEN, DNABERT_HIDDEN = 2560, 768
 PREP_FRAMES_PER_S = 68_000.0       # one client core: validate + stream + prep + bucket (bench_prep.py)
 MAX_OPEN_BLOCKS = 6                # client/pipeline.py
-AGAIN, NEW = 0, 1                  # queue priorities (client/transport.py)
+AGAIN, NEW = 0, 1                  # queue priorities (client/dispatcher.py)
 
 
 @dataclass
