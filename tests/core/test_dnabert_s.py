@@ -16,6 +16,7 @@ from embed_core.dnabert_s_tokenizer import (IUPAC_LETTERS, DnabertTokenizer, che
                                             train_demo_tokenizer)
 from embed_core.errors import CheckpointError, InvalidSequenceError
 from embed_core.packing import mean_pool_packed, pack
+from references import dnabert_reference_hidden, paper_slopes
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 PUBLISHED = FIXTURES / "dnabert2-117m"
@@ -56,54 +57,6 @@ def token_ids(demo_tokenizer) -> list[np.ndarray]:
 
 
 # --------------------------------------------------------------------------- independent reference
-
-
-def paper_slopes(n: int) -> list[float]:
-    """ALiBi paper: geometric 2^(-8/c * k) for c = largest power of 2 <= n, then odd terms of 2c."""
-    c = 2 ** int(math.floor(math.log2(n)))
-    base = [2.0 ** (-8.0 * k / c) for k in range(1, c + 1)]
-    extra = [2.0 ** (-8.0 * k / (2 * c)) for k in range(1, 2 * c + 1)][0::2]
-    return base + extra[: n - c]
-
-
-def reference_hidden(state: dict, cfg: DnabertSConfig, ids: list[int]) -> torch.Tensor:
-    """Last hidden state [L, H] of ONE sequence, float64, heads looped, read from the state dict by name."""
-    sd = {k: v.detach().double() for k, v in state.items()}
-    hidden, heads, inter, eps = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.layer_norm_eps
-    d = hidden // heads
-    length = len(ids)
-
-    def layer_norm(x, prefix):
-        mu = x.mean(-1, keepdim=True)
-        var = ((x - mu) ** 2).mean(-1, keepdim=True)
-        return (x - mu) / torch.sqrt(var + eps) * sd[prefix + ".weight"] + sd[prefix + ".bias"]
-
-    def linear(x, prefix, bias=True):
-        y = torch.einsum("lk,ok->lo", x, sd[prefix + ".weight"])
-        return y + sd[prefix + ".bias"] if bias else y
-
-    pos = torch.arange(length, dtype=torch.float64)
-    distance = (pos[:, None] - pos[None, :]).abs()                       # |i - j|
-    slopes = paper_slopes(heads)
-    x = sd["embeddings.word_embeddings.weight"][ids] + sd["embeddings.token_type_embeddings.weight"][0]
-    x = layer_norm(x, "embeddings.LayerNorm")
-    for n in range(cfg.num_hidden_layers):
-        p = f"encoder.layer.{n}."
-        qkv = linear(x, p + "attention.self.Wqkv")                       # [L, 3H]: q | k | v
-        context = torch.zeros(length, hidden, dtype=torch.float64)
-        for h in range(heads):
-            q = qkv[:, h * d:(h + 1) * d]
-            k = qkv[:, hidden + h * d:hidden + (h + 1) * d]
-            v = qkv[:, 2 * hidden + h * d:2 * hidden + (h + 1) * d]
-            scores = torch.einsum("id,jd->ij", q, k) / math.sqrt(d) - slopes[h] * distance
-            e = torch.exp(scores - scores.max(dim=1, keepdim=True).values)
-            context[:, h * d:(h + 1) * d] = (e / e.sum(dim=1, keepdim=True)) @ v
-        h1 = layer_norm(linear(context, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
-        g = linear(h1, p + "mlp.gated_layers", bias=False)                 # [L, 2I]
-        gate, up = g[:, :inter], g[:, inter:]
-        glu = 0.5 * gate * (1.0 + torch.erf(gate / math.sqrt(2.0))) * up  # exact (erf) GELU
-        x = layer_norm(linear(glu, p + "mlp.wo") + h1, p + "mlp.layernorm")
-    return x
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -178,7 +131,7 @@ def test_matches_naive_float64_reference(small_model, token_ids):
     pooled = mean_pool_packed(hidden, batch.cu_seqlens, small_model.pool_skip_first, small_model.pool_skip_last)
     state = small_model.state_dict()
     for i, ids in enumerate(token_ids):
-        ref = reference_hidden(state, SMALL, ids.tolist())
+        ref = dnabert_reference_hidden(state, SMALL, ids.tolist())
         assert rel_err(pooled[i], ref.mean(0)) < 1e-5, f"sequence {i} ({len(ids)} tokens)"
         start, end = batch.cu_seqlens[i], batch.cu_seqlens[i + 1]
         assert rel_err(hidden[start:end], ref) < 1e-5, f"sequence {i} per-token"
@@ -368,7 +321,7 @@ def test_layers_and_per_token_match_the_float64_reference(small_model, token_ids
     rows, offsets = out.outputs(), out.token_offsets
     layers = SMALL.num_hidden_layers if layer == -1 else layer
     for i, ids in enumerate(token_ids):
-        ref = reference_hidden(small_model.state_dict(), replace(SMALL, num_hidden_layers=layers), ids.tolist())
+        ref = dnabert_reference_hidden(small_model.state_dict(), replace(SMALL, num_hidden_layers=layers), ids.tolist())
         assert rel_err(torch.from_numpy(rows["per_token"][offsets[i]:offsets[i + 1]]), ref) < 1e-5
         assert rel_err(torch.from_numpy(rows["bos"][i]), ref[0]) < 1e-5
         assert rel_err(torch.from_numpy(rows["mean"][i]), ref.mean(0)) < 1e-5
