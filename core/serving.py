@@ -336,15 +336,22 @@ class _CancelWatch:
             self._gone[k] = True
         return bool(self._gone[k])
 
+    def known_gone(self, k: int) -> bool:
+        """What is known already, without asking Triton (each question is a round trip to it)."""
+        return bool(self._gone[k])
+
     def rows_gone(self, owners: list, n_rows: int) -> Optional[Callable[[], np.ndarray]]:
-        """For Embedder.launch_tokens: a bool [rows] of the rows whose request has gone."""
+        """For Embedder.launch_tokens: a bool [rows] of the rows whose request has gone. Asked before
+        each forward; the first time answers from what tokenizing just asked."""
         if self._ask is None:
             return None
+        asked = [False]
 
         def gone() -> np.ndarray:
             rows = np.zeros(n_rows, dtype=bool)
             for k, start, n in owners:
-                rows[start:start + n] = self.is_gone(k)
+                rows[start:start + n] = self.is_gone(k) if asked[0] else self.known_gone(k)
+            asked[0] = True
             return rows
         return gone
 
@@ -370,7 +377,7 @@ class LaunchedRequests:
         for group, rows in zip(self.groups, outputs):
             for k, start, n in group.owners:
                 bad = sorted(i for i in group.failures if start <= i < start + n)
-                if self.watch.is_gone(k):
+                if self.watch.known_gone(k):   # Triton drops answers to a gone client anyway: no new question
                     results[k] = RequestCancelled("cancelled while it was computed")
                 elif bad:
                     results[k] = SequenceTooLargeError(
