@@ -34,7 +34,7 @@ from .triton_status import (UNIX_SCHEME, UnixHTTPConnection, failures_from_log, 
                             short_reason, unix_url)
 
 __all__ = [
-    "DISABLED_ADMIN_HEADER", "KEY_PATTERN", "KEY_RULE", "LaunchError", "OWNED_TRITON_OPTIONS", "SECRET_ENV",
+    "CPU_MALLOC_ENV", "DISABLED_ADMIN_HEADER", "KEY_PATTERN", "KEY_RULE", "LaunchError", "OWNED_TRITON_OPTIONS", "SECRET_ENV",
     "ServerOptions", "TritonServer", "UNIX_SCHEME", "UnixHTTPConnection", "assemble_backends",
     "check_stub_python", "die_with_parent", "failures_from_log", "find_tritonserver", "format_failures",
     "free_ports", "gpu_visible", "http_request", "option_name", "pytriton_dist", "raise_open_files_limit",
@@ -49,6 +49,13 @@ try:  # resolved here, not in the forked child, where an import could deadlock
 except (OSError, AttributeError):
     _prctl = None
 PR_SET_PDEATHSIG = 1
+
+# glibc malloc in tritonserver and its stubs on the CPU configs (where the models' activations are
+# host memory): with its defaults (a dynamic mmap threshold, an arena per thread) the ESM-2 stubs grew
+# ~40 MB/min each under a mix of request sizes and never gave it back (perf/soak.py, 5 min: +94 MB/min
+# for the server, 2026-12-04); with these, +8 MB/min and flat. The operator's own values win.
+# GPU configs keep glibc's defaults (not measured there).
+CPU_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "262144", "MALLOC_TRIM_THRESHOLD_": "524288"}
 
 
 def die_with_parent() -> None:
@@ -177,6 +184,8 @@ class TritonServer:
         env = server_env(binary)
         check_stub_python(env)
         self.use_cpu_configs = o.cpu if o.cpu is not None else not gpu_visible()
+        if self.use_cpu_configs:
+            env = {**CPU_MALLOC_ENV, **env}
         self._workdir = Path(tempfile.mkdtemp(prefix="embed-server-"))
         try:  # from here on, a failure removes the work directory and stops the child
             try:
