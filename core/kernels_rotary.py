@@ -1,8 +1,8 @@
-"""Hand-written Triton kernel for ESM-2's rotary embedding of q and k (opt-in, CUDA only).
+"""Hand-written Triton kernel for ESM-2's rotary embedding of q and k (where the plan runs our kernels).
 
-`ESM2.rotary_impl = "triton"` (default "torch") makes the compiled path run a head graph without
-rotary and then this kernel: one launch rotates q and k together, reading each token's cos/sin
-row once (fp32), doing the math in fp32 and storing in the input dtype. It is exactly
+An execution plan with our kernels (plan.py) binds `esm2.rotate_qkv_triton`, which calls this in
+place on the fused q/k/v projection: one launch rotates q and k together, reading each token's
+cos/sin row once (fp32), doing the math in fp32 and storing in the input dtype. It is exactly
 `apply_rotary` / `rotate_fused`: out = (x1 cos - x2 sin, x2 cos + x1 sin), halves of head_dim.
 
 Never imported by default: `triton` is an optional package (the test extra has it). `available(device)`
