@@ -42,6 +42,7 @@ from typing import Optional
 from .forwarding import NoAnswer, backend_head, forward, open_backend
 from .http_parsing import (LINGER_BYTES, LINGER_SECONDS, MAX_HEADER_LINE, MAX_TARGET, METHODS, HttpError, Request,
                            declared_body, error_response, linger, parse_head, read_chunked, read_exactly)
+from .loop_thread import start_loop_thread
 from .request_checks import (ADMIN_APIS, ADMIN_HEADER, API_KEY_HEADER, GRPC_HEADER_PREFIX, MAX_JSON_DEPTH, authorize,
                              check_json, classify, json_too_deep)
 
@@ -89,33 +90,11 @@ class Frontend:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> "Frontend":
-        ready = threading.Event()
-        failure = []
-
-        def run():
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            try:
-                self._server = loop.run_until_complete(self._listen())
-            except BaseException as err:  # noqa: BLE001 - handed to start()
-                failure.append(err)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="embed-server-http-frontend", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if failure:
-            raise failure[0]
+        self._loop, self._thread = start_loop_thread(self._listen_and_keep, "embed-server-http-frontend")
         return self
+
+    async def _listen_and_keep(self) -> None:
+        self._server = await self._listen()
 
     async def _listen(self):
         o = self.options

@@ -17,6 +17,8 @@ from typing import Optional
 
 import grpc
 
+from .loop_thread import start_loop_thread
+
 SERVICE = "/inference.GRPCInferenceService/"
 STREAMING = {SERVICE + "ModelStreamInfer"}
 
@@ -43,31 +45,7 @@ class GrpcProxy:
         self._channel = None
 
     def start(self) -> "GrpcProxy":
-        ready = threading.Event()
-        failure = []
-
-        def run():
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._start())
-            except BaseException as err:  # noqa: BLE001 - handed to start()
-                failure.append(err)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="embed-server-grpc-proxy", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if failure:
-            raise failure[0]
+        self._loop, self._thread = start_loop_thread(self._start, "embed-server-grpc-proxy")
         return self
 
     async def _start(self):
