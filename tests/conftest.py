@@ -129,3 +129,26 @@ def embed_server(tmp_path_factory, demo_checkpoints, demo_repository) -> Running
             hidden_sizes={m: hidden_size(demo_checkpoints / m) for m in MODELS},
             log_path=log_path,
         )
+
+
+@pytest.fixture
+def disk_full_at_block(monkeypatch):
+    """`arm(n)`: the client's n-th block commit fails as a full disk would (ENOSPC); `disarm()`
+    puts the real commit back. Returns (arm, disarm)."""
+    import errno
+
+    from embed_client.sink import OutputDir
+
+    commit = OutputDir.commit
+
+    def arm(n: int) -> None:
+        calls = []
+
+        def full(self, *args, **kwargs):
+            calls.append(args[0])
+            if len(calls) == n:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return commit(self, *args, **kwargs)
+        monkeypatch.setattr(OutputDir, "commit", full)
+
+    return arm, monkeypatch.undo

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from embed_client import cli
-from embed_client.sink import OutputDir
 from references import dnabert_reference_hidden
 
 pytestmark = pytest.mark.server
@@ -193,24 +192,17 @@ def test_too_long_dna_windows_with_offsets(embed_server, tmp_path):
 
 
 def test_resume_after_an_interruption_completes_without_recomputing(embed_server, tmp_path,
-                                                                    monkeypatch, capsys):
+                                                                    disk_full_at_block, capsys):
     records = {f"prot{i}": "".join(random.Random(i).choice("ACDEFGHIKLMNPQRSTVWY")
                                    for _ in range(5 + 7 * i)) for i in range(9)}
     fasta = write_fasta(tmp_path / "P.fasta", records)
     out = tmp_path / "out"
     argv = ["--proteins", str(fasta), "--out", str(out), *live(embed_server),
             "--include", "mean,per_token", "--window", "3"]
-    commit, calls = OutputDir.commit, []
-
-    def disk_full_at_the_second_block(self, *args, **kwargs):
-        calls.append(args[0])
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return commit(self, *args, **kwargs)
-
-    monkeypatch.setattr(OutputDir, "commit", disk_full_at_the_second_block)
+    arm, disarm = disk_full_at_block
+    arm(2)
     assert run_cli(*argv) == cli.EXIT_OUTPUT
-    monkeypatch.undo()
+    disarm()
     committed = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert 1 <= len(committed) < 3
 

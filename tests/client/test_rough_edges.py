@@ -93,27 +93,18 @@ def test_a_given_up_server_is_said_once_with_the_count():
     assert server.stats.retries == 12
 
 
-def test_resume_takes_the_first_runs_options(embed_server, tmp_path, monkeypatch, capsys):
-    from embed_client.sink import OutputDir
-
+def test_resume_takes_the_first_runs_options(embed_server, tmp_path, disk_full_at_block, capsys):
     from test_end_to_end import write_sample
 
     sample = write_sample(tmp_path / "s.fa", n=6, seed=4)
     out = tmp_path / "out"
     live = ["--sample", str(sample), "--out", str(out), "--server", embed_server.grpc_url,
             "--metrics-url", embed_server.metrics_url]
-    commit, calls = OutputDir.commit, []
-
-    def disk_full_at_the_second_block(self, *args, **kwargs):
-        calls.append(args[0])
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return commit(self, *args, **kwargs)
-
-    monkeypatch.setattr(OutputDir, "commit", disk_full_at_the_second_block)
+    arm, disarm = disk_full_at_block
+    arm(2)
     first = ["--chunk", "500", "--window", "5", "--skip-bad-records", "--include", "mean,bos"]
     assert cli.run(cli.build_parser().parse_args(live + first)) == cli.EXIT_OUTPUT
-    monkeypatch.undo()
+    disarm()
     capsys.readouterr()
 
     def resume(*extra):
