@@ -177,7 +177,7 @@ def test_locust_user_over_tls_with_the_api_key(secured, key_file, tmp_path):
         pytest.skip("the load test needs locust (extra 'perf')")
     server, files = secured
     command = [sys.executable, "-m", "locust", "-f", str(ROOT / "perf" / "locustfile.py"),
-               "--headless", "-u", "2", "-r", "2", "--run-time", "6s", "--stop-timeout", "30",
+               "--headless", "-u", "2", "-r", "2", "--run-time", "12s", "--stop-timeout", "30",
                "--host", server.grpc_url, "--seqs-per-request", "2", "--request-rate", "2",
                "--dnabert-s-weight", "1", "--esm2-weight", "0",
                "--tls-ca-file", str(files["ca.crt"]), "--api-key-file", str(key_file),
