@@ -58,9 +58,9 @@ def _kernel(triton, tl):
         if QUANT:
             # e4m3 with a per-row scale (fp8.quantize_rows' rule); masked lanes hold b = 0 there.
             amax = tl.max(tl.where(col_ok, tl.abs(out), 0.0), axis=1)[:, None]
-            scale = tl.maximum(amax, 1e-12) / 448.0
-            out = tl.minimum(tl.maximum(out / scale, -448.0), 448.0)
-            tl.store(scale_ptr + r, scale, mask=r < R)
+            amax = tl.maximum(amax, 1e-12)
+            out = tl.minimum(tl.maximum(out * (448.0 / amax), -448.0), 448.0)   # a multiply per value, not a division
+            tl.store(scale_ptr + r, amax / 448.0, mask=r < R)
         tl.store(out_ptr + r * out_st + c, out.to(out_ptr.dtype.element_ty), mask=m)
 
     return add_layer_norm_kernel

@@ -106,8 +106,11 @@ def bench_attention(tokens: int, device, rows: list, model: str = "dnabert_s") -
                      "tiling": {"block_m": block_m, "block_n": block_n, "num_warps": warps}})
 
 
-def bench_add_layer_norm(tokens: int, width: int, device, rows: list) -> None:
+def bench_add_layer_norm(tokens: int, width: int, device, rows: list, quant: bool = False) -> None:
+    """quant: the fp8 plans' variant (the norm as e4m3 rows), against ATen's add + LayerNorm in bf16
+    (the bf16 plan's step) and the PyTorch e4m3 steps (esm2_steps.add_norm_torch_fp8)."""
     from embed_core import kernels_elementwise
+    from embed_core.esm2_steps import add_norm_torch_fp8
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(tokens, width, device=device, generator=g).to(torch.bfloat16)
     y = torch.randn(tokens, width, device=device, generator=g).to(torch.bfloat16)
@@ -119,16 +122,18 @@ def bench_add_layer_norm(tokens: int, width: int, device, rows: list) -> None:
         return total, torch.nn.functional.layer_norm(total, (width,), weight, bias, 1e-5)
 
     ref = aten()[1]
-    kernel = f"addnorm{width}"
+    kernel = f"addnorm{width}{'_e4m3' if quant else ''}"
     us = time_us(aten)
     rows.append({"kernel": kernel, "variant": "torch: x + y, F.layer_norm (2 passes)", "us": us,
                  "ns_per_token": us * 1e3 / tokens, "rel_error": 0.0})
+    if quant:
+        ref = add_norm_torch_fp8(x, y, weight, bias, 1e-5)[1]
     for block_rows, warps in NORM_TILINGS:
         name = f"triton {block_rows} rows w{warps}" if block_rows else "triton, kernels_elementwise's defaults"
         run = lambda: kernels_elementwise.add_layer_norm(x, y, weight, bias, 1e-5, block_rows=block_rows,  # noqa: E731
-                                                       num_warps=warps)
+                                                       num_warps=warps, quant=quant)
         try:
-            err = rel_error(run()[1], ref)
+            err = fp8_error(run()[1], ref) if quant else rel_error(run()[1], ref)
             us = time_us(run)
         except Exception as exc:  # noqa: BLE001 (a benchmark reports and goes on)
             rows.append({"kernel": kernel, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
@@ -137,12 +142,84 @@ def bench_add_layer_norm(tokens: int, width: int, device, rows: list) -> None:
                      "rel_error": err, "tiling": {"block_rows": block_rows, "num_warps": warps}})
 
 
+GELU_LAUNCHES = [(1, 1024, 4), (1, 2048, 4), (1, 2048, 8), (1, 4096, 8), (2, 1024, 4), (2, 2048, 8), (4, 1024, 8),
+                 (1, 16384, 16), (1, 16384, 32), None]   # (rows, chunk, warps); 16384: whole rows; None: defaults
+QUANT_LAUNCHES = [(1, 4096, 4), (1, 4096, 8), (2, 4096, 8), (4, 4096, 16), (1, 1024, 4), None]
+ESM2_3B_LINEARS = {"qkv": (2560, 7680), "out": (2560, 2560), "fc1": (2560, 10240), "fc2": (10240, 2560)}
+
+
+def fp8_error(rows, ref) -> float:
+    """Relative error of Fp8Rows against the fp8.quantize_rows reference, both dequantized."""
+    from embed_core import fp8
+    return rel_error(fp8.dequantize(rows), fp8.dequantize(ref))
+
+
+def bench_quantize(tokens: int, width: int, device, rows: list, gelu: bool) -> None:
+    """kernels_quant per launch (rows per program, chunk, warps) against the PyTorch steps: ESM-2 3B's
+    GELU + e4m3 of fc1's output (width 10240, against ATen's bf16 GELU, the bf16 plan's step) or the
+    attention output's e4m3 pass (width 2560)."""
+    from embed_core import fp8, kernels_quant
+    x = torch.randn(tokens, width, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    x = x.to(torch.bfloat16)
+    ref = fp8.quantize_rows(torch.nn.functional.gelu(x.float()) if gelu else x)
+    kernel = f"{'gelu_q' if gelu else 'quant'}{width}"
+    if gelu:
+        us = time_us(lambda: torch.nn.functional.gelu(x))
+        rows.append({"kernel": kernel, "variant": "torch: ATen GELU bf16 (no e4m3)", "us": us,
+                     "ns_per_token": us * 1e3 / tokens, "rel_error": 0.0})
+    us = time_us(lambda: x.clone())
+    rows.append({"kernel": kernel, "variant": "torch: copy (memory bound, 2 B in + 2 B out)", "us": us,
+                 "ns_per_token": us * 1e3 / tokens, "rel_error": 0.0})
+    quantize = kernels_quant.gelu_quantize_rows if gelu else kernels_quant.quantize_rows
+    for launch in GELU_LAUNCHES if gelu else QUANT_LAUNCHES:
+        launch = kernels_quant.Launch(*launch) if launch else None
+        if launch and launch.chunk < width < kernels_quant.CHUNKED_ABOVE:
+            continue
+        name = f"triton {launch.rows} rows x {launch.chunk} w{launch.warps}" if launch else "triton, defaults"
+        run = lambda: quantize(x, launch)  # noqa: E731
+        try:
+            err = fp8_error(run(), ref)
+            us = time_us(run)
+        except Exception as exc:  # noqa: BLE001 (a benchmark reports and goes on)
+            rows.append({"kernel": kernel, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        rows.append({"kernel": kernel, "variant": name, "us": us, "ns_per_token": us * 1e3 / tokens, "rel_error": err,
+                     "launch": launch._asdict() if launch else None})
+
+
+def bench_scaled_mm(tokens: int, device, rows: list) -> None:
+    """ESM-2 3B's four linears: bf16 F.linear against torch._scaled_mm with row-wise scales, with
+    and without use_fast_accum (Hopper's fp8 accumulation without the periodic fp32 promotion);
+    rel_error against the fp32 product of the same e4m3 operands."""
+    from embed_core import fp8
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, (k, n) in ESM2_3B_LINEARS.items():
+        x = torch.randn(tokens, k, device=device, generator=g).to(torch.bfloat16)
+        w = (0.02 * torch.randn(n, k, device=device, generator=g)).to(torch.bfloat16)
+        xq, wq = fp8.quantize_rows(x), fp8.quantize_weight(w)
+        ref = fp8.dequantize(xq) @ fp8.dequantize(wq).t()
+        flops = 2.0 * tokens * k * n
+        kernel = f"gemm_{name}"
+        cases = [("bf16 F.linear", lambda: torch.nn.functional.linear(x, w), False)]
+        for fast in (False, True):
+            cases.append((f"e4m3 row-wise{', fast accum' if fast else ''}",
+                          lambda fast=fast: torch._scaled_mm(xq.q, wq.q.t(), scale_a=xq.scale, scale_b=wq.scale,
+                                                             out_dtype=torch.bfloat16, use_fast_accum=fast), True))
+        for label, run, quantized in cases:
+            us = time_us(run)
+            rows.append({"kernel": kernel, "variant": f"{label} ({flops / us / 1e6:,.0f} TFLOP/s)", "us": us,
+                         "ns_per_token": us * 1e3 / tokens,
+                         "rel_error": rel_error(run(), ref) if quantized else 0.0})
+        del x, w, xq, wq, ref
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=131072, help="tokens in the packed stream (a full pack)")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
-    p.add_argument("--only", default="all", choices=("all", "attention"),
-                   help="attention: the attention rows alone (a shorter run)")
+    p.add_argument("--only", default="all", choices=("all", "attention", "fp8"),
+                   help="attention: the attention rows alone (a shorter run); fp8: the fp8 plans' kernels "
+                   "(GELU + e4m3, e4m3 rows, add + LayerNorm + e4m3, the e4m3 GEMMs) alone")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (the kernels' speed is what it measures)")
@@ -152,11 +229,17 @@ def main(argv=None) -> int:
     rows: list = []
     for tokens in sorted({args.tokens, 32768}):
         part: list = []
-        bench_attention(tokens, device, part, "dnabert_s")
-        bench_attention(tokens, device, part, "esm2")
+        if args.only != "fp8":
+            bench_attention(tokens, device, part, "dnabert_s")
+            bench_attention(tokens, device, part, "esm2")
         if args.only == "all":
             for width in (2560, 768):
                 bench_add_layer_norm(tokens, width, device, part)
+        if args.only in ("all", "fp8") and torch.cuda.get_device_capability(device) >= (8, 9):
+            bench_quantize(tokens, 10240, device, part, gelu=True)
+            bench_quantize(tokens, 2560, device, part, gelu=False)
+            bench_add_layer_norm(tokens, 2560, device, part, quant=True)
+            bench_scaled_mm(tokens, device, part)
         for row in part:
             row["tokens"] = tokens
         rows += part

@@ -302,17 +302,19 @@ def test_add_layer_norm_quant_kernel(device, with_y):
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("act", ["none", "gelu", "glu"])
-@pytest.mark.parametrize("width", [200, 5000])   # whole rows per program; chunked (last chunk partial)
-def test_quantize_rows_kernels(device, act, width):
+@pytest.mark.parametrize("width, launch", [(200, None), (5000, None),   # whole rows; chunked (last chunk partial)
+                                           (5000, (2, 1024, 4))])          # 2 rows per program (bench_quant's sweep)
+def test_quantize_rows_kernels(device, act, width, launch):
     kernels_or_skip(device)
     from embed_core import kernels_quant
+    launch = kernels_quant.Launch(*launch) if launch else None
     x = randn(23, width * (2 if act == "glu" else 1), seed=14, scale=2.0)
     x[5] = 0.0                                                    # an all-zero row
     x[9, 3] = 500.0                                               # an outlier
     xd = x.to(device, torch.bfloat16)
-    launch = {"none": kernels_quant.quantize_rows, "gelu": kernels_quant.gelu_quantize_rows,
-              "glu": kernels_quant.glu_quantize_rows}[act]
-    rows = launch(xd)
+    quantize = {"none": kernels_quant.quantize_rows, "gelu": kernels_quant.gelu_quantize_rows,
+                "glu": kernels_quant.glu_quantize_rows}[act]
+    rows = quantize(xd, launch)
     v = xd.float().cpu()
     ref = F.gelu(v[:, :width]) * v[:, width:] if act == "glu" else F.gelu(v) if act == "gelu" else v
     assert rows.q.shape == (23, width)
