@@ -38,13 +38,14 @@ class Launch(NamedTuple):
 
 
 def default_launch(n: int) -> Launch:
-    """Whole rows (up to CHUNKED_ABOVE values, 4096 values per program); longer ones one row per
-    program in 2048-value chunks."""
+    """Whole rows (up to CHUNKED_ABOVE values, 4096 values per program; one row of more than 2048
+    on 4 warps), longer ones one row per program in 2048-value chunks on 8: the fastest of
+    bench_kernels --only fp8's sweep on an H200 (perf/RESULTS.md)."""
     if n > CHUNKED_ABOVE:
         return Launch(1, 2048, 8)
     block_n = 1 << max(0, (n - 1).bit_length())
     rows = max(1, 4096 // block_n)
-    return Launch(rows, block_n, 8 if rows * block_n >= 4096 else 4)
+    return Launch(rows, block_n, 8 if rows > 1 and rows * block_n >= 4096 else 4)
 
 
 @lazy_kernel("quantize_rows")
