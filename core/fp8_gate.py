@@ -14,6 +14,8 @@ RuntimeConfig.fp8_min_cosine, config parameter `fp8_min_cosine`).
 * `embed-export check-fp8` (embed_export.checkpoints.check_fp8) runs `measure` on more of them (160) or on the user's FASTA,
   for each fp8 plan, and prints the figures.
 
+`with_outlier_channels(esm2)` builds the checkpoint the gate must refuse (tests, perf/e2e.py).
+
 The bundled sequences are synthetic, made here from a fixed seed: proteins of 40-170 residues
 with UniProt's amino-acid background frequencies, DNA chunks of 100-300 bp (uniform bases). A
 user's own FASTA (their real inputs) is the better test; the gate takes one.
@@ -141,3 +143,23 @@ def gate(embedder, token_arrays: Optional[Sequence[np.ndarray]] = None, kind: Op
                            f"bfloat16 (or fp8-ffn if that passes: embed-export check-fp8), or lower "
                            f"fp8_min_cosine knowingly")
     return check
+
+
+def with_outlier_channels(encoder, channels=(3, 17, 40, 51), factor=1e5):
+    """An ESM-2 encoder changed in place to break per-token e4m3 (the gate must refuse it): activation
+    outliers as trained transformers grow them, a few channels of every LayerNorm's output scaled up
+    by `factor` and the next linear's input columns scaled down by it, so the fp32 function is
+    unchanged but each token's e4m3 scale is set by the outliers and the other channels fall into
+    e4m3's subnormals (measured on the demo model: x3e4 still passes fp8-ffn at 0.9993, x1e5 fails
+    both plans at ~0.992; e4m3 keeps 3 mantissa bits over a 2^15 range of normals, so per-token
+    scales survive milder outliers)."""
+    with torch.no_grad():
+        for layer in encoder.encoder.layer:
+            for norm, nxt in ((layer.attention.LayerNorm, (layer.attention.self.query, layer.attention.self.key,
+                                                           layer.attention.self.value)),
+                              (layer.LayerNorm, (layer.intermediate.dense,))):
+                norm.weight[list(channels)] *= factor
+                norm.bias[list(channels)] *= factor
+                for linear in nxt:
+                    linear.weight[:, list(channels)] /= factor
+    return encoder

@@ -14,9 +14,12 @@ The phases, in one process tree, each in its own module beside this one:
     sees numpy<2: docs/triton.md);
  5. e2e_passes: embed-client on the sample (the mixed run: both models' instances time-slice each
     GPU; /metrics sampled every second by e2e_metrics), then once per model alone; the server stops;
- 6. e2e_baselines: the same frames through the model core in-process (the ceiling) and a prefix
+ 6. e2e_fp8 (--fp8-plans; on a GPU with FP8 by default): the server again under each fp8 plan (the
+    same passes), every plan's rows against fp32 per sequence, the accuracy gate refusing a
+    checkpoint built to break it;
+ 7. e2e_baselines: the same frames through the model core in-process (the ceiling) and a prefix
     through transformers' EsmModel bf16 SDPA, length-sorted (the plain baseline);
- 7. e2e_report, e2e_plot: the targets judged, one table, e2e.json (rewritten after every phase),
+ 8. e2e_report, e2e_plot: the targets judged, one table, e2e.json (rewritten after every phase),
     a PNG of tokens/s per GPU over the run, and the client's and server's logs.
 
 perf/README.md says how each figure is measured and lists every option.
@@ -34,6 +37,7 @@ import traceback
 from e2e_baselines import run_baselines
 from e2e_checkpoints import repository_phase
 from e2e_common import ALL_FIGURES, TARGETS, Failure, Scenario  # noqa: F401  (the figure names, for tests)
+from e2e_fp8 import fp8_phases, plans_to_run
 from e2e_options import build_parser, defaults
 from e2e_passes import alone_passes, mixed_pass
 from e2e_plot import plot_run
@@ -51,6 +55,8 @@ def run_phases(s: Scenario) -> int:
     e2e_rows = mixed_pass(s, sample, frames)
     alone_passes(s, sample, dna_sample, frames)
     stop_server(s)
+    if s.fp8_plans:
+        fp8_phases(s, s.fp8_plans, sample, dna_sample, frames, e2e_rows)
     if not s.args.skip_baselines:
         run_baselines(s, frames, e2e_rows)
     scaling(s.args, s.report)
@@ -100,6 +106,7 @@ def run(args) -> int:
         return code
     open_device(s)
     try:
+        s.fp8_plans = plans_to_run(s)
         code = run_phases(s)
     except (Exception, KeyboardInterrupt) as e:   # Failure, a bug, or Ctrl-C: the figures so far are kept
         code = failed(s, e)

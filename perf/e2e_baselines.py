@@ -13,20 +13,29 @@ from e2e_options import inprocess_overrides
 SEQUENCE_FIELD = {"esm2": "protein", "dnabert_s": "nucleotide"}   # what each model embeds of a frame
 
 
+def model_seed(seed: int, m: str) -> int:
+    """The weight seed of model `m` (write_checkpoints' seeds: the server's weights)."""
+    return seed if m == "esm2" else seed + 1
+
+
+def tokenizer_for(s: Scenario, m: str):
+    """The tokenizer the server uses for `m` (DNABERT-S: the run's trained tokenizer.json)."""
+    from embed_core.dnabert_s_tokenizer import DnabertTokenizer
+    from embed_core.esm2_tokenizer import Esm2Tokenizer
+    return Esm2Tokenizer() if m == "esm2" else DnabertTokenizer.from_file(s.workdir / "checkpoints" / "tokenizer.json")
+
+
 def embed_in_process(s: Scenario, m: str, seed: int, sequences: list) -> tuple:
     """(figures, rows, model): one model, built with the server's weights (same seed), in an Embedder
     with the server's runtime policy on `sequences`, timed after its warm-up, tokenization included
     (the server tokenizes in execute too)."""
     import numpy as np
-    from embed_core.dnabert_s_tokenizer import DnabertTokenizer
-    from embed_core.esm2_tokenizer import Esm2Tokenizer
     from embed_core.models import DEFAULT_MAX_LENGTH
     from embed_core.runtime import Embedder, RuntimeConfig
     bm = load_perf_module("bench_models")
     t0 = time.perf_counter()
     model = build_model(m, s.dims[m], s.device, seed)
-    tokenizer = (Esm2Tokenizer() if m == "esm2"
-                 else DnabertTokenizer.from_file(s.workdir / "checkpoints" / "tokenizer.json"))
+    tokenizer = tokenizer_for(s, m)
     overrides = inprocess_overrides(s.args.model_params.get(m, {}))   # the server's kernel choices
     embedder = Embedder(model, tokenizer, RuntimeConfig(device=str(s.device), max_length=DEFAULT_MAX_LENGTH[m],
                                                         **overrides))
@@ -59,10 +68,9 @@ def inprocess_baseline(s: Scenario, frames: list) -> tuple:
     the transformers baseline)."""
     bm = load_perf_module("bench_models")
     out = {"frames": len(frames), "models": {}}
-    seeds = {"esm2": s.args.seed, "dnabert_s": s.args.seed + 1}
     esm_model = None
     for m in MODELS:
-        figures, rows, model = embed_in_process(s, m, seeds[m], [getattr(f, SEQUENCE_FIELD[m]) for f in frames])
+        figures, rows, model = embed_in_process(s, m, model_seed(s.args.seed, m), [getattr(f, SEQUENCE_FIELD[m]) for f in frames])
         out["models"][m] = figures
         out.setdefault("rows", {})[m] = rows[:s.args.check_rows]
         if m == "esm2":

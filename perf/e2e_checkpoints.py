@@ -52,12 +52,12 @@ def write_esm2_fast(model, out_dir: Path) -> Path:
 
 
 def write_checkpoints(args, dims: dict, device, workdir: Path) -> tuple:
-    """(repository, {model: seconds to build and write}); the tokenizer.json lands in checkpoints/."""
+    """({model: checkpoint folder}, {model: seconds to build and write}); the tokenizer.json lands in
+    checkpoints/."""
     import torch
     from embed_core.dnabert_s_tokenizer import train_demo_tokenizer
     from embed_core.dnabert_s_checkpoint import write_hf_checkpoint as write_dnabert_s
     from embed_core.esm2_checkpoint import write_hf_checkpoint as write_esm2_core
-    from embed_server.repository import assemble_repository
     bm = load_perf_module("bench_models")
     seconds, paths = {}, {}
     t0 = time.perf_counter()
@@ -80,14 +80,19 @@ def write_checkpoints(args, dims: dict, device, workdir: Path) -> tuple:
     del model
     bm.free_memory(device)
     seconds["dnabert_s"] = time.perf_counter() - t0
+    return paths, seconds
+
+
+def write_repository(args, dims: dict, paths: dict, out: Path, parameters: dict) -> Path:
+    """The model repository at `out` on the checkpoints at `paths` ({model: folder}), with the
+    config parameters {model: {key: value}}."""
+    from embed_server.repository import assemble_repository
     # --small runs the CPU configs: there --instances-per-gpu sets the CPU instances, so the knob
     # is exercised by the smoke run too.
-    repo = assemble_repository(workdir / "repository", paths, symlink=True,
-                               embedding_dims={m: dims[m]["hidden_size"] for m in MODELS},
+    return assemble_repository(out, paths, symlink=True, embedding_dims={m: dims[m]["hidden_size"] for m in paths},
                                cpu_instances=(args.instances_per_gpu if isinstance(args.instances_per_gpu, int)
                                               else 1) if args.small else None,
-                               gpu_instances=args.instances_per_gpu, parameters=args.model_params)
-    return repo, seconds
+                               gpu_instances=args.instances_per_gpu, parameters=parameters)
 
 
 def configured_instances(repo: Path, small: bool) -> Dict[str, int]:
@@ -100,7 +105,8 @@ def configured_instances(repo: Path, small: bool) -> Dict[str, int]:
 def repository_phase(s: Scenario) -> Path:
     """The checkpoints phase: the model repository, its instance counts in the report."""
     t0 = time.monotonic()
-    repo, ck_seconds = write_checkpoints(s.args, s.dims, s.device, s.workdir)
+    s.checkpoints, ck_seconds = write_checkpoints(s.args, s.dims, s.device, s.workdir)
+    repo = write_repository(s.args, s.dims, s.checkpoints, s.workdir / "repository", s.args.model_params)
     instances = s.report["config"]["instances"] = configured_instances(repo, s.args.small)
     if any(n > 1 for n in instances.values()):
         s.report["notes"].append(f"instances per GPU {instances_text(instances)}: execution-time figures of a "

@@ -25,6 +25,10 @@ TARGETS = {
     "reads_1m_s": ("<", 360.0),
     "scaling_vs_one_gpu": (">=", 0.95),   # x n_gpus: 1.9 on two GPUs
     "per_gpu_token_spread": ("<=", 0.05),
+    # issue 17: the fp8 plan (every linear in e4m3) through Triton
+    "esm2_fp8_tokens_per_s_per_gpu": (">=", 150_000),
+    "dnabert_s_fp8_tokens_per_s_per_gpu": (">=", 2_200_000),
+    "fp8_reads_1m_s": ("<", 360.0),
 }
 
 # Every figure e2e.json carries (null where not measured in that run), for compare.py and the test.
@@ -44,6 +48,11 @@ ALL_FIGURES = (
     "hf_esm2_tokens_per_s", "hf_esm2_frames", "inprocess_over_hf_esm2",
     "e2e_over_inprocess", "overhead",
     "scaling_vs_one_gpu", "scaling_efficiency", "per_gpu_token_spread", "per_gpu_token_balance",
+    # the fp8 plan's passes (e2e_fp8; other plans add the same names with theirs) and every plan's
+    # rows against fp32
+    "esm2_fp8_tokens_per_s_per_gpu", "dnabert_s_fp8_tokens_per_s_per_gpu", "esm2_fp8_over_default",
+    "dnabert_s_fp8_over_default", "fp8_reads_1m_s", "fp8_frames_800k_s",
+    *(f"{m}_{plan}_cos_fp32_{k}" for m in ("esm2", "dnabert_s") for plan in ("default", "fp8") for k in ("min", "mean")),
 )
 
 
@@ -122,8 +131,10 @@ class Scenario:
     workdir: Optional[Path] = None
     device: Any = None
     dims: Optional[dict] = None
+    checkpoints: Optional[dict] = None   # {model: checkpoint folder}, written by the checkpoints phase
     server: Any = None
     sampler: Any = None
+    fp8_plans: tuple = ()                # the fp8 plans this run puts through the server (e2e_fp8)
 
     @classmethod
     def start(cls, args: argparse.Namespace) -> "Scenario":

@@ -85,6 +85,18 @@ def instances_text(instances: Dict[str, int]) -> str:
     return ", ".join(f"{m} {n}" for m, n in instances.items()) or "-"
 
 
+def fp8_plans(text: str) -> str:
+    """--fp8-plans: auto, none, or a comma list of fp8 plans."""
+    from embed_core.fp8 import PLANS
+    if text in ("auto", "none"):
+        return text
+    plans = [p.strip() for p in text.split(",") if p.strip()]
+    wrong = [p for p in plans if p not in PLANS]
+    if not plans or wrong:
+        raise argparse.ArgumentTypeError(f"expected auto, none or plans among {', '.join(PLANS)}, got {text!r}")
+    return ",".join(dict.fromkeys(plans))
+
+
 def defaults(args) -> argparse.Namespace:
     """Fills the defaults that depend on --small, and gathers --model-param into {model: {key: value}}."""
     if args.reads is None:
@@ -93,6 +105,8 @@ def defaults(args) -> argparse.Namespace:
         args.hf_frames = 48 if args.small else 8000
     if args.check_rows is None:
         args.check_rows = 64 if args.small else 2000
+    if args.fp32_rows is None:
+        args.fp32_rows = 64 if args.small else 1000
     if args.interval is None:
         args.interval = 0.25 if args.small else 1.0
     args.model_params = {}
@@ -152,5 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scratch folder for the sample, checkpoints, repository, client output (default: a "
                    "temporary folder, removed at the end)")
     p.add_argument("--keep-workdir", action="store_true", help="keep the temporary scratch folder")
+    p.add_argument("--fp8-plans", type=fp8_plans, default="auto", metavar="auto|none|PLAN[,PLAN]",
+                   help="fp8 execution plans run through the server after the default plan (fp8, fp8-ffn): "
+                   "auto = fp8 on a GPU with FP8 GEMMs (compute capability >= 8.9), none on a CPU or with --small")
+    p.add_argument("--fp8-min-cosine", type=float, default=0.0,
+                   help="the fp8 passes' config parameter fp8_min_cosine: the random weights here fall below "
+                   "the gate's default 0.999, so the speed passes let them through and report the gate's figures")
+    p.add_argument("--fp32-rows", type=int, default=None,
+                   help="first frames per model embedded in fp32 for each plan's cosine per sequence [1000; small 64]")
     p.add_argument("--strict", action="store_true", help="exit 4 when a target FAILs")
     return p

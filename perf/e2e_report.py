@@ -8,7 +8,7 @@ from typing import List
 from e2e_common import MODEL_NAMES, TARGETS, number
 from e2e_options import instances_text, model_params_text
 
-TARGET_FORMATS = {"overhead": "{:.0%}", "gpu_util_mean": "{:.0%}", "reads_1m_s": "{:,.0f} s",
+TARGET_FORMATS = {"overhead": "{:.0%}", "gpu_util_mean": "{:.0%}", "reads_1m_s": "{:,.0f} s", "fp8_reads_1m_s": "{:,.0f} s",
                   "scaling_vs_one_gpu": "{:.2f}x", "per_gpu_token_spread": "{:.0%}"}   # others: "{:,.0f}"
 
 
@@ -112,6 +112,20 @@ def table_rows(report: dict) -> List[str]:
     row(f"1M reads, extrapolated ({gpus} GPU{'s' if gpus > 1 else ''})", number(f.get("reads_1m_s"), "{:,.0f} s"),
         "reads_1m_s")
     row("800k frames (the issue's 1M reads), extrapolated", number(f.get("frames_800k_s"), "{:,.0f} s"))
+    for plan, p in (report.get("plans") or {}).items():   # e2e_fp8: the same passes under an fp8 plan
+        for m, name in MODEL_NAMES.items():
+            target = f"{m}_{plan}_tokens_per_s_per_gpu"
+            row(f"{plan}: {name} tokens/s per GPU (alone) | x default",
+                f"{number(f.get(target))} | {number(f.get(f'{m}_{plan}_over_default'), '{:.2f}x')}",
+                target if target in t else None)
+        row(f"{plan}: frames/s per GPU | 800k frames", f"{number(p.get('e2e_frames_per_s_per_gpu'))} | "
+            f"{number(p.get('frames_800k_s'), '{:,.0f} s')}")
+        row(f"{plan}: 1M reads, extrapolated", number(p.get("reads_1m_s"), "{:,.0f} s"),
+            f"{plan}_reads_1m_s" if f"{plan}_reads_1m_s" in t else None)
+        for m, name in MODEL_NAMES.items():
+            c = (report.get("fp32_cosine") or {}).get(m, {})
+            row(f"{plan}: {name} cosine vs fp32 min | mean",
+                " | ".join(number(c.get(plan, {}).get(k), "{:.5f}") for k in ("min", "mean")))
     row("total vs one GPU (--one-gpu-json)", number(f.get("scaling_vs_one_gpu"), "{:.2f}x"), "scaling_vs_one_gpu")
     row("per-GPU token spread (max-min)/max", number(f.get("per_gpu_token_spread"), "{:.1%}"),
         "per_gpu_token_spread")
@@ -136,6 +150,22 @@ def table_notes(report: dict) -> List[str]:
     if cos:
         lines.append("min cosine over the first rows: " + ", ".join(f"{k} {number(v, '{:.5f}')}"
                                                                      for k, v in cos.items()))
+    for m, by_plan in (report.get("fp32_cosine") or {}).items():
+        lines.append(f"{MODEL_NAMES[m]} vs fp32 per sequence (in process, PyTorch eager fp32, the checkpoint's weights): "
+                     + "; ".join(f"{plan} min {c['min']:.5f} p01 {c['p01']:.5f} mean {c['mean']:.5f}, "
+                                 f"{c['below_0.999']} of {c['sequences']} below 0.999" for plan, c in by_plan.items()))
+    for plan, models in (report.get("fp8_gate") or {}).items():
+        lines.append(f"fp8 gate at load ({plan}, server log): " + "; ".join(
+            f"{MODEL_NAMES[m]} min {g['min_cosine']:.5f} mean {g['mean_cosine']:.5f} on {g['sequences']} "
+            f"(threshold {g['threshold']}: {g['verdict']})" for m, g in models.items()))
+    refusal = report.get("gate_refusal")
+    if refusal:
+        lines.append("fp8 gate on a checkpoint built to break it (demo ESM-2, outlier channels x1e5), default "
+                     "threshold: " + "; ".join(
+                         f"{name}: " + ", ".join(f"{c['plan']} {c['min_cosine']:.5f} "
+                                                 f"{'passed' if c['passed'] else 'REFUSED'}" for c in checks)
+                         for name, checks in refusal["checks"].items())
+                     + f"; embed-server with dtype fp8 on it: {'REFUSED to load' if refusal['server']['refused'] else 'NOT refused'}")
     if report.get("per_gpu_tokens") and f.get("send_s"):
         lines.append("tokens/s per GPU over the mixed run (embed_tokens_total): " + "; ".join(
             f"gpu {g}: " + ", ".join(f"{m} {v / f['send_s']:,.0f}" for m, v in d.items())

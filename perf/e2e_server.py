@@ -17,14 +17,15 @@ from e2e_setup import child_env, server_env, stub_python
 class Server:
     """embed-server (embed_server.cli) in a subprocess, under the stub's python; stopped by SIGTERM."""
 
-    def __init__(self, repo: Path, workdir: Path, out_dir: Path, cpu: bool, extra_path, gpus, timeout_s: float):
+    def __init__(self, repo: Path, workdir: Path, out_dir: Path, cpu: bool, extra_path, gpus, timeout_s: float,
+                 tag: str = ""):
         from embed_server.launcher import die_with_parent, free_ports
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        self.log_path = out_dir / "e2e_tritonserver.log"
-        self.stdout_path = out_dir / "e2e_embed_server.out"
+        self.log_path = out_dir / f"e2e_tritonserver{tag}.log"         # tag: "" or "_<fp8 plan>", ...
+        self.stdout_path = out_dir / f"e2e_embed_server{tag}.out"
         cmd = [stub_python(), "-m", "embed_server.cli", "--model-repository", str(repo),
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--metrics-port", str(self.metrics_port), "--log-file", str(self.log_path),
@@ -63,23 +64,24 @@ class Server:
         return self.process.returncode
 
 
-def start_server(s: Scenario, repo: Path) -> Server:
-    """The server phase: embed-server on `repo`, ready (on the CPU with --small or without CUDA)."""
+def start_server(s: Scenario, repo: Path, tag: str = "") -> Server:
+    """The server phase: embed-server on `repo`, ready (on the CPU with --small or without CUDA).
+    `tag` names its logs and phase ("" for the run's first server)."""
     t0 = time.monotonic()
     s.server = Server(repo, s.workdir, s.out_dir, cpu=s.args.small or s.device.type != "cuda",
-                      extra_path=s.extra_path, gpus=s.args.gpus, timeout_s=s.args.startup_timeout)
+                      extra_path=s.extra_path, gpus=s.args.gpus, timeout_s=s.args.startup_timeout, tag=tag)
     s.server.wait_ready()
-    s.phase("server_start", t0)
-    log(f"server ready in {s.report['phases']['server_start']:.0f} s (log {s.server.log_path})")
+    s.phase(f"server_start{tag}", t0)
+    log(f"server ready in {s.report['phases'][f'server_start{tag}']:.0f} s (log {s.server.log_path})")
     return s.server
 
 
-def stop_server(s: Scenario) -> None:
-    """Stops the server before the baselines, which want the GPU to themselves."""
+def stop_server(s: Scenario, tag: str = "") -> None:
+    """Stops the server (before the next one, or the baselines, which want the GPU to themselves)."""
     t0 = time.monotonic()
     s.server.stop()
     s.server = None
-    s.phase("server_stop", t0)
+    s.phase(f"server_stop{tag}", t0)
 
 
 def run_client(s: Scenario, sample: Path, models: tuple = MODELS, tag: str = "client") -> tuple:

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def start_server(args, workdir: Path, out: Path):
     """Random-weight checkpoints (real size; demo size with --small) and embed-server on them, as e2e does."""
     import torch
-    from e2e_checkpoints import model_dims, write_checkpoints
+    from e2e_checkpoints import model_dims, write_checkpoints, write_repository
     from e2e_options import instance_counts, parse_model_param
     from e2e_server import Server
     from e2e_setup import ensure_packages_importable
@@ -106,7 +106,9 @@ def start_server(args, workdir: Path, out: Path):
                                  instances_per_gpu=instance_counts(args.instances_per_gpu)
                                  if args.instances_per_gpu else None)
     t0 = time.monotonic()
-    repo, _ = write_checkpoints(ck_args, model_dims(args.small), device, workdir)
+    dims = model_dims(args.small)
+    paths, _ = write_checkpoints(ck_args, dims, device, workdir)
+    repo = write_repository(ck_args, dims, paths, workdir / "repository", params)
     log(f"checkpoints ({'demo size' if args.small else 'real size'}, random weights) in "
         f"{time.monotonic() - t0:.0f} s -> {repo}")
     if device.type == "cuda":

@@ -23,7 +23,7 @@ from embed_core import Embedder, RuntimeConfig, load_model
 from embed_core import fp8
 from embed_core.esm2 import Esm2Config
 from embed_core.esm2_checkpoint import random_esm2
-from embed_core.fp8_gate import (Fp8GateError, bundled_sequences, cosines,
+from embed_core.fp8_gate import (Fp8GateError, bundled_sequences, cosines, with_outlier_channels,
                                  read_fasta)
 from embed_core.plan import ExecutionPlan, choose_plan
 
@@ -178,25 +178,6 @@ def test_gate_passes_random_weights(demo_checkpoints, fp8_on_cpu):
     assert "passed" in check.describe() and embedder.stats.sequences == 0
     assert embedder.encoder.plan.linears == "fp8-ffn"    # the encoder is back on its plan after the fp32 pass
     assert embedder.encoder.encoder.layer[0].fp8_weights["fc1"].q.dtype == torch.float8_e4m3fn
-
-
-def with_outlier_channels(encoder, channels=(3, 17, 40, 51), factor=1e5):
-    """Activation outliers as trained transformers grow them, built to break per-token e4m3: a few
-    channels of every LayerNorm's output scaled up by `factor`, the next linear's input columns
-    scaled down by it, so the fp32 function is unchanged but each token's e4m3 scale is set by the
-    outliers and the other channels fall into e4m3's subnormals (measured on the demo model: x3e4
-    still passes fp8-ffn at 0.9993, x1e5 fails both plans at ~0.992; e4m3 keeps 3 mantissa bits
-    over a 2^15 range of normals, so per-token scales survive milder outliers)."""
-    with torch.no_grad():
-        for layer in encoder.encoder.layer:
-            for norm, nxt in ((layer.attention.LayerNorm, (layer.attention.self.query, layer.attention.self.key,
-                                                           layer.attention.self.value)),
-                              (layer.LayerNorm, (layer.intermediate.dense,))):
-                norm.weight[list(channels)] *= factor
-                norm.bias[list(channels)] *= factor
-                for linear in nxt:
-                    linear.weight[:, list(channels)] /= factor
-    return encoder
 
 
 def test_gate_refuses_outlier_channels(demo_checkpoints, fp8_on_cpu):

@@ -35,7 +35,8 @@ def test_e2e_small_end_to_end(tmp_path):
     # through without changing what is measured.
     command = [sys.executable, str(ROOT / "perf" / "e2e.py"), "--small", "--reads", "200", "--out", str(out),
                "--workdir", str(tmp_path / "work"), "--model-param", "dnabert_s:attention=padded",
-               "--model-param", "dnabert_s:token_budget=4096", "--dnabert-copies", "2"]
+               "--model-param", "dnabert_s:token_budget=4096", "--dnabert-copies", "2",
+               "--fp8-plans", "fp8"]   # the fp8 phases too (on the CPU: e4m3 math through _scaled_mm)
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, f"e2e.py exited {run.returncode}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     report = json.loads((out / "e2e.json").read_text())
@@ -64,9 +65,10 @@ def test_e2e_small_end_to_end(tmp_path):
     # Counts: frames in == embeddings out, per model, in the mixed run and in each pass alone.
     frames = report["workload"]["frames"]
     assert frames > 200  # ~1.3 frames per read
-    assert set(report["counts"]) == {"esm2", "dnabert_s", "dnabert_s alone", "esm2 alone"}
+    passes = {"esm2", "dnabert_s", "dnabert_s alone", "esm2 alone"}
+    assert set(report["counts"]) == passes | {f"{name} fp8" for name in passes}
     for name, counts in report["counts"].items():   # the DNABERT-S pass sent the reads twice
-        assert set(counts.values()) == {frames * (2 if name == "dnabert_s alone" else 1)}, (name, counts)
+        assert set(counts.values()) == {frames * (2 if name.startswith("dnabert_s alone") else 1)}, (name, counts)
     assert report["counts_match"] is True
     assert figures["esm2_sequences_server"] == figures["dnabert_s_sequences_server"] == frames
     assert figures["esm2_tokens"] == report["workload"]["esm2_tokens"]   # residues + BOS/EOS per frame
@@ -103,6 +105,21 @@ def test_e2e_small_end_to_end(tmp_path):
     assert (out / "e2e_tokens_per_gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["timeline"] and (out / "e2e_client.log").exists() and (out / "e2e_tritonserver.log").exists()
     assert "Triton+client overhead" in run.stdout and "counts (prepped" in run.stdout
+
+    # The fp8 plan through its own server: its figures, its rows against fp32 (close, not equal), the
+    # gate's figures from the server's log, and the gate refusing the checkpoint built to break it,
+    # in embed-export's check and in the server, which does not come up.
+    assert figures["esm2_fp8_tokens_per_s_per_gpu"] > 0 and figures["fp8_reads_1m_s"] > 0
+    for m in ("esm2", "dnabert_s"):
+        assert figures[f"{m}_default_cos_fp32_min"] > 0.9999                # fp32 on the CPU: the same math
+        assert 0.99 < figures[f"{m}_fp8_cos_fp32_min"] < 0.99999, m         # e4m3 linears: close, not equal
+        gate = report["fp8_gate"]["fp8"][m]
+        assert gate["verdict"] == "passed" and gate["sequences"] == 32 and 0.99 < gate["min_cosine"] < 1
+    refusal = report["gate_refusal"]
+    assert all(c["passed"] for c in refusal["checks"]["demo"])
+    assert not any(c["passed"] for c in refusal["checks"]["demo with outliers"])
+    assert refusal["server"]["refused"] and refusal["server"]["gate"]["verdict"] == "REFUSED"
+    assert "embed-server with dtype fp8 on it: REFUSED to load" in run.stdout
 
     # The run's own JSON is a valid baseline for compare.py, and it equals itself.
     compare = load("compare")
