@@ -251,7 +251,7 @@ def layer_tail_fp8(steps: Fp8TailSteps, context, x, dense_w, dense_b, ln1_w, ln1
 def fp8_tail(plan: ExecutionPlan, last: bool) -> Callable:
     """layer_tail_fp8 with the plan's steps bound (the last layer's output stays in the dtype)."""
     from . import kernels_quant
-    every = plan.linears == "fp8"
+    every = plan.linears in fp8.EVERY_LINEAR
     compiled = compile_function if plan.compiled else (lambda fn: fn)
     out_in = ((kernels_quant.quantize_rows if plan.kernels else fp8.quantize_rows) if every
               else (lambda t: t))

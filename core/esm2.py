@@ -253,11 +253,28 @@ class Esm2Layer(nn.Module):
         self.LayerNorm = nn.LayerNorm(h, eps=eps)
         self._qkv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None   # fused_qkv()'s tensors
         self.fp8_weights: dict = {}   # name (qkv, out, fc1, fc2) -> fp8.Fp8Weight, made by ESM2.prepare
+        self.smoothing: list = []     # fp8-smooth: the scales applied per (LayerNorm, next linears) pair
 
     def linears(self) -> dict:
         """The layer's GEMM weights by name (q/k/v fused)."""
         return {"qkv": self.fused_qkv()[0], "out": self.attention.output.dense.weight,
                 "fc1": self.intermediate.dense.weight, "fc2": self.output.dense.weight}
+
+    def norm_pairs(self) -> list:
+        """(LayerNorm, the weights its output feeds): pre-LN, that output goes nowhere else."""
+        return [(self.attention.LayerNorm, [self.fused_qkv()[0]]), (self.LayerNorm, [self.intermediate.dense.weight])]
+
+    def set_smoothing(self, on: bool) -> None:
+        """fp8-smooth's scales applied (on) or undone (off), exactly (fp8.smooth)."""
+        if self.smoothing:   # (norm_pairs builds the fused q/k/v: not on a plan without smoothing)
+            for (norm, weights), scales in zip(self.norm_pairs(), self.smoothing):
+                fp8.smooth(norm.weight, norm.bias, weights, scales, undo=True)
+            self.smoothing = []
+        if on:
+            for norm, weights in self.norm_pairs():
+                scales = fp8.smoothing_scales(norm.weight, norm.bias, weights)
+                fp8.smooth(norm.weight, norm.bias, weights, scales)
+                self.smoothing.append(scales)
 
     def fused_qkv(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The q, k, v projections as one [3 * hidden, hidden] weight and [3 * hidden] bias.
@@ -313,6 +330,7 @@ class ESM2(nn.Module):
     ATTENTION_BACKENDS = ("flash", "triton", "padded")   # flex pads the stream; ESM-2 runs it unpadded
     HAS_ALIBI = False
     COMPILE_WITH_KERNELS = False   # with our kernels, eager measured faster than compiled (perf/RESULTS.md)
+    PRE_LAYER_NORM = True          # a LayerNorm's output feeds only the next linears (fp8-smooth folds into them)
 
     def __init__(self, config: Esm2Config):
         super().__init__()
@@ -333,7 +351,8 @@ class ESM2(nn.Module):
 
     def prepare(self, plan: ExecutionPlan) -> None:
         """Follow `plan` (plan.choose_plan) from now on: its attention, kernels, compilation and
-        linears (fp8 plans: e4m3 weights made here from the current ones, per output channel)."""
+        linears (fp8 plans: e4m3 weights made here from the current ones, per output channel;
+        fp8-smooth rescales LayerNorms and weights in place first, the next plan undoes it)."""
         self.plan = plan
         rotate = rotate_qkv_triton if plan.kernels else rotate_qkv_torch
         self._add_norm = first_norm(plan)
@@ -343,9 +362,11 @@ class ESM2(nn.Module):
         if plan.compiled:
             self._head, self._tail = compile_function(self._head), compile_function(self._tail)
             self._tail_last = compile_function(self._tail_last)
-        names = {"fp8": ("qkv", "out", "fc1", "fc2"), "fp8-ffn": ("fc1", "fc2")}.get(plan.linears, ())
+        every = ("qkv", "out", "fc1", "fc2")
+        names = {"fp8": every, "fp8-smooth": every, "fp8-ffn": ("fc1", "fc2")}.get(plan.linears, ())
         for block in self.encoder.layer:
             block.fp8_weights = {}   # the previous plan's go first (memory)
+            block.set_smoothing(plan.linears in fp8.SMOOTHED)
             if names:
                 block.fp8_weights = fp8.quantize_linears({n: w for n, w in block.linears().items() if n in names})
 

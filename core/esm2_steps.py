@@ -7,7 +7,7 @@ activation between fc1 and fc2, and what the attention output becomes before the
 |---|---|---|---|---|
 | native  | add + LN (dtype)     | GELU (dtype)         | as is                | add + LN (dtype) |
 | fp8-ffn | add + LN -> e4m3     | GELU -> e4m3         | as is                | add + LN (dtype) |
-| fp8     | add + LN -> e4m3     | GELU -> e4m3         | quantize pass        | add + LN -> e4m3 (not after the last layer: the output) |
+| fp8, fp8-smooth | add + LN -> e4m3 | GELU -> e4m3      | quantize pass        | add + LN -> e4m3 (not after the last layer: the output) |
 
 "-> e4m3" is fp8.Fp8Rows (per-token scales), written by the kernel that computes the step when the
 plan runs our kernels (kernels_elementwise's add + LayerNorm with quant=True, kernels_quant's GELU),
@@ -83,7 +83,7 @@ class LayerSteps(NamedTuple):
 
 def first_norm(plan: ExecutionPlan) -> Callable:
     """The add + LayerNorm before the first layer's q/k/v GEMM."""
-    if plan.linears == "fp8":
+    if plan.linears in fp8.EVERY_LINEAR:
         return add_norm_triton_fp8 if plan.kernels else add_norm_torch_fp8
     return add_norm_triton if plan.kernels else add_norm_torch
 
@@ -95,6 +95,6 @@ def layer_steps(plan: ExecutionPlan, last: bool) -> LayerSteps:
         return LayerSteps(add_norm, F.gelu, as_is, add_norm)
     add_norm_q = add_norm_triton_fp8 if plan.kernels else add_norm_torch_fp8
     act = gelu_fp8_triton if plan.kernels else gelu_fp8_torch
-    every = plan.linears == "fp8"
+    every = plan.linears in fp8.EVERY_LINEAR
     out_in = (quantize_triton if plan.kernels else fp8.quantize_rows) if every else as_is
     return LayerSteps(add_norm_q, act, out_in, add_norm_q if every and not last else add_norm)

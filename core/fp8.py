@@ -1,10 +1,11 @@
 """FP8 (e4m3) linears: weights per output channel, activations per token, bf16 out.
 
 The execution plan's `linears` field (plan.py) picks where these run: "native" (none: the
-dtype's own GEMMs), "fp8" (every linear of the encoder) or "fp8-ffn" (the feed-forward only:
-ESM-2's fc1/fc2, DNABERT-S's GLU `gated_layers` and `wo`). Everything else (attention,
-softmax, LayerNorms, the residual stream, rotary, pooling) stays in the plan's dtype (bf16) or
-fp32.
+dtype's own GEMMs), "fp8" (every linear of the encoder), "fp8-ffn" (the feed-forward only:
+ESM-2's fc1/fc2, DNABERT-S's GLU `gated_layers` and `wo`) or "fp8-smooth" (every linear, with
+the LayerNorms' outlier channels moved into the next linear's weights first: `smoothing_scales`).
+Everything else (attention, softmax, LayerNorms, the residual stream, rotary, pooling) stays in
+the plan's dtype (bf16) or fp32.
 
 * `quantize_weight(w)` -> `Fp8Weight(q [N, K] e4m3, scale [1, N] fp32)`: one scale per output
   channel, amax / 448, made once when the encoder follows the plan (`prepare`).
@@ -13,8 +14,13 @@ fp32.
   add + LayerNorm, kernels_quant's GELU): no extra pass over memory. This PyTorch form is the
   reference, the CPU path and the one Inductor fuses into a compiled layer (DNABERT-S).
 * `linear_fp8(x, w, bias)` = `torch._scaled_mm` with row-wise scales: (x.q * x.scale) @ (w.q *
-  w.scale)^T + bias, out bf16 (on CUDA with Hopper's fast fp8 accumulation, see there). `linear(x, w, b)` dispatches on the weight:
-  an `Fp8Weight` takes this path (quantizing a bf16 x first), a tensor `F.linear`.
+  w.scale)^T + bias, out bf16 (on CUDA with Hopper's fast fp8 accumulation, see there).
+  `linear(x, w, b)` dispatches on the weight: an `Fp8Weight` takes this path (quantizing a bf16
+  x first), a tensor `F.linear`.
+* `smoothing_scales(norm, next_weights)` and `smooth(...)`: the fp8-smooth plan's per-channel
+  powers of two, LayerNorm weight and bias divided, the next linears' input columns multiplied
+  (a pre-LN encoder's LayerNorm output feeds only those linears, so the function is unchanged,
+  and with powers of two exactly so in any float format; undone by the next plan's `prepare`).
 
 Where FP8 GEMMs exist: CUDA compute capability >= 8.9 (Ada, Hopper). `torch._scaled_mm` also runs
 on CPU (slowly; row-wise scales from torch 2.13, before that the same math in fp32 from the e4m3
@@ -31,7 +37,9 @@ import torch.nn.functional as F
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0            # the largest finite e4m3fn value
 MIN_AMAX = 1e-12            # an all-zero row gets this amax (its scale stays finite, its values 0)
-PLANS = ("fp8", "fp8-ffn")  # RuntimeConfig.dtype values that pick them (plan.linears)
+PLANS = ("fp8", "fp8-ffn", "fp8-smooth")   # RuntimeConfig.dtype values that pick them (plan.linears)
+EVERY_LINEAR = ("fp8", "fp8-smooth")        # the plans with every linear in e4m3
+SMOOTHED = ("fp8-smooth",)                  # the plans that smooth LayerNorm outliers into the weights
 CPU_FLAG = "EMBED_FP8_ON_CPU"   # test-only: "1" lets fp8 plans run on CPU (torch._scaled_mm's CPU kernel)
 ALIGN = 16                  # torch._scaled_mm needs every GEMM dimension but M to be a multiple of 16
 
@@ -164,3 +172,33 @@ def shape_problem(encoder: torch.nn.Module) -> Optional[str]:
             return (f"{name} is {module.in_features} -> {module.out_features}: fp8 GEMMs need both "
                     f"multiples of {ALIGN}")
     return None
+
+
+def smoothing_scales(norm_weight: torch.Tensor, norm_bias: torch.Tensor, next_weights) -> torch.Tensor:
+    """Per-channel powers of two that move a LayerNorm's outlier channels into the next linears'
+    weights (fp8-smooth; SmoothQuant's migration, alpha 1/2, from the weights alone).
+
+    A channel's LayerNorm output is at most about |weight| + |bias| (the normalized value is of
+    order 1), its weight column's largest |w| over the next linears says how much the product
+    can take: s = sqrt((|weight| + |bias|) / max |w|) balances the two, divided by its median so
+    that ordinary channels keep s = 1 and only outliers move, rounded to a power of two so the
+    rescaling is exact. Per-token e4m3 scales then see no channel 1e5 times the others (whose
+    values would fall into subnormals: fp8_gate.with_outlier_channels)."""
+    with torch.no_grad():
+        reach = norm_weight.detach().abs().float() + norm_bias.detach().abs().float()
+        column = torch.stack([w.detach().abs().float().amax(0) for w in next_weights]).amax(0)
+        ratio = (reach.clamp(min=1e-30) / column.clamp(min=1e-30)).sqrt()
+        return torch.exp2(torch.round(torch.log2(ratio / ratio.median())))
+
+
+def smooth(norm_weight: torch.Tensor, norm_bias: torch.Tensor, next_weights, scales: torch.Tensor,
+           undo: bool = False) -> None:
+    """In place: LayerNorm weight and bias / scales, the next weights' input columns * scales
+    (undo: the other way). Exact: the scales are powers of two."""
+    with torch.inference_mode(False), torch.no_grad():
+        factor = scales.to(norm_weight.device)
+        down, up = (factor, 1 / factor) if undo else (1 / factor, factor)
+        norm_weight.mul_(down.to(norm_weight.dtype))
+        norm_bias.mul_(down.to(norm_bias.dtype))
+        for w in next_weights:
+            w.mul_(up.to(w.dtype))

@@ -140,7 +140,7 @@ def gate(embedder, token_arrays: Optional[Sequence[np.ndarray]] = None, kind: Op
     log.info("%s: %s", type(embedder.encoder).__name__, check.describe())
     if not check.passed:
         raise Fp8GateError(f"{check.describe()}: this checkpoint loses too much in fp8; serve it with dtype "
-                           f"bfloat16 (or fp8-ffn if that passes: embed-export check-fp8), or lower "
+                           f"bfloat16 (or another fp8 plan that passes: embed-export check-fp8), or lower "
                            f"fp8_min_cosine knowingly")
     return check
 

@@ -22,7 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ATTENTION_CHOICES = ("auto", "padded", "flash", "flex", "triton")
 KERNEL_CHOICES = ("auto", "triton", "torch")
 # The linears' formats (ExecutionPlan.linears): "native" = the dtype's GEMMs; the fp8 plans
-# (RuntimeConfig.dtype "fp8" | "fp8-ffn") run bf16 with e4m3 linears (fp8.py).
+# (RuntimeConfig.dtype "fp8" | "fp8-ffn" | "fp8-smooth") run bf16 with e4m3 linears (fp8.py).
 LINEARS = ("native",) + fp8.PLANS
 
 
@@ -36,12 +36,15 @@ class ExecutionPlan:
     kernels: bool = False       # our Triton kernels for the element-wise work (ESM-2: rotary, add + LayerNorm)
     compiled: bool = False      # torch.compile of each layer's element-wise functions
     linears: str = "native"     # "native" | "fp8" (every linear in e4m3) | "fp8-ffn" (the feed-forward's)
+                                # | "fp8-smooth" (every linear, LayerNorm outliers moved into the weights)
 
     def describe(self) -> str:
         """One line for the server log: what runs on this instance."""
         linears = {"fp8": ", linears fp8 e4m3 (all; per-channel weights, per-token activations)",
                    "fp8-ffn": ", linears fp8 e4m3 (feed-forward only; per-channel weights, per-token "
-                              "activations)"}.get(self.linears, "")
+                              "activations)",
+                   "fp8-smooth": ", linears fp8 e4m3 (all; LayerNorm outlier channels moved into the "
+                                 "weights; per-channel weights, per-token activations)"}.get(self.linears, "")
         return (f"device {self.device}, dtype {str(self.dtype).replace('torch.', '')}{linears}, "
                 f"attention {self.attention}, our kernels {'on' if self.kernels else 'off'}, "
                 f"compiled {'on' if self.compiled else 'off'}")
@@ -98,6 +101,10 @@ def _linears(dtype: str, device: torch.device, encoder: torch.nn.Module) -> str:
     if dtype not in fp8.PLANS:
         return "native"
     problem = fp8.support_problem(device) or fp8.shape_problem(encoder)
+    if not problem and dtype in fp8.SMOOTHED and not getattr(encoder, "PRE_LAYER_NORM", False):
+        problem = (f"{type(encoder).__name__} puts its LayerNorms after the residual add (post-LN): their "
+                   "output is the residual stream, so no linear could take the smoothing scales back; "
+                   "fp8 or fp8-ffn run it")
     if problem:
         raise ValueError(f"dtype {dtype!r} refused: {problem}")
     return dtype

@@ -57,7 +57,9 @@ class RuntimeConfig:
     device: "auto" (first CUDA device, else CPU), "cpu", "cuda" or "cuda:N".
     dtype: "auto" (bfloat16 on CUDA compute capability >= 8.0, float32 otherwise) or a name:
         float32, bfloat16, float16, or an fp8 plan (bf16 with e4m3 linears, fp8.py; CUDA compute
-        capability >= 8.9 only): "fp8" (every linear) or "fp8-ffn" (the feed-forward's).
+        capability >= 8.9 only): "fp8" (every linear), "fp8-smooth" (every linear, the LayerNorms'
+        outlier channels moved into the weights first: pre-LN encoders, ESM-2) or "fp8-ffn" (the
+        feed-forward's).
     fp8_min_cosine: the fp8 plans' accuracy gate (fp8_gate.py), run by `warmup()`: the smallest
         per-sequence cosine of pooled embeddings, fp8 against fp32, on bundled sequences, below
         which the plan is refused (ValueError). Ignored by the other dtypes.

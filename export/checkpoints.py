@@ -107,6 +107,16 @@ def validate_checkpoint(kind: str, path: Path) -> ValidCheckpoint:
     return result
 
 
+def plans_for(kind: str) -> tuple:
+    """The fp8 plans model `kind` can run, fastest first (fp8 and fp8-smooth run the same kernels;
+    fp8-smooth needs a pre-LN encoder: ESM-2, not DNABERT-S)."""
+    from embed_core.dnabert_s import DnabertS
+    from embed_core.esm2 import ESM2
+    from embed_core.fp8 import PLANS, SMOOTHED
+    pre_ln = getattr({"esm2": ESM2, "dnabert_s": DnabertS}[kind], "PRE_LAYER_NORM", False)
+    return tuple(p for p in ("fp8", "fp8-smooth", "fp8-ffn") if p in PLANS and (pre_ln or p not in SMOOTHED))
+
+
 def check_fp8(kind: str, path: Union[str, Path], plans: Sequence[str] = ("fp8", "fp8-ffn"),
               sequences: Optional[Sequence[str]] = None, threshold: Optional[float] = None,
               device: str = "auto", token_budget: Optional[int] = None) -> list:

@@ -3,7 +3,7 @@
     embed-export --esm2 SRC --dnabert-s SRC --out REPO [--link] [--force]
     embed-export demo --out REPO
     embed-export onnx --model esm2 --checkpoint SRC --out DIR
-    embed-export check-fp8 --model esm2 --checkpoint SRC [--fasta FILE] [--plan fp8|fp8-ffn|both]
+    embed-export check-fp8 --model esm2 --checkpoint SRC [--fasta FILE] [--plan all|fp8|fp8-smooth|fp8-ffn]
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .checkpoints import ExportError, ValidCheckpoint, check_fp8, check_out_dir, resolve_source, validate_checkpoint
+from .checkpoints import (ExportError, ValidCheckpoint, check_fp8, check_out_dir, plans_for, resolve_source,
+                          validate_checkpoint)
 
 SOURCE_HELP = ("a local Hugging Face folder{pt}, or a hub id (org/name) downloaded with huggingface_hub "
                "when online")
@@ -72,8 +73,10 @@ def _add_check_fp8(sub) -> None:
     check.add_argument("--fasta", type=Path, default=None,
                        help="your own sequences (default: 160 bundled synthetic ones, embed_core.fp8_gate)")
     check.add_argument("--max-sequences", type=int, default=1000, help="use at most this many from --fasta")
-    check.add_argument("--plan", choices=("fp8", "fp8-ffn", "both"), default="both",
-                       help="fp8 = every linear in e4m3; fp8-ffn = the feed-forward's only")
+    check.add_argument("--plan", choices=("all", "fp8", "fp8-smooth", "fp8-ffn"), default="all",
+                       help="fp8 = every linear in e4m3; fp8-smooth = the same with the LayerNorms' outlier "
+                       "channels moved into the weights (ESM-2: pre-LN); fp8-ffn = the feed-forward's only; "
+                       "all = each that the model can run, fastest first")
     check.add_argument("--min-cosine", type=float, default=0.999,
                        help="the smallest per-sequence cosine accepted (the model config's fp8_min_cosine)")
     check.add_argument("--device", default="auto", help="auto | cuda | cuda:N (fp8 needs compute capability >= 8.9)")
@@ -156,12 +159,12 @@ def _onnx(args: argparse.Namespace) -> int:
 
 
 def _check_fp8(args: argparse.Namespace) -> int:
-    """Each asked fp8 plan measured on the checkpoint; 0 when the asked plan (or, with both, at least
+    """Each asked fp8 plan measured on the checkpoint; 0 when the asked plan (or, with all, at least
     one) passes, 1 otherwise. The figures are printed either way."""
     from embed_core.fp8_gate import read_fasta
 
     path = resolve_source(args.checkpoint, args.cache_dir)
-    plans = ("fp8", "fp8-ffn") if args.plan == "both" else (args.plan,)
+    plans = plans_for(args.model) if args.plan == "all" else (args.plan,)
     sequences = read_fasta(args.fasta, args.max_sequences) if args.fasta else None
     source = f"{len(sequences)} sequences of {args.fasta}" if sequences else "the bundled sequences"
     print(f"embed-export: check-fp8 {args.model} {path} on {source}", flush=True)

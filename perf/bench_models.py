@@ -48,7 +48,7 @@ DNABERT_S_SMALL = dict(vocab_size=512, hidden_size=192, num_hidden_layers=2, num
 TARGETS = {"esm2_c_over_b": 1.5, "dnabert_s_c_tokens_per_s": 2.0e6,
            # issue 17: fp8 on every linear against our bf16 (c) in the same run; DNABERT-S fp8 tokens/s
            "esm2_fp8_over_c": 1.5, "dnabert_s_fp8_tokens_per_s": 2.2e6}
-FP8_PLANS = ("fp8", "fp8-ffn")   # variant entries that run RuntimeConfig(dtype=...): the fp8 plans
+FP8_PLANS = ("fp8", "fp8-smooth", "fp8-ffn")   # variant entries that run RuntimeConfig(dtype=...): the fp8 plans
 
 
 def import_core():
@@ -355,7 +355,7 @@ def rotary_variant(name: str, device: torch.device) -> tuple:
 
 
 def fp8_variant(name: str) -> tuple:
-    """An fp8 plan (RuntimeConfig dtype fp8 | fp8-ffn) with the runtime's other defaults."""
+    """An fp8 plan (RuntimeConfig dtype fp8 | fp8-smooth | fp8-ffn) with the runtime's other defaults."""
     return f"c_{name}", {"dtype": name}, f", {name} linears (e4m3)"
 
 
@@ -646,7 +646,7 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
     bad = [b for b in args.attention.split(",")
            if variant_name(b) not in ("auto", "padded", "flex", "triton") + FP8_PLANS]
     if bad:
-        raise SystemExit(f"bench_models: --attention takes auto, padded, flex, triton, fp8, fp8-ffn "
+        raise SystemExit(f"bench_models: --attention takes auto, padded, flex, triton, fp8, fp8-smooth, fp8-ffn "
                          f"(comma-separated), got {bad}")
     bad = [r for r in args.esm_rotary.split(",") if variant_name(r) not in ESM_VARIANTS]
     if bad:

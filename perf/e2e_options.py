@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "temporary folder, removed at the end)")
     p.add_argument("--keep-workdir", action="store_true", help="keep the temporary scratch folder")
     p.add_argument("--fp8-plans", type=fp8_plans, default="auto", metavar="auto|none|PLAN[,PLAN]",
-                   help="fp8 execution plans run through the server after the default plan (fp8, fp8-ffn): "
+                   help="fp8 execution plans run through the server after the default plan (fp8, fp8-smooth, fp8-ffn): "
                    "auto = fp8 on a GPU with FP8 GEMMs (compute capability >= 8.9), none on a CPU or with --small")
     p.add_argument("--fp8-min-cosine", type=float, default=0.0,
                    help="the fp8 passes' config parameter fp8_min_cosine: the random weights here fall below "

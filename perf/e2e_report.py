@@ -165,7 +165,8 @@ def table_notes(report: dict) -> List[str]:
                          f"{name}: " + ", ".join(f"{c['plan']} {c['min_cosine']:.5f} "
                                                  f"{'passed' if c['passed'] else 'REFUSED'}" for c in checks)
                          for name, checks in refusal["checks"].items())
-                     + f"; embed-server with dtype fp8 on it: {'REFUSED to load' if refusal['server']['refused'] else 'NOT refused'}")
+                     + f"; embed-server on it: dtype fp8 {'REFUSED to load' if refusal['refused'] else 'NOT refused'}, "
+                     f"fp8-smooth {'served' if refusal['smooth_served'] else 'NOT served'}")
     if report.get("per_gpu_tokens") and f.get("send_s"):
         lines.append("tokens/s per GPU over the mixed run (embed_tokens_total): " + "; ".join(
             f"gpu {g}: " + ", ".join(f"{m} {v / f['send_s']:,.0f}" for m, v in d.items())

@@ -127,7 +127,7 @@ def test_fp8_refused_on_a_gpu_without_fp8(monkeypatch):
 
 def test_fp8_plan_entries(fp8_on_cpu):
     model = random_esm2(ESM)
-    for dtype in ("fp8", "fp8-ffn"):
+    for dtype in ("fp8", "fp8-smooth", "fp8-ffn"):
         plan = choose_plan(RuntimeConfig(device="cpu", dtype=dtype), model)
         assert (plan.linears, plan.dtype) == (dtype, torch.bfloat16)
         assert "linears fp8 e4m3" in plan.describe()
@@ -150,8 +150,8 @@ def test_prepare_makes_the_plans_weights_and_drops_them(fp8_on_cpu):
     assert layer.fp8_weights == {}
 
 
-@pytest.mark.parametrize("kind", ["esm2", "dnabert_s"])
-@pytest.mark.parametrize("dtype", ["fp8", "fp8-ffn"])
+@pytest.mark.parametrize("kind, dtype", [("esm2", "fp8"), ("esm2", "fp8-smooth"), ("esm2", "fp8-ffn"),
+                                         ("dnabert_s", "fp8"), ("dnabert_s", "fp8-ffn")])   # smooth: pre-LN only
 def test_fp8_embeddings_close_to_fp32(kind, dtype, demo_checkpoints, fp8_on_cpu):
     encoder, tokenizer = load_model(kind, demo_checkpoints / kind)
     seqs = bundled_sequences(kind, 12)
@@ -199,6 +199,59 @@ def test_gate_refuses_outlier_channels(demo_checkpoints, fp8_on_cpu):
                                                           fp8_min_cosine=0.0))
     embedder.warmup()
     assert embedder.fp8_check.passed and embedder.fp8_check.min_cosine < 0.999
+
+
+def test_smoothing_scales_find_the_outliers_as_exact_powers_of_two():
+    weight, bias = torch.ones(64), torch.zeros(64)
+    weight[[3, 40]] = 1e5
+    columns = 0.05 * torch.ones(32, 64)
+    columns[:, [3, 40]] = 1e-6
+    scales = fp8.smoothing_scales(weight, bias, [columns])
+    assert (scales[[3, 40]] > 1e4).all()                       # the outliers move into the weights ...
+    others = torch.ones(64, dtype=torch.bool)
+    others[[3, 40]] = False
+    assert (scales[others] == 1).all()                         # ... ordinary channels stay
+    assert torch.equal(scales, torch.exp2(torch.log2(scales).round()))   # powers of two
+    w, b, c = weight.clone(), bias.clone(), columns.clone()
+    fp8.smooth(w, b, [c], scales)
+    assert w.max() < 10 and c.max() < 10
+    fp8.smooth(w, b, [c], scales, undo=True)
+    assert torch.equal(w, weight) and torch.equal(b, bias) and torch.equal(c, columns)   # exactly back
+
+
+def test_fp8_smooth_serves_the_checkpoint_fp8_refuses(demo_checkpoints, fp8_on_cpu):
+    """fp8-smooth: the outlier channels moved into the weights (exact: every LayerNorm -> linear
+    pair computes the same bits, the state dict returns bit for bit under any other plan), and the
+    gate that refuses plain fp8 on this checkpoint passes it."""
+    encoder, tokenizer = load_model("esm2", demo_checkpoints / "esm2")
+    encoder = with_outlier_channels(encoder)
+    x = randn(5, ESM.hidden_size, seed=3)
+    block = encoder.encoder.layer[1]
+
+    def pairs_out():
+        return [F.linear(F.layer_norm(x, (x.shape[1],), norm.weight, norm.bias, norm.eps), w)
+                for norm, (w,) in block.norm_pairs()]
+    plain = pairs_out()
+    block.set_smoothing(True)
+    assert block.smoothing and all(torch.equal(a, b) for a, b in zip(pairs_out(), plain))
+    block.set_smoothing(False)
+    saved = {k: v.clone() for k, v in encoder.to(torch.bfloat16).state_dict().items()}
+    embedder = Embedder(encoder, tokenizer, RuntimeConfig(device="cpu", dtype="fp8-smooth", kernels="torch"))
+    assert "LayerNorm outlier channels moved into the weights" in embedder.plan.describe()
+    moved = [k for k, v in encoder.state_dict().items() if not torch.equal(v, saved[k])]
+    assert any("LayerNorm" in k for k in moved) and any("query" in k for k in moved)
+    embedder.warmup()                                           # the gate, at the default 0.999
+    assert embedder.fp8_check.passed and embedder.fp8_check.plan == "fp8-smooth"
+    encoder.prepare(ExecutionPlan(dtype=torch.bfloat16))       # another plan: the scales undone, exactly
+    assert all(torch.equal(v, saved[k]) for k, v in encoder.state_dict().items())
+
+
+def test_fp8_smooth_refused_for_a_post_ln_encoder(demo_checkpoints, fp8_on_cpu):
+    encoder, _ = load_model("dnabert_s", demo_checkpoints / "dnabert_s")
+    with pytest.raises(ValueError, match=r"fp8-smooth.*post-LN.*residual stream"):
+        choose_plan(RuntimeConfig(device="cpu", dtype="fp8-smooth"), encoder)
+    from embed_export.checkpoints import plans_for
+    assert plans_for("dnabert_s") == ("fp8", "fp8-ffn") and plans_for("esm2") == ("fp8", "fp8-smooth", "fp8-ffn")
 
 
 def test_check_checkpoint_and_fasta(demo_checkpoints, tmp_path, fp8_on_cpu):

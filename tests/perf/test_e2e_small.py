@@ -117,9 +117,11 @@ def test_e2e_small_end_to_end(tmp_path):
         assert gate["verdict"] == "passed" and gate["sequences"] == 32 and 0.99 < gate["min_cosine"] < 1
     refusal = report["gate_refusal"]
     assert all(c["passed"] for c in refusal["checks"]["demo"])
-    assert not any(c["passed"] for c in refusal["checks"]["demo with outliers"])
-    assert refusal["server"]["refused"] and refusal["server"]["gate"]["verdict"] == "REFUSED"
-    assert "embed-server with dtype fp8 on it: REFUSED to load" in run.stdout
+    assert [c["plan"] for c in refusal["checks"]["demo with outliers"] if not c["passed"]] == ["fp8", "fp8-ffn"]
+    assert refusal["refused"] and refusal["server"]["fp8"]["gate"]["verdict"] == "REFUSED"
+    smooth = {c["plan"]: c for c in refusal["checks"]["demo with outliers"]}["fp8-smooth"]
+    assert smooth["passed"] and refusal["smooth_served"]   # the outliers smoothed into the weights
+    assert "embed-server on it: dtype fp8 REFUSED to load, fp8-smooth served" in run.stdout
 
     # The run's own JSON is a valid baseline for compare.py, and it equals itself.
     compare = load("compare")
