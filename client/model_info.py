@@ -22,6 +22,7 @@ class ModelInfo:
     instances: int
     max_length: Optional[int] = None  # config parameter max_length (letters); None: "auto"
     outputs: Tuple[str, ...] = ()     # every output the model has (BOS, TOKEN_EMBEDDINGS, ...)
+    dtype: str = "auto"               # config parameter dtype: the plan it serves (bfloat16, fp8, ...)
 
     @classmethod
     def from_config(cls, name: str, config: dict) -> "ModelInfo":
@@ -44,8 +45,10 @@ class ModelInfo:
         for group in config.get("instance_group", []):
             count = int(group.get("count", 1))
             instances += count * max(1, len(group.get("gpus", [])))
-        length = config.get("parameters", {}).get("max_length", {}).get("string_value", "")
+        params = config.get("parameters", {})
+        length = params.get("max_length", {}).get("string_value", "")
         return cls(name, max_batch, dims[0] if dims[0] > 0 else None, inputs[0]["name"],
                    outputs[0]["name"], max(1, instances),
                    int(length) if length.strip().isdigit() else None,
-                   tuple(o.get("name", "") for o in config.get("output", [])))
+                   tuple(o.get("name", "") for o in config.get("output", [])),
+                   params.get("dtype", {}).get("string_value", "auto").strip() or "auto")

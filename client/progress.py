@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 log = logging.getLogger("embed_client.progress")
 
 TOKENS_METRIC = "embed_tokens_total"
+FP8_GATE_METRIC = "embed_fp8_gate_min_cosine"   # embed_core.serving.FP8_GATE_METRIC (the client imports no core)
 
 
 @dataclass
@@ -49,17 +50,24 @@ class Counters:
         return self.frames_resumed + done
 
 
-def parse_tokens_per_gpu(text: str) -> Dict[str, float]:
-    """Sum of `embed_tokens_total` per `gpu` label in one /metrics page."""
+def parse_metrics_page(text: str) -> Tuple[Dict[str, float], Dict[str, dict]]:
+    """One /metrics page: the sum of `embed_tokens_total` per `gpu` label, and the fp8 gate per
+    model ({model: {"plan", "min_cosine"}}, the smallest over its instances) where a model runs an
+    fp8 plan."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out: Dict[str, float] = {}
+    tokens: Dict[str, float] = {}
+    gate: Dict[str, dict] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == TOKENS_METRIC:
                 gpu = sample.labels.get("gpu", "?")
-                out[gpu] = out.get(gpu, 0.0) + sample.value
-    return out
+                tokens[gpu] = tokens.get(gpu, 0.0) + sample.value
+            elif sample.name == FP8_GATE_METRIC:
+                model = sample.labels.get("model", "?")
+                if model not in gate or sample.value < gate[model]["min_cosine"]:
+                    gate[model] = {"plan": sample.labels.get("plan", "?"), "min_cosine": sample.value}
+    return tokens, gate
 
 
 class MetricsPoller:
@@ -73,6 +81,7 @@ class MetricsPoller:
         self._first: Dict[Tuple[str, str], Tuple[float, float]] = {}
         self.rates: Dict[Tuple[str, str], float] = {}
         self.unavailable: Dict[str, str] = {}
+        self.fp8_gate: Dict[str, Dict[str, dict]] = {}   # metrics url -> the fp8 gate per model
         self._warned: set = set()      # URLs whose unavailability was said (once each)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -112,7 +121,7 @@ class MetricsPoller:
             try:
                 with urllib.request.urlopen(url, timeout=self.timeout) as response:
                     text = response.read().decode("utf-8", errors="replace")
-                per_gpu = parse_tokens_per_gpu(text)
+                per_gpu, gate = parse_metrics_page(text)
             except Exception as e:  # a metrics endpoint is optional: note it, keep going
                 if url not in self._warned:
                     self._warned.add(url)
@@ -122,6 +131,8 @@ class MetricsPoller:
                 self.unavailable[url] = str(e)
                 continue
             self.unavailable.pop(url, None)
+            if gate:
+                self.fp8_gate[url] = gate
             now = time.monotonic()
             for gpu, value in per_gpu.items():
                 key = (url, gpu)

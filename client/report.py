@@ -149,6 +149,12 @@ class Report:
                     entry[key][model] = entry[key].get(model, 0) + n
             entry["retries"] += s.stats.retries
             entry["given_up"] = s.stats.given_up  # the latest one's
+            # The plan each model runs there (its config's dtype) and, for an fp8 plan, what the
+            # gate measured at load (the server's /metrics, when it could be read).
+            entry["dtype"] = {m: info.dtype for m, info in s.models.items()}
+            gate = self.metrics.fp8_gate.get(s.spec.metrics_url)
+            if gate:
+                entry["fp8_gate"] = gate
         return detail
 
     def _stages(self, final_rows: Optional[Dict[str, int]]) -> dict:

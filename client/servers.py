@@ -228,7 +228,8 @@ class ServerPool:
     def _describe(server: Server) -> None:
         log.info("server %s: %s; %d requests in flight", server.spec.url,
                  ", ".join(f"{m} (width {i.hidden}, max batch {i.max_batch_size}, "
-                           f"{i.instances} instances)" for m, i in server.models.items()),
+                           f"{i.instances} instances{'' if i.dtype == 'auto' else f', dtype {i.dtype}'})"
+                           for m, i in server.models.items()),
                  server.in_flight)
 
     async def close(self) -> None:

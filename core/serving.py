@@ -35,6 +35,9 @@ METRICS = {
         "compute_seconds", "Wall seconds in the encoder call (packing, forwards, pooling, copy to host)"),
 }
 METRIC_LABELS = ("model", "gpu", "instance")
+# A GAUGE set once at load by an fp8 plan's instance (labels METRIC_LABELS + plan): the gate's
+# smallest per-sequence cosine against fp32 (fp8_gate.py); clients report it in summary.json.
+FP8_GATE_METRIC = "embed_fp8_gate_min_cosine"
 
 
 @dataclasses.dataclass

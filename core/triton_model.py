@@ -78,6 +78,13 @@ class EmbeddingModel:
             for name, (_, text) in serving.METRICS.items()
         }
         self.counters = {name: family.Metric(labels=labels) for name, family in self.families.items()}
+        check = self.embedder.fp8_check
+        if check is not None:   # the plan that runs and what it measured, for clients (summary.json)
+            self.families[serving.FP8_GATE_METRIC] = pb_utils.MetricFamily(
+                name=serving.FP8_GATE_METRIC, kind=pb_utils.MetricFamily.GAUGE,
+                description="fp8 plan: smallest per-sequence cosine of pooled embeddings against fp32 at load")
+            self.gate_metric = self.families[serving.FP8_GATE_METRIC].Metric(labels={**labels, "plan": check.plan})
+            self.gate_metric.set(check.min_cosine)
         # Wall seconds per phase of execute (embed_prep/compute_seconds_total); the warmup
         # is not in them, it ran before.
         self.phases = serving.PhaseSeconds()

@@ -57,6 +57,9 @@ def mixed_pass(s: Scenario, sample: Path, frames: list, plan: Optional[str] = No
         report["timeline"] = timeline(s.sampler.samples)
         report["client_summary"] = {k: summary.get(k) for k in ("status", "elapsed_s", "send_elapsed_s",
                                                                  "throughput", "servers_detail")}
+    else:   # what the client's summary.json says each server ran, and its gate's figure
+        report.setdefault("served", {})[plan] = {url: {k: d.get(k) for k in ("dtype", "fp8_gate")}
+                                                 for url, d in summary.get("servers_detail", {}).items()}
     for m in MODELS:
         report["counts"][m if plan is None else f"{m} {plan}"] = {
             "prepped": len(frames), **client_counts(summary, m), "server": figures.get(f"{m}_sequences_server")}

@@ -32,7 +32,7 @@ import pytest
 
 from embed_client import cli
 from embed_client.classifier import HIGHEST_FILE, PREDICTIONS_FILE
-from embed_client.progress import parse_tokens_per_gpu
+from embed_client.progress import parse_metrics_page
 from embed_client.sink import OutputDir
 
 from test_end_to_end import (assert_complete_output, classifier_file, expected_frames,  # noqa: F401
@@ -204,7 +204,7 @@ def test_two_servers_share_the_work(spare, embed_server, tmp_path):
     assert all(sum(d["sequences"].values()) > 0 for d in detail.values()), detail
     assert sum(sum(d["sequences"].values()) for d in detail.values()) == 2 * len(frames)
     with urllib.request.urlopen(spare.metrics_url, timeout=10) as response:
-        per_gpu = parse_tokens_per_gpu(response.read().decode())
+        per_gpu, _ = parse_metrics_page(response.read().decode())
     assert per_gpu.get("cpu", 0) > 0  # the progress view's per-GPU source
 
 

@@ -115,6 +115,10 @@ def test_e2e_small_end_to_end(tmp_path):
         assert 0.99 < figures[f"{m}_fp8_cos_fp32_min"] < 0.99999, m         # e4m3 linears: close, not equal
         gate = report["fp8_gate"]["fp8"][m]
         assert gate["verdict"] == "passed" and gate["sequences"] == 32 and 0.99 < gate["min_cosine"] < 1
+        # the client's summary.json names the plan each model ran and what its gate measured
+        (served,) = report["served"]["fp8"].values()
+        assert served["dtype"][m] == "fp8" and served["fp8_gate"][m]["plan"] == "fp8"
+        assert served["fp8_gate"][m]["min_cosine"] == pytest.approx(gate["min_cosine"], abs=1e-5)
     refusal = report["gate_refusal"]
     assert all(c["passed"] for c in refusal["checks"]["demo"])
     assert [c["plan"] for c in refusal["checks"]["demo with outliers"] if not c["passed"]] == ["fp8", "fp8-ffn"]
