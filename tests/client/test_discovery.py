@@ -517,9 +517,10 @@ def test_an_address_that_left_and_came_back_is_one_entry_of_the_summary():
     after.stats.sequences = {"esm2": 9, "dnabert_s": 4}
     report = object.__new__(Report)
     report.pool = SimpleNamespace(contacted=[before, after], joined=[before, after])
+    report.metrics = SimpleNamespace(fp8_gate={})
     assert report._servers_detail() == {"10.0.0.1:8001": {
         "joined": True, "left": False, "requests": {"esm2": 5, "dnabert_s": 1},
-        "sequences": {"esm2": 16, "dnabert_s": 4}, "retries": 1, "given_up": None}}
+        "sequences": {"esm2": 16, "dnabert_s": 4}, "retries": 1, "given_up": None, "dtype": {}}}
 
 
 def test_fewer_requests_than_slots_spread_over_the_servers():
