@@ -40,6 +40,7 @@ MIN_AMAX = 1e-12            # an all-zero row gets this amax (its scale stays fi
 PLANS = ("fp8", "fp8-ffn", "fp8-smooth")   # RuntimeConfig.dtype values that pick them (plan.linears)
 EVERY_LINEAR = ("fp8", "fp8-smooth")        # the plans with every linear in e4m3
 SMOOTHED = ("fp8-smooth",)                  # the plans that smooth LayerNorm outliers into the weights
+AUTO = "fp8-auto"   # RuntimeConfig.dtype: the gate picks, fastest first, the first of `candidates` that passes
 CPU_FLAG = "EMBED_FP8_ON_CPU"   # test-only: "1" lets fp8 plans run on CPU (torch._scaled_mm's CPU kernel)
 ALIGN = 16                  # torch._scaled_mm needs every GEMM dimension but M to be a multiple of 16
 
@@ -146,6 +147,13 @@ def quantize_linears(named: dict) -> dict:
     (the encoder keeps them across forwards)."""
     with torch.inference_mode(False), torch.no_grad():
         return {name: quantize_weight(w.detach()) for name, w in named.items()}
+
+
+def candidates(encoder: torch.nn.Module) -> tuple:
+    """The plans fp8-auto tries on `encoder`, fastest first: every linear (smoothed where the encoder
+    is pre-LN: as fast, and it survives LayerNorm outliers that plain fp8 does not), then the
+    feed-forward's only."""
+    return ("fp8-smooth" if getattr(encoder, "PRE_LAYER_NORM", False) else "fp8", "fp8-ffn")
 
 
 def support_problem(device: torch.device) -> Optional[str]:

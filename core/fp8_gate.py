@@ -11,6 +11,8 @@ RuntimeConfig.fp8_min_cosine, config parameter `fp8_min_cosine`).
 * `Embedder.warmup()` runs `gate(embedder)` for an fp8 plan on `bundled_sequences` (32, cheap:
   one fp32 pass over ~3-6k tokens on the device; the encoder is cast to fp32 and back in place,
   exactly, as its weights are bf16 then). The server log states the result (`Fp8Check.describe`).
+* `dtype: fp8-auto`: `pick(embedder)` runs that gate on each of fp8.candidates in turn and keeps
+  the first plan that passes (the server log names it).
 * `embed-export check-fp8` (embed_export.checkpoints.check_fp8) runs `measure` on more of them (160) or on the user's FASTA,
   for each fp8 plan, and prints the figures.
 
@@ -125,6 +127,30 @@ def measure(embedder, token_arrays: Sequence[np.ndarray], threshold: float = DEF
     cos = cosines(out, ref)
     return Fp8Check(plan=embedder.plan.linears, sequences=len(cos), min_cosine=float(cos.min()),
                     mean_cosine=float(cos.mean()), threshold=float(threshold))
+
+
+def pick(embedder, token_arrays: Optional[Sequence[np.ndarray]] = None) -> Fp8Check:
+    """fp8-auto: each of fp8.candidates(encoder) in turn (the embedder and its encoder moved to it),
+    measured as `gate` measures; the first that passes stays and is returned. None passes:
+    Fp8GateError with every plan's figures (the embedder is left on the last one tried)."""
+    import dataclasses as dc
+
+    from .fp8 import candidates
+    kind = "esm2" if type(embedder.encoder).__name__ == "ESM2" else "dnabert_s"
+    token_arrays = embedder.tokenize(bundled_sequences(kind)) if token_arrays is None else token_arrays
+    checks = []
+    for linears in candidates(embedder.encoder):
+        if embedder.plan.linears != linears:
+            embedder.plan = dc.replace(embedder.plan, linears=linears)
+            embedder.encoder.prepare(embedder.plan)
+        check = measure(embedder, token_arrays, embedder.config.fp8_min_cosine)
+        log.info("%s: fp8-auto: %s", type(embedder.encoder).__name__, check.describe())
+        checks.append(check)
+        if check.passed:
+            return check
+    raise Fp8GateError("fp8-auto: no fp8 plan passes on this checkpoint: "
+                       + "; ".join(c.describe() for c in checks)
+                       + ": serve it with dtype bfloat16, or lower fp8_min_cosine knowingly")
 
 
 def gate(embedder, token_arrays: Optional[Sequence[np.ndarray]] = None, kind: Optional[str] = None,

@@ -98,7 +98,7 @@ def choose_plan(config, encoder: torch.nn.Module) -> ExecutionPlan:
 
 def _linears(dtype: str, device: torch.device, encoder: torch.nn.Module) -> str:
     """ExecutionPlan.linears for RuntimeConfig.dtype; ValueError where fp8 cannot run."""
-    if dtype not in fp8.PLANS:
+    if dtype not in fp8.PLANS and dtype != fp8.AUTO:
         return "native"
     problem = fp8.support_problem(device) or fp8.shape_problem(encoder)
     if not problem and dtype in fp8.SMOOTHED and not getattr(encoder, "PRE_LAYER_NORM", False):
@@ -107,7 +107,7 @@ def _linears(dtype: str, device: torch.device, encoder: torch.nn.Module) -> str:
                    "fp8 or fp8-ffn run it")
     if problem:
         raise ValueError(f"dtype {dtype!r} refused: {problem}")
-    return dtype
+    return fp8.candidates(encoder)[0] if dtype == fp8.AUTO else dtype   # fp8-auto: warmup's gate may move on
 
 
 def without_kernels(plan: ExecutionPlan, config, encoder: torch.nn.Module) -> ExecutionPlan:

@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from . import fp8
 from .errors import InvalidSequenceError, SequenceTooLargeError
 from .packing import PackedBatch, pack
 from .plan import ATTENTION_CHOICES, DEVICES_HELP, DTYPES, KERNEL_CHOICES, LINEARS, choose_plan, without_kernels
@@ -59,7 +60,8 @@ class RuntimeConfig:
         float32, bfloat16, float16, or an fp8 plan (bf16 with e4m3 linears, fp8.py; CUDA compute
         capability >= 8.9 only): "fp8" (every linear), "fp8-smooth" (every linear, the LayerNorms'
         outlier channels moved into the weights first: pre-LN encoders, ESM-2) or "fp8-ffn" (the
-        feed-forward's).
+        feed-forward's); or "fp8-auto": the gate tries fp8.candidates fastest first at warmup and
+        keeps the first that passes (none: Fp8GateError with every figure).
     fp8_min_cosine: the fp8 plans' accuracy gate (fp8_gate.py), run by `warmup()`: the smallest
         per-sequence cosine of pooled embeddings, fp8 against fp32, on bundled sequences, below
         which the plan is refused (ValueError). Ignored by the other dtypes.
@@ -96,9 +98,9 @@ class RuntimeConfig:
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ValueError(f"device must be {DEVICES_HELP}, got {dev!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES and self.dtype not in LINEARS[1:]:
-            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES) + list(LINEARS[1:])}, "
-                             f"got {self.dtype!r}")
+        named = sorted(DTYPES) + list(LINEARS[1:]) + [fp8.AUTO]
+        if self.dtype != "auto" and self.dtype not in named:
+            raise ValueError(f"dtype must be auto or one of {named}, got {self.dtype!r}")
         if not (isinstance(self.fp8_min_cosine, (int, float)) and -1.0 <= self.fp8_min_cosine <= 1.0):
             raise ValueError(f"fp8_min_cosine must be a number in [-1, 1], got {self.fp8_min_cosine!r}")
         if self.token_budget is not None and (not isinstance(self.token_budget, int) or self.token_budget < 1):
@@ -412,8 +414,9 @@ class Embedder:
         self.embed_tokens(arrays[::2])
         if self.plan.linears != "native":
             # The fp8 plan measured on this checkpoint; Fp8GateError (ValueError) below the threshold.
-            from .fp8_gate import gate
-            self.fp8_check = gate(self)
+            # fp8-auto: each candidate in turn, the first that passes stays.
+            from .fp8_gate import gate, pick
+            self.fp8_check = pick(self) if self.config.dtype == fp8.AUTO else gate(self)
         self.stats = EmbedStats()
 
     def close(self) -> None:

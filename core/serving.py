@@ -115,8 +115,8 @@ def _optional_int(params: dict, key: str) -> Optional[int]:
 
 def runtime_options(params: dict, device: str):
     """RuntimeConfig from the config parameters dtype (auto | float32 | bfloat16 | float16 | fp8 |
-    fp8-smooth | fp8-ffn), token_budget, max_length, too_long, attention, kernels, fp8_min_cosine (absent ones keep
-    RuntimeConfig's defaults)."""
+    fp8-smooth | fp8-ffn | fp8-auto), token_budget, max_length, too_long, attention, kernels,
+    fp8_min_cosine (absent ones keep RuntimeConfig's defaults)."""
     from .runtime import RuntimeConfig
 
     return RuntimeConfig(

@@ -254,6 +254,32 @@ def test_fp8_smooth_refused_for_a_post_ln_encoder(demo_checkpoints, fp8_on_cpu):
     assert plans_for("dnabert_s") == ("fp8", "fp8-ffn") and plans_for("esm2") == ("fp8", "fp8-smooth", "fp8-ffn")
 
 
+def test_fp8_auto_picks_the_fastest_plan_that_passes(demo_checkpoints, fp8_on_cpu):
+    """dtype fp8-auto: the gate tries fp8.candidates in turn and keeps the first that passes; the
+    plan, the encoder's weights and the check all say which."""
+    encoder, tokenizer = load_model("esm2", demo_checkpoints / "esm2")
+    assert fp8.candidates(encoder) == ("fp8-smooth", "fp8-ffn")
+    embedder = Embedder(with_outlier_channels(encoder), tokenizer,
+                        RuntimeConfig(device="cpu", dtype="fp8-auto", kernels="torch"))
+    embedder.warmup()
+    assert embedder.fp8_check.plan == embedder.plan.linears == embedder.encoder.plan.linears == "fp8-smooth"
+    # DNABERT-S (post-LN): fp8 first; the demo model's fp8 is below 0.999 (0.9985), its fp8-ffn passes.
+    encoder, tokenizer = load_model("dnabert_s", demo_checkpoints / "dnabert_s")
+    assert fp8.candidates(encoder) == ("fp8", "fp8-ffn")
+    embedder = Embedder(encoder, tokenizer, RuntimeConfig(device="cpu", dtype="fp8-auto", kernels="torch"))
+    embedder.warmup()
+    assert embedder.fp8_check.plan == embedder.plan.linears == "fp8-ffn" and embedder.fp8_check.passed
+    assert set(embedder.encoder.encoder.layer[0].fp8_weights) == {"glu", "wo"}
+
+
+def test_fp8_auto_refuses_with_every_plans_figures(demo_checkpoints, fp8_on_cpu):
+    encoder, tokenizer = load_model("esm2", demo_checkpoints / "esm2")
+    embedder = Embedder(encoder, tokenizer, RuntimeConfig(device="cpu", dtype="fp8-auto", kernels="torch",
+                                                          fp8_min_cosine=0.9999999))
+    with pytest.raises(Fp8GateError, match=r"fp8-auto: no fp8 plan passes.*\(fp8-smooth\).*REFUSED.*\(fp8-ffn\)"):
+        embedder.warmup()
+
+
 def test_check_checkpoint_and_fasta(demo_checkpoints, tmp_path, fp8_on_cpu):
     fasta = tmp_path / "mine.fa"
     fasta.write_text(">a\nMKTAYIAKQR\nQISFVKSHFS\n>b\nACDEFGHIKLMNPQRSTVWY\n")
@@ -275,6 +301,7 @@ def test_embed_export_check_fp8(demo_checkpoints, capsys, fp8_on_cpu):
 
 def test_serving_parameters_take_the_fp8_plans():
     from embed_core.serving import runtime_options
+    assert runtime_options({"dtype": "fp8-auto"}, "cpu").dtype == "fp8-auto"
     config = runtime_options({"dtype": "fp8-ffn", "fp8_min_cosine": "0.998"}, "cpu")
     assert (config.dtype, config.fp8_min_cosine) == ("fp8-ffn", 0.998)
     assert runtime_options({}, "cpu").fp8_min_cosine == 0.999
