@@ -79,6 +79,16 @@ def delta(after: dict, before: dict) -> dict:
     return {k: after.get(k, 0) - before.get(k, 0) for k in after}
 
 
+def wait_for_counts(embed_server, model: str, before: dict) -> dict:
+    """The server's counts since `before`, once REQUESTS successes have landed (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        counted = delta(server_counts(embed_server, model), before)
+        if counted["success"] >= REQUESTS or time.monotonic() > deadline:
+            return counted
+        time.sleep(0.2)
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("model,protocol,batch,concurrency,input_file", CASES,
                          ids=[f"{m}-{p}-b{b}-c{c}" for m, p, b, c, _ in CASES])
@@ -86,21 +96,29 @@ def test_perf_analyzer_counts_match_the_server(inputs, embed_server, tmp_path,
                                                model, protocol, batch, concurrency, input_file):
     url = embed_server.grpc_url if protocol == "grpc" else embed_server.http_url.split("://", 1)[1]
     csv_path, export_path = tmp_path / "pa.csv", tmp_path / "profile.json"
-    before = server_counts(embed_server, model)
-    run = subprocess.run(
-        PERF_ANALYZER.command([
-            "-m", model, "-i", protocol, "-u", url, "--input-data", inputs / input_file,
-            "-b", batch, "--concurrency-range", concurrency, "--request-count", REQUESTS,
-            "-f", csv_path, "--profile-export-file", export_path,
-        ]),
-        env=PERF_ANALYZER.env, capture_output=True, text=True, timeout=120)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, f"perf_analyzer exited {run.returncode}:\n{output[-4000:]}"
+    for attempt in (1, 2):
+        before = server_counts(embed_server, model)
+        run = subprocess.run(
+            PERF_ANALYZER.command([
+                "-m", model, "-i", protocol, "-u", url, "--input-data", inputs / input_file,
+                "-b", batch, "--concurrency-range", concurrency, "--request-count", REQUESTS,
+                "-f", csv_path, "--profile-export-file", export_path,
+            ]),
+            env=PERF_ANALYZER.env, capture_output=True, text=True, timeout=120)
+        output = run.stdout + run.stderr
+        assert run.returncode == 0, f"perf_analyzer exited {run.returncode}:\n{output[-4000:]}"
+        export = export_path.read_text() if export_path.exists() else ""
+        if export.strip() or attempt == 2:
+            break
+        # perf_analyzer 2.51 once left its profile export empty though it exited 0 (one run of
+        # some hundred, a fresh-clone CI run): run it once more, counting from after this run's
+        # requests have landed in the server's statistics.
+        wait_for_counts(embed_server, model, before)
 
     # perf_analyzer's own account: N requests, N answers, each with one embedding per batch element.
     client = re.search(r"Client:\s*\n\s*Request count: (\d+)", output)
     assert client and int(client.group(1)) == REQUESTS, output[-3000:]
-    [experiment] = json.loads(export_path.read_text())["experiments"]
+    [experiment] = json.loads(export)["experiments"]
     assert experiment["experiment"] == {"mode": "concurrency", "value": concurrency}
     requests = experiment["requests"]
     assert len(requests) == REQUESTS
@@ -110,12 +128,7 @@ def test_perf_analyzer_counts_match_the_server(inputs, embed_server, tmp_path,
         assert len(answer["EMBEDDING"]) == batch * embed_server.hidden_sizes[model]
 
     # The server's account (its statistics land a moment after the last answer at most).
-    deadline = time.monotonic() + 10
-    while True:
-        counted = delta(server_counts(embed_server, model), before)
-        if counted["success"] >= REQUESTS or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    counted = wait_for_counts(embed_server, model, before)
     assert counted == {
         "success": REQUESTS, "fail": 0, "inferences": REQUESTS * batch,
         "nv_inference_request_success": REQUESTS, "nv_inference_request_failure": 0,
