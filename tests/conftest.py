@@ -152,3 +152,11 @@ def disk_full_at_block(monkeypatch):
         monkeypatch.setattr(OutputDir, "commit", full)
 
     return arm, monkeypatch.undo
+
+
+@pytest.fixture(scope="module")
+def dead_server():
+    """A gRPC address where nothing listens."""
+    from embed_server.launcher import free_ports
+
+    return f"127.0.0.1:{free_ports(1)[0]}"

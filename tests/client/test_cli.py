@@ -15,19 +15,7 @@ import pytest
 
 from embed_client import cli
 
-from test_end_to_end import write_sample
-
-
-def run_cli(*argv: str) -> int:
-    return cli.run(cli.build_parser().parse_args(list(argv)))
-
-
-@pytest.fixture(scope="module")
-def dead_server():
-    """A gRPC address where nothing listens."""
-    from embed_server.launcher import free_ports
-
-    return f"127.0.0.1:{free_ports(1)[0]}"
+from test_end_to_end import run_cli, write_sample
 
 
 def test_help_documents_every_option_with_its_default(capsys):

@@ -52,6 +52,11 @@ class ExpectedFrame(NamedTuple):
     nucleotide: str
 
 
+def run_cli(*argv: str) -> int:
+    """The client's command line, run in this process; returns its exit code."""
+    return cli.run(cli.build_parser().parse_args(list(argv)))
+
+
 def write_sample(path: Path, n: int = 50, seed: int = 0) -> Path:
     """A FASTA of `n` records, 20 bp to 1.5 kb, open in frame 0 (so chunks have frames);
     some with an N, some lower-case, wrapped at 70 columns. Every length is at most 300 or

@@ -14,22 +14,11 @@ import pytest
 from embed_client import cli, inputs, reader, virnucpro
 from embed_client.errors import InputError
 
-from test_end_to_end import write_sample
-
-
-def run_cli(*argv: str) -> int:
-    return cli.run(cli.build_parser().parse_args(list(argv)))
+from test_end_to_end import run_cli, write_sample
 
 
 def live(embed_server) -> list:
     return ["--server", embed_server.grpc_url, "--metrics-url", embed_server.metrics_url]
-
-
-@pytest.fixture(scope="module")
-def dead_server():
-    from embed_server.launcher import free_ports
-
-    return f"127.0.0.1:{free_ports(1)[0]}"
 
 
 def as_rna(dna: Path, rna: Path) -> Path:

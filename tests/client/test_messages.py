@@ -23,23 +23,12 @@ import pytest
 from embed_client import cli
 from embed_client.transport import Server
 
-from test_end_to_end import write_sample
+from test_end_to_end import run_cli, write_sample
 
 pytestmark = pytest.mark.server
 
 # Stop codons in all six frames: TAA at offsets 0, 4, 8 (forward), TTA likewise (reverse).
 ALL_STOPS = "TAACTAACTAATTAGTTAGTTA"
-
-
-@pytest.fixture(scope="module")
-def dead_server():
-    from embed_server.launcher import free_ports
-
-    return f"127.0.0.1:{free_ports(1)[0]}"
-
-
-def run_cli(*argv: str) -> int:
-    return cli.run(cli.build_parser().parse_args(list(argv)))
 
 
 def offline(sample: Path, out: Path, dead_server: str):

@@ -36,7 +36,7 @@ from embed_client.progress import parse_metrics_page
 from embed_client.sink import OutputDir
 
 from test_end_to_end import (assert_complete_output, classifier_file, expected_frames,  # noqa: F401
-                             read_model_table, write_sample)
+                             read_model_table, run_cli, write_sample)
 
 pytestmark = pytest.mark.server
 
@@ -90,18 +90,6 @@ def spare(demo_repository, tmp_path_factory):
     server = SpareServer(demo_repository, tmp_path_factory.mktemp("spare_server")).start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def dead_server():
-    """A gRPC address where nothing listens."""
-    from embed_server.launcher import free_ports
-
-    return f"127.0.0.1:{free_ports(1)[0]}"
-
-
-def run_cli(*argv: str) -> int:
-    return cli.run(cli.build_parser().parse_args(list(argv)))
 
 
 def snapshot(out: Path) -> dict:

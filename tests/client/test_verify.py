@@ -27,13 +27,9 @@ from embed_client.integrity import CHECKSUMS_FILE, file_sha256, read_checksums
 from embed_client.sink import OutputDir, RunConfig
 
 from test_end_to_end import (assert_complete_output, classifier_file, read_model_table,  # noqa: F401
-                             write_sample)
+                             run_cli, write_sample)
 
 pytestmark = pytest.mark.server
-
-
-def run_cli(*argv: str) -> int:
-    return cli.run(cli.build_parser().parse_args(list(argv)))
 
 
 def same_size_other_sample(sample: Path, other: Path) -> Path:
@@ -166,13 +162,6 @@ def test_part_corrupted_before_the_final_files_stops_them(embed_server, classifi
     err = capsys.readouterr().err
     assert "1 part corrupted" in err, err
     assert_complete_output(out, sample, embed_server.checkpoints, embed_server.hidden_sizes)
-
-
-@pytest.fixture(scope="module")
-def dead_server():
-    from embed_server.launcher import free_ports
-
-    return f"127.0.0.1:{free_ports(1)[0]}"
 
 
 def test_finished_run_files_are_checked(embed_server, dead_server, tmp_path, capsys):
