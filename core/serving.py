@@ -80,10 +80,10 @@ class RequestCancelled(EmbedCoreError):
 
 def max_request_tokens(params: dict) -> int:
     """The max_request_tokens parameter (a positive int, or auto = DEFAULT_MAX_REQUEST_TOKENS)."""
-    value = _optional_int(params, "max_request_tokens")
-    if value is not None and value < 1:
+    value = _number(params, "max_request_tokens", auto=DEFAULT_MAX_REQUEST_TOKENS)
+    if value < 1:
         raise ValueError(f"parameter max_request_tokens must be positive, got {value}")
-    return DEFAULT_MAX_REQUEST_TOKENS if value is None else value
+    return value
 
 
 def numpy_problem() -> Optional[str]:
@@ -103,44 +103,38 @@ def config_parameters(model_config: dict) -> dict:
     return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
 
 
-def _optional_int(params: dict, key: str) -> Optional[int]:
+def _number(params: dict, key: str, convert=int, auto=None):
+    """A numeric config parameter: `convert` of its value, or `auto` where it is absent, empty or auto."""
     value = params.get(key, "auto").strip()
     if value in ("", "auto"):
-        return None
+        return auto
     try:
-        return int(value)
+        return convert(value)
     except ValueError:
-        raise ValueError(f"parameter {key} must be 'auto' or an integer, got {value!r}") from None
+        kind = "an integer" if convert is int else "a number"
+        raise ValueError(f"parameter {key} must be 'auto' or {kind}, got {value!r}") from None
 
 
 def runtime_options(params: dict, device: str):
     """RuntimeConfig from the config parameters dtype (auto | float32 | bfloat16 | float16 | fp8 |
     fp8-smooth | fp8-ffn | fp8-auto), token_budget, max_length, too_long, attention, kernels,
     fp8_min_cosine (absent ones keep RuntimeConfig's defaults)."""
+    from .fp8_gate import DEFAULT_MIN_COSINE
     from .runtime import RuntimeConfig
+
+    def name(key: str, default: str) -> str:
+        return params.get(key, default).strip() or default
 
     return RuntimeConfig(
         device=device,
-        dtype=params.get("dtype", "auto").strip() or "auto",
-        token_budget=_optional_int(params, "token_budget"),
-        max_length=_optional_int(params, "max_length"),
-        too_long=params.get("too_long", "error").strip() or "error",
-        attention=params.get("attention", "auto").strip() or "auto",
-        kernels=params.get("kernels", "auto").strip() or "auto",
-        fp8_min_cosine=_fp8_min_cosine(params),
+        dtype=name("dtype", "auto"),
+        token_budget=_number(params, "token_budget"),
+        max_length=_number(params, "max_length"),
+        too_long=name("too_long", "error"),
+        attention=name("attention", "auto"),
+        kernels=name("kernels", "auto"),
+        fp8_min_cosine=_number(params, "fp8_min_cosine", float, DEFAULT_MIN_COSINE),   # the fp8 gate's (fp8_gate.py)
     )
-
-
-def _fp8_min_cosine(params: dict) -> float:
-    """The fp8_min_cosine parameter (the fp8 plans' gate, fp8_gate.py): a number, or auto = 0.999."""
-    value = params.get("fp8_min_cosine", "auto").strip()
-    if value in ("", "auto"):
-        from .fp8_gate import DEFAULT_MIN_COSINE
-        return DEFAULT_MIN_COSINE
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"parameter fp8_min_cosine must be 'auto' or a number, got {value!r}") from None
 
 
 def checkpoint_path(params: dict, model_dir: Union[str, Path]) -> Path:

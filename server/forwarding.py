@@ -5,6 +5,7 @@ Content-Type dropped (the body evhtp would otherwise parse as a query string, th
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Optional
 
 from .http_parsing import HttpError, Request
@@ -14,6 +15,16 @@ _HOP_BY_HOP = {
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
     b"te", b"trailer", b"transfer-encoding", b"upgrade", b"expect", b"content-length",
 }
+
+
+_KEY_HEADERS = frozenset(h.encode() for h in (ADMIN_HEADER, API_KEY_HEADER, GRPC_HEADER_PREFIX + ADMIN_HEADER,
+                                               GRPC_HEADER_PREFIX + API_KEY_HEADER))
+
+
+@functools.lru_cache(maxsize=8)
+def _dropped(backend_admin_header: str) -> frozenset:
+    """The (lower-case) headers never forwarded: hop-by-hop, the client's keys, Triton's admin header."""
+    return frozenset(_HOP_BY_HOP) | _KEY_HEADERS | {backend_admin_header.lower().encode()}
 
 
 class NoAnswer(Exception):
@@ -33,10 +44,7 @@ def backend_head(o, request: Request, body: bytes) -> bytes:
     """The request head sent to tritonserver: the client's keys and hop-by-hop headers dropped,
     Triton's own admin or API key header added where the API needs it, Content-Length set."""
     lines = [request.method + b" " + request.target + b" HTTP/1.1"]
-    drop = set(_HOP_BY_HOP) | {ADMIN_HEADER.encode(), API_KEY_HEADER.encode(),
-                                (GRPC_HEADER_PREFIX + ADMIN_HEADER).encode(),
-                                (GRPC_HEADER_PREFIX + API_KEY_HEADER).encode(),
-                                o.backend_admin_header.lower().encode()}
+    drop = _dropped(o.backend_admin_header)
     for lower, name, value in request.headers:
         if lower in drop:
             continue

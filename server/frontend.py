@@ -27,8 +27,8 @@ body kills, ever sees them."""
 #   on the request bytes held in memory at once (503 beyond it).
 #
 # The parts: http_parsing.py (heads, bodies, limits), request_checks.py (routes, keys, JSON
-# depth), forwarding.py (to tritonserver's Unix socket and back); their public names are
-# re-exported here.
+# depth), forwarding.py (to tritonserver's Unix socket and back); the names the launcher, the
+# CLI and the tests take from here are re-exported.
 
 from __future__ import annotations
 
@@ -39,17 +39,16 @@ import ssl
 import threading
 from typing import Optional
 
-from .forwarding import NoAnswer, backend_head, forward, open_backend
-from .http_parsing import (LINGER_BYTES, LINGER_SECONDS, MAX_HEADER_LINE, MAX_TARGET, METHODS, HttpError, Request,
-                           declared_body, error_response, linger, parse_head, read_chunked, read_exactly)
-from .loop_thread import start_loop_thread
+from .forwarding import NoAnswer, forward, open_backend
+from .http_parsing import (HttpError, Request, declared_body, error_response, linger, parse_head, read_chunked,
+                           read_exactly)
+from .loop_thread import start_loop_thread, stop_loop_thread
 from .request_checks import (ADMIN_APIS, ADMIN_HEADER, API_KEY_HEADER, GRPC_HEADER_PREFIX, MAX_JSON_DEPTH, authorize,
                              check_json, classify, json_too_deep)
 
 __all__ = [
-    "ADMIN_APIS", "ADMIN_HEADER", "API_KEY_HEADER", "Frontend", "FrontendOptions", "GRPC_HEADER_PREFIX", "HttpError",
-    "LINGER_BYTES", "LINGER_SECONDS", "MAX_HEADER_LINE", "MAX_JSON_DEPTH", "MAX_TARGET", "METHODS", "NoAnswer",
-    "Request", "backend_head", "classify", "declared_body", "error_response", "json_too_deep", "parse_head",
+    "ADMIN_APIS", "ADMIN_HEADER", "API_KEY_HEADER", "Frontend", "FrontendOptions", "GRPC_HEADER_PREFIX",
+    "MAX_JSON_DEPTH", "classify", "json_too_deep",
 ]
 
 
@@ -90,16 +89,14 @@ class Frontend:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> "Frontend":
-        self._loop, self._thread = start_loop_thread(self._listen_and_keep, "embed-server-http-frontend")
+        self._loop, self._thread = start_loop_thread(self._listen, "embed-server-http-frontend")
         return self
 
-    async def _listen_and_keep(self) -> None:
-        self._server = await self._listen()
-
-    async def _listen(self):
+    async def _listen(self) -> None:
         o = self.options
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and
-        # without it every answer written in two parts waits ~40 ms for a delayed ACK
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so (the
+        # accepted ones inherit it), and without it every answer written in two parts waits
+        # ~40 ms for a delayed ACK
         sock = socket.socket(socket.AF_INET6 if ":" in o.host else socket.AF_INET, socket.SOCK_STREAM,
                              socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -109,28 +106,13 @@ class Frontend:
             sock.close()
             raise
         sock.listen(1024)
-        return await asyncio.start_server(
+        self._server = await asyncio.start_server(
             self._client, sock=sock, ssl=o.ssl_context, limit=o.max_head_bytes,
             ssl_handshake_timeout=10.0 if o.ssl_context else None,
         )
 
     def stop(self) -> None:
-        loop = self._loop
-        if loop is None or self._thread is None:
-            return
-
-        async def shutdown():
-            if self._server is not None:
-                self._server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            loop.stop()
-
-        if loop.is_running():
-            asyncio.run_coroutine_threadsafe(shutdown(), loop)
-            self._thread.join(10)
+        stop_loop_thread(self._loop, self._thread, self._server.close if self._server is not None else None)
         self._loop = None
         self._thread = None
 
@@ -138,12 +120,8 @@ class Frontend:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         if self._connections >= self.options.max_connections:
-            self.counts["refused"] += 1
-            try:
-                writer.write(error_response(503, "too many open connections; retry shortly", ("Retry-After: 1",)))
-                await asyncio.wait_for(writer.drain(), 5)
-            except (ConnectionError, asyncio.TimeoutError, OSError, RuntimeError, ssl.SSLError):
-                pass
+            await self._refuse(reader, writer, HttpError(503, "too many open connections; retry shortly",
+                                                         ("Retry-After: 1",)), drain_s=5)
             self._close(writer)
             return
         self._connections += 1
@@ -153,12 +131,6 @@ class Frontend:
             self._connections -= 1
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         backend = None
         first = True
         unread = 0  # body bytes the client is still expected to send (for a lingering close)
@@ -185,22 +157,7 @@ class Frontend:
                     body, reserved = await self._read_body(request, reader, writer)
                     unread = 0
                     await check_json(request, body)
-                    fresh = backend is None
-                    if fresh:
-                        backend = await open_backend(self.options)
-                    try:
-                        keep_backend = await forward(self.options, request, body, backend, writer)
-                    except NoAnswer:
-                        self._close(backend[1])
-                        backend = None
-                        if fresh:
-                            raise HttpError(502, "tritonserver closed the connection without an answer") from None
-                        # a kept-alive connection tritonserver had closed: once more on a new one
-                        backend = await open_backend(self.options)
-                        try:
-                            keep_backend = await forward(self.options, request, body, backend, writer)
-                        except NoAnswer:
-                            raise HttpError(502, "tritonserver closed the connection without an answer") from None
+                    keep_backend, backend = await self._forward(request, body, backend, writer)
                 finally:
                     self._buffered -= reserved
                 self.counts["forwarded"] += 1
@@ -212,14 +169,7 @@ class Frontend:
                 if not request.keep_alive:
                     return
         except HttpError as err:
-            self.counts["refused"] += 1
-            try:
-                writer.write(error_response(err.status, err.message, err.headers))
-                await asyncio.wait_for(writer.drain(), 10)
-                if unread:
-                    await linger(reader, writer, unread)
-            except (ConnectionError, asyncio.TimeoutError, OSError, RuntimeError, ssl.SSLError):
-                pass
+            await self._refuse(reader, writer, err, unread=unread)
         except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 OSError, ssl.SSLError, ValueError):  # ValueError: a malformed chunk from tritonserver
             pass
@@ -228,6 +178,32 @@ class Frontend:
                 self._close(backend[1])
             self._close(writer)
 
+    async def _forward(self, request: Request, body: bytes, backend, writer):
+        """(keep the backend connection?, the backend connection): `request` forwarded on `backend`
+        (a new one where None). A kept-alive connection tritonserver had closed gets the request
+        once more on a new one; no answer on a new one is a 502."""
+        while True:
+            fresh = backend is None
+            if fresh:
+                backend = await open_backend(self.options)
+            try:
+                return await forward(self.options, request, body, backend, writer), backend
+            except NoAnswer:
+                self._close(backend[1])
+                backend = None
+                if fresh:
+                    raise HttpError(502, "tritonserver closed the connection without an answer") from None
+
+    async def _refuse(self, reader, writer, err: HttpError, unread: int = 0, drain_s: float = 10) -> None:
+        """The error answer, counted; a client still sending `unread` body bytes is lingered on."""
+        self.counts["refused"] += 1
+        try:
+            writer.write(error_response(err.status, err.message, err.headers))
+            await asyncio.wait_for(writer.drain(), drain_s)
+            if unread:
+                await linger(reader, writer, unread)
+        except (ConnectionError, asyncio.TimeoutError, OSError, RuntimeError, ssl.SSLError):
+            pass
 
     @staticmethod
     def _close(writer: asyncio.StreamWriter) -> None:
@@ -256,7 +232,7 @@ class Frontend:
             length = int(text)
             if length > o.max_body_bytes:
                 raise HttpError(413, f"request body of {length:,} bytes is over {limit_text}")
-        reserve = length if lengths or not encodings else o.max_body_bytes
+        reserve = o.max_body_bytes if encodings else length   # chunked: its length is known at the end
         if self._buffered + reserve > o.max_buffered_bytes:
             raise HttpError(503, "too many large requests in flight; retry shortly", ("Retry-After: 1",))
         self._buffered += reserve

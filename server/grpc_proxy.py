@@ -12,12 +12,14 @@ configured, ends here. It costs a hop through Python per call, which is why it i
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import threading
-from typing import Optional
+from typing import Dict, Optional
 
 import grpc
 
-from .loop_thread import start_loop_thread
+from .loop_thread import start_loop_thread, stop_loop_thread
 
 SERVICE = "/inference.GRPCInferenceService/"
 STREAMING = {SERVICE + "ModelStreamInfer"}
@@ -43,6 +45,7 @@ class GrpcProxy:
         self._thread: Optional[threading.Thread] = None
         self._server = None
         self._channel = None
+        self._calls: Dict[str, object] = {}   # method -> the channel's callable for it, made once
 
     def start(self) -> "GrpcProxy":
         self._loop, self._thread = start_loop_thread(self._start, "embed-server-grpc-proxy")
@@ -62,25 +65,26 @@ class GrpcProxy:
         else:
             bound = self._server.add_insecure_port(self.address)
         if not bound:
-            raise OSError(98, f"cannot listen on {self.address}: already in use")
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {self.address}: already in use")
         await self._server.start()
 
     def stop(self) -> None:
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            return
-
-        async def shutdown():
+        async def close():
             await self._server.stop(grace=1.0)
             await self._channel.close()
-            loop.stop()
 
-        asyncio.run_coroutine_threadsafe(shutdown(), loop)
-        self._thread.join(10)
+        stop_loop_thread(self._loop, self._thread, close)
         self._loop = None
+        self._thread = None
+
+    def _call(self, method: str, streaming: bool):
+        call = self._calls.get(method)
+        if call is None:
+            call = self._calls[method] = (self._channel.stream_stream if streaming else self._channel.unary_unary)(method)
+        return call
 
     async def unary(self, method: str, request: bytes, context):
-        call = self._channel.unary_unary(method)(
+        call = self._call(method, False)(
             request, metadata=_metadata(context), timeout=context.time_remaining())
         try:
             return await call
@@ -88,7 +92,7 @@ class GrpcProxy:
             await context.abort(err.code(), err.details() or "")
 
     async def stream(self, method: str, requests, context):
-        call = self._channel.stream_stream(method)(
+        call = self._call(method, True)(
             requests, metadata=_metadata(context), timeout=context.time_remaining())
         try:
             async for response in call:
@@ -98,21 +102,20 @@ class GrpcProxy:
 
 
 class _Handler(grpc.GenericRpcHandler):
+    """gRPC asks service() on every call: each method's handler is made once."""
+
     def __init__(self, proxy: GrpcProxy):
         self.proxy = proxy
+        self.handlers: Dict[str, object] = {}
 
     def service(self, details):
         method = details.method
         if not method.startswith(SERVICE):
             return None  # UNIMPLEMENTED
-        if method in STREAMING:
-            async def stream(requests, context):
-                async for response in self.proxy.stream(method, requests, context):
-                    yield response
-
-            return grpc.stream_stream_rpc_method_handler(stream)
-
-        async def unary(request, context):
-            return await self.proxy.unary(method, request, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary)
+        handler = self.handlers.get(method)
+        if handler is None:
+            handler = self.handlers[method] = (
+                grpc.stream_stream_rpc_method_handler(functools.partial(self.proxy.stream, method))
+                if method in STREAMING else
+                grpc.unary_unary_rpc_method_handler(functools.partial(self.proxy.unary, method)))
+        return handler

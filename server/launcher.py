@@ -7,13 +7,15 @@ leaving no process, socket or shared-memory region behind."""
 # which refuses oversized and malformed requests before Triton parses them (tritonserver 2.51 dies
 # of a stack overflow on a form-urlencoded body of ~4.2 MB) and can serve HTTPS. The admin APIs are
 # restricted, and inference needs the API key when one is set (triton_command.py); gRPC can run
-# over TLS (Triton's own, or the proxy's: tls.py). The other parts, re-exported here for existing
-# imports: server_options.py (ServerOptions, LaunchError), triton_binary.py (the binary, backend
-# directory and environment), triton_status.py (health over the Unix socket, load failures).
+# over TLS (Triton's own, or the proxy's: tls.py). The other parts: server_options.py (ServerOptions,
+# LaunchError), triton_binary.py (the binary, backend directory and environment), triton_status.py
+# (health over the Unix socket, load failures); the names the CLI and the tests take from here are
+# re-exported.
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -26,20 +28,27 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from . import frontend, tls
-from .server_options import KEY_PATTERN, KEY_RULE, OWNED_TRITON_OPTIONS, LaunchError, ServerOptions
-from .triton_binary import (SECRET_ENV, assemble_backends, check_stub_python, find_tritonserver, gpu_visible,
-                            pytriton_dist, server_env, stub_python_version)
-from .triton_command import DISABLED_ADMIN_HEADER, option_name, triton_command
-from .triton_status import (UNIX_SCHEME, UnixHTTPConnection, failures_from_log, format_failures, http_request,
-                            short_reason, unix_url)
+from .server_options import KEY_RULE, LaunchError, ServerOptions
+from .triton_binary import (assemble_backends, check_stub_python, find_tritonserver, gpu_visible, server_env,
+                            stub_python_version)
+from .triton_command import DISABLED_ADMIN_HEADER, triton_command
+from .triton_status import failures_from_log, format_failures, http_request, unix_url
 
 __all__ = [
-    "CPU_MALLOC_ENV", "DISABLED_ADMIN_HEADER", "KEY_PATTERN", "KEY_RULE", "LaunchError", "OWNED_TRITON_OPTIONS", "SECRET_ENV",
-    "ServerOptions", "TritonServer", "UNIX_SCHEME", "UnixHTTPConnection", "assemble_backends",
+    "CPU_MALLOC_ENV", "KEY_RULE", "LaunchError", "ServerOptions", "TritonServer", "assemble_backends",
     "check_stub_python", "die_with_parent", "failures_from_log", "find_tritonserver", "format_failures",
-    "free_ports", "gpu_visible", "http_request", "option_name", "pytriton_dist", "raise_open_files_limit",
-    "server_env", "short_reason", "start_server", "stub_python_version", "unix_url",
+    "free_ports", "gpu_visible", "http_request", "raise_open_files_limit", "server_env", "start_server",
+    "stub_python_version",
 ]
+
+
+def _listen(label: str, address: str, port: int, start):
+    """start() (a front end's or the gRPC proxy's), its failure to listen a LaunchError naming the port."""
+    try:
+        return start()
+    except OSError as err:
+        reason = "already in use" if err.errno == errno.EADDRINUSE else str(err)
+        raise LaunchError(f"cannot listen on {label} {address}:{port}: {reason}") from None
 
 
 try:  # resolved here, not in the forked child, where an import could deadlock
@@ -131,16 +140,12 @@ class TritonServer:
             shm_prefix=self.shm_prefix, use_cpu_configs=self.use_cpu_configs,
         )
 
-    def ssl_context(self):
-        """The front end's HTTPS context (tls.py); None without TLS."""
-        return tls.ssl_context(self.options)
-
     def start_frontend(self) -> None:
         o = self.options
         raise_open_files_limit()
         self.frontend = frontend.Frontend(frontend.FrontendOptions(
             host=o.address, port=o.http_port, backend_socket=self.http_socket,
-            max_body_bytes=o.max_request_bytes, ssl_context=self.ssl_context(),
+            max_body_bytes=o.max_request_bytes, ssl_context=tls.ssl_context(o),
             admin_key=o.admin_key, api_key=o.api_key,
             backend_admin_header=self.admin_header, backend_admin_key=self._admin_value,
         ))
@@ -150,11 +155,7 @@ class TritonServer:
         ))
         for label, port, front in (("HTTP", o.http_port, self.frontend), ("metrics", o.metrics_port,
                                                                           self.metrics_frontend)):
-            try:
-                front.start()
-            except OSError as err:
-                reason = "already in use" if err.errno == 98 else str(err)
-                raise LaunchError(f"cannot listen on {label} {o.address}:{port}: {reason}") from None
+            _listen(label, o.address, port, front.start)
 
     def start_grpc_proxy(self) -> None:
         """With --grpc-max-request-bytes; started after tritonserver is forked (gRPC's threads
@@ -164,18 +165,9 @@ class TritonServer:
             from .grpc_proxy import GrpcProxy
         except ImportError as err:
             raise LaunchError(f"--grpc-max-request-bytes needs grpcio ({err}): pip install grpcio") from None
-        self.grpc_proxy = GrpcProxy(o.address, o.grpc_port, f"unix:{self.grpc_socket}:{o.grpc_port}",
-                                    o.grpc_max_request_bytes, self.grpc_credentials())
-        try:
-            self.grpc_proxy.start()
-        except OSError as err:
-            self.grpc_proxy = None
-            reason = "already in use" if err.errno == 98 else str(err)
-            raise LaunchError(f"cannot listen on gRPC {o.address}:{o.grpc_port}: {reason}") from None
-
-    def grpc_credentials(self):
-        """The gRPC proxy's TLS credentials (tls.py); None without TLS."""
-        return tls.grpc_credentials(self.options)
+        proxy = GrpcProxy(o.address, o.grpc_port, f"unix:{self.grpc_socket}:{o.grpc_port}",
+                          o.grpc_max_request_bytes, tls.grpc_credentials(o))
+        self.grpc_proxy = _listen("gRPC", o.address, o.grpc_port, proxy.start)
 
     def start(self) -> "TritonServer":
         """Start tritonserver and return once every model is ready; LaunchError otherwise."""

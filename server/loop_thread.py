@@ -1,4 +1,5 @@
-"""An asyncio event loop on a daemon thread, started only once its setup coroutine has succeeded.
+"""An asyncio event loop on a daemon thread, started only once its setup coroutine has succeeded,
+and stopped with every task on it cancelled.
 
 The HTTP front end and the gRPC proxy each serve from such a thread beside embed-server's
 supervision; a setup failure (e.g. the port is taken) is raised in the caller, not lost in the thread.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Awaitable, Callable, Tuple
+from typing import Awaitable, Callable, Optional, Tuple
 
 
 def start_loop_thread(setup: Callable[[], Awaitable], name: str) -> Tuple[asyncio.AbstractEventLoop, threading.Thread]:
@@ -39,3 +40,25 @@ def start_loop_thread(setup: Callable[[], Awaitable], name: str) -> Tuple[asynci
     if failure:
         raise failure[0]
     return loop, thread
+
+
+def stop_loop_thread(loop: Optional[asyncio.AbstractEventLoop], thread: Optional[threading.Thread],
+                     close: Optional[Callable[[], object]] = None) -> None:
+    """Stops a start_loop_thread loop: `close()` on it first (e.g. the listening server's), every
+    other task cancelled and awaited, the loop stopped, the thread joined (10 s at most)."""
+    if loop is None or thread is None or not loop.is_running():
+        return
+
+    async def shutdown():
+        if close is not None:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        loop.stop()
+
+    asyncio.run_coroutine_threadsafe(shutdown(), loop)
+    thread.join(10)

@@ -55,6 +55,9 @@ def classify(path: str) -> Optional[str]:
     return None
 
 
+INLINE_JSON_CHECK_BYTES = 256 * 1024   # check_json: bodies up to this are checked on the event loop
+
+
 def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """True when the JSON text in `body` nests deeper than `limit` (or its brackets do not
     balance, which a JSON parser refuses anyway). Strings are skipped; linear time."""
@@ -124,6 +127,10 @@ async def check_json(request: Request, body: bytes) -> None:
     json_part = body
     if header and header[0].isdigit() and int(header[0]) <= len(body):
         json_part = body[:int(header[0])]  # binary tensor data follows the JSON header
-    too_deep = await asyncio.get_running_loop().run_in_executor(None, json_too_deep, json_part)
+    # Bodies of a few MB are scanned off the event loop; a small one (nearly all) is checked here.
+    if len(json_part) <= INLINE_JSON_CHECK_BYTES:
+        too_deep = json_too_deep(json_part)
+    else:
+        too_deep = await asyncio.get_running_loop().run_in_executor(None, json_too_deep, json_part)
     if too_deep:
         raise HttpError(400, f"request JSON nested deeper than {MAX_JSON_DEPTH} levels (or unbalanced)")
