@@ -385,35 +385,28 @@ def test_quantize_rows_kernels(device, act, width, launch):
     assert (rows.q[5].float() == 0).all()
 
 
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_kernel_layer_steps_equal_torch_steps(device, monkeypatch):
-    """ESM-2 fp8 with our kernels (the production path) against the same plan on PyTorch steps."""
-    kernels_or_skip(device)
-    monkeypatch.setenv(fp8.CPU_FLAG, "1")
-    model = random_esm2(Esm2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=256))
-    rng = np.random.default_rng(3)
-    arrays = [np.concatenate(([0], rng.integers(4, 24, size=n), [2])) for n in (5, 30, 17)]
-    out = {}
-    for kernels in ("torch", "triton"):
-        embedder = Embedder(model, None, RuntimeConfig(device=device, dtype="fp8", kernels=kernels,
-                                                       attention="padded", compile=False))
-        out[kernels] = embedder.embed_tokens(arrays)
-    assert cosines(out["triton"], out["torch"]).min() > (0.99 if device == "cpu" else 0.999)
+def small_model_and_tokens(kind: str):
+    """(a small random `kind` model, three token arrays of 5, 30 and 17 tokens between its
+    start and end tokens)."""
+    if kind == "esm2":
+        model, seed, start, low, high = random_esm2(ESM), 3, 0, 4, 24
+    else:
+        from embed_core.dnabert_s import DnabertSConfig
+        from embed_core.dnabert_s_checkpoint import random_dnabert_s
+        model = random_dnabert_s(DnabertSConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=128))
+        seed, start, low, high = 4, 1, 5, 64
+    rng = np.random.default_rng(seed)
+    return model, [np.concatenate(([start], rng.integers(low, high, size=n), [2])) for n in (5, 30, 17)]
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("dtype", ["fp8", "fp8-ffn"])
-def test_dnabert_s_kernel_steps_equal_torch_steps(device, dtype, monkeypatch):
-    """DNABERT-S's fp8 tail with kernels_quant's GLU and quantize against its PyTorch steps."""
+@pytest.mark.parametrize("kind, dtype", [("esm2", "fp8"), ("dnabert_s", "fp8"), ("dnabert_s", "fp8-ffn")])
+def test_kernel_steps_equal_torch_steps(device, kind, dtype, fp8_on_cpu):
+    """fp8 with our kernels (the production path; DNABERT-S's fp8 tail with kernels_quant's GLU
+    and quantize) against the same plan on PyTorch steps."""
     kernels_or_skip(device)
-    monkeypatch.setenv(fp8.CPU_FLAG, "1")
-    from embed_core.dnabert_s import DnabertSConfig
-    from embed_core.dnabert_s_checkpoint import random_dnabert_s
-    model = random_dnabert_s(DnabertSConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, intermediate_size=128))
-    rng = np.random.default_rng(4)
-    arrays = [np.concatenate(([1], rng.integers(5, 64, size=n), [2])) for n in (5, 30, 17)]
+    model, arrays = small_model_and_tokens(kind)
     out = {}
     for kernels in ("torch", "triton"):
         embedder = Embedder(model, None, RuntimeConfig(device=device, dtype=dtype, kernels=kernels,
