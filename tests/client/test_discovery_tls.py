@@ -10,14 +10,13 @@ is refused (the certificate does not name it), so it is the name that was checke
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from embed_client import cli, discovery
 
+from certificates import self_signed
 from test_discovery import Answers
 from test_end_to_end import expected_frames, write_sample
 
@@ -32,15 +31,8 @@ def tls_pod(tmp_path_factory, demo_checkpoints, start_embed_server):
     """(gRPC port, CA file) of an embed-server with TLS on 127.0.0.2, certificate for NAME."""
     from embed_server.repository import assemble_repository
 
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl command is needed for a test certificate")
     root = tmp_path_factory.mktemp("tls_pod")
-    cert, key = root / "server.crt", root / "server.key"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", f"/CN={NAME}", "-addext",
-                    f"subjectAltName=DNS:{NAME}"], check=True, capture_output=True, timeout=60)
+    cert, key = self_signed(root, subject=f"/CN={NAME}", alt_names=f"DNS:{NAME}")
     repo = assemble_repository(root / "repo", {"dnabert_s": demo_checkpoints / "dnabert_s"},
                                symlink=True, cpu_instances=1)
     with start_embed_server(repo, "the TLS embed-server", address=ADDRESS,

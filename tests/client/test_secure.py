@@ -13,7 +13,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,38 +22,13 @@ import pytest
 from embed_client import cli
 from embed_client.transport import API_KEY_METADATA
 
-from test_end_to_end import expected_frames, read_model_table, write_sample
+from certificates import signed_certificates
+from test_end_to_end import expected_frames, read_model_table, run_cli, write_sample
 
 pytestmark = pytest.mark.server
 
 API_KEY = "client-" + "0badc0de" * 4
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-def signed_certificates(root: Path) -> dict:
-    """A test CA, a server certificate for 127.0.0.1 / localhost and a client certificate,
-    both signed by the CA (PEM files under `root`)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed for test certificates")
-    files = {name: root / name for name in ("ca.crt", "ca.key", "server.crt", "server.key",
-                                            "client.crt", "client.key")}
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", str(files["ca.key"]), "-out", str(files["ca.crt"]),
-            "-days", "1", "-subj", "/CN=embed test CA")
-    for who, extension in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
-                           ("client", "extendedKeyUsage=clientAuth")):
-        request, ext = root / f"{who}.csr", root / f"{who}.ext"
-        ext.write_text(extension + "\n")
-        openssl("req", "-new", *ec, "-keyout", str(files[f"{who}.key"]), "-out", str(request),
-                "-subj", f"/CN={who}")
-        openssl("x509", "-req", "-in", str(request), "-CA", str(files["ca.crt"]), "-CAkey",
-                str(files["ca.key"]), "-CAcreateserial", "-out", str(files[f"{who}.crt"]),
-                "-days", "1", "-extfile", str(ext))
-    return files
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +52,6 @@ def key_file(tmp_path):
     path.write_text(API_KEY + "\n")
     path.chmod(0o600)
     return path
-
-
-def run_cli(*argv: str) -> int:
-    return cli.run(cli.build_parser().parse_args(list(argv)))
 
 
 def client_argv(server, sample: Path, out: Path):

@@ -7,13 +7,15 @@ key and an API key. All traffic goes to 127.0.0.1, bounded in count and time.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import socket
+import socketserver
 import ssl
 import struct
-import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +31,8 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from embed_server.frontend import MAX_JSON_DEPTH, classify, json_too_deep  # noqa: E402
 from embed_server.launcher import LaunchError, ServerOptions  # noqa: E402
+
+import certificates  # noqa: E402
 
 GOOD = {"esm2": "MKTAYIAKQRQISFVKSHFSRQ", "dnabert_s": "ACGTACGGTACCATGCA"}
 LIMIT = 32 * 1024 * 1024  # embed-server's default --max-request-bytes
@@ -124,6 +128,34 @@ def assert_serves(server):
     output = good_http(server.http_url)
     assert output["shape"] == [1, server.hidden_sizes["esm2"]]
     assert good_grpc(server.grpc_url, "dnabert_s").shape == (1, server.hidden_sizes["dnabert_s"])
+
+
+class OkBackend(socketserver.StreamRequestHandler):
+    """A stand-in for tritonserver behind the front end: reads a request's head, notes it in the
+    server's `served` list, answers 200 "ok" and closes the connection. With the server's
+    `say_close` False the answer does not say so (HTTP/1.1 keep-alive, then closed)."""
+
+    def handle(self):
+        while self.rfile.readline() not in (b"\r\n", b""):
+            pass
+        self.server.served.append(1)
+        connection = b"Connection: close\r\n" if self.server.say_close else b""
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + connection + b"\r\nok")
+
+
+@contextlib.contextmanager
+def unix_backend(tmp_path, say_close=True, served=None):
+    """An OkBackend on tmp_path/backend.sock, in a thread; yields the socket's path. `served`:
+    a list that gets one item per request answered."""
+    path = str(tmp_path / "backend.sock")
+    backend = socketserver.ThreadingUnixStreamServer(path, OkBackend)
+    backend.say_close, backend.served = say_close, [] if served is None else served
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    try:
+        yield path
+    finally:
+        backend.shutdown()
+        backend.server_close()
 
 
 # ------------------------------------------------------------------ the reproduction (issue 14, 1)
@@ -724,14 +756,9 @@ def self_signed(tmp_path):
         import datetime
         import ipaddress
     except ImportError:
-        openssl = shutil.which("openssl")
-        if openssl is None:
+        if shutil.which("openssl") is None:
             pytest.skip("neither the cryptography package nor the openssl command is available")
-        subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                       check=True, capture_output=True, timeout=60)
-        return cert, key
+        return certificates.self_signed(tmp_path)
     private = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -951,135 +978,80 @@ def test_tritonserver_command_restricts_admin_apis_and_carries_tls(tmp_path):
 
 
 def test_connections_over_the_cap_get_503_and_others_are_served_after(tmp_path):
-    import socketserver
-    import threading
-
     from embed_server.frontend import Frontend, FrontendOptions
     from embed_server.launcher import free_ports
 
-    class Ok(socketserver.StreamRequestHandler):
-        def handle(self):
-            while self.rfile.readline() not in (b"\r\n", b""):
-                pass
-            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-
-    path = str(tmp_path / "backend.sock")
-    backend = socketserver.ThreadingUnixStreamServer(path, Ok)
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
-    port = free_ports(1)[0]
-    front = Frontend(FrontendOptions(host="127.0.0.1", port=port, backend_socket=path, max_connections=5)).start()
-    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
-    try:
-        time.sleep(0.5)
-        status, raw = exchange(port, http_bytes("GET", "/v2/health/ready"))
-        assert status == 503 and b"too many open connections" in raw, raw
-    finally:
-        for sock in held:
-            sock.close()
-    try:
-        deadline = time.monotonic() + 10
-        while (status := exchange(port, http_bytes("GET", "/v2/health/ready"))[0]) != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert status == 200
-    finally:
-        front.stop()
-        backend.shutdown()
-        backend.server_close()
+    with unix_backend(tmp_path) as path:
+        port = free_ports(1)[0]
+        front = Frontend(FrontendOptions(host="127.0.0.1", port=port, backend_socket=path, max_connections=5)).start()
+        try:
+            held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+            try:
+                time.sleep(0.5)
+                status, raw = exchange(port, http_bytes("GET", "/v2/health/ready"))
+                assert status == 503 and b"too many open connections" in raw, raw
+            finally:
+                for sock in held:
+                    sock.close()
+            deadline = time.monotonic() + 10
+            while (status := exchange(port, http_bytes("GET", "/v2/health/ready"))[0]) != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert status == 200
+        finally:
+            front.stop()
 
 
 def test_front_end_retries_once_when_a_kept_alive_backend_connection_was_closed(tmp_path):
     """The backend answers one request per connection but says keep-alive (as a tritonserver
     that closed an idle connection would look): the next request is sent again on a new
     connection, not answered 502."""
-    import socketserver
-    import threading
-
     from embed_server.frontend import Frontend, FrontendOptions
     from embed_server.launcher import free_ports
 
     served = []
-
-    class OneShot(socketserver.StreamRequestHandler):
-        def handle(self):
-            while self.rfile.readline() not in (b"\r\n", b""):
-                pass
-            served.append(1)
-            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    path = str(tmp_path / "backend.sock")
-    backend = socketserver.ThreadingUnixStreamServer(path, OneShot)
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
-    port = free_ports(1)[0]
-    front = Frontend(FrontendOptions(host="127.0.0.1", port=port, backend_socket=path)).start()
-    try:
-        one = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
-        status, raw = exchange(port, one + one + http_bytes("GET", "/v2/health/ready"))
-        assert raw.count(b"HTTP/1.1 200 OK") == 3 and b"502" not in raw, raw
-        assert len(served) == 3
-    finally:
-        front.stop()
-        backend.shutdown()
-        backend.server_close()
+    with unix_backend(tmp_path, say_close=False, served=served) as path:
+        port = free_ports(1)[0]
+        front = Frontend(FrontendOptions(host="127.0.0.1", port=port, backend_socket=path)).start()
+        try:
+            one = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+            status, raw = exchange(port, one + one + http_bytes("GET", "/v2/health/ready"))
+            assert raw.count(b"HTTP/1.1 200 OK") == 3 and b"502" not in raw, raw
+            assert len(served) == 3
+        finally:
+            front.stop()
 
 
 def test_https_front_end_with_client_certificates(tmp_path):
     """--tls-client-ca: the HTTPS front end refuses clients without a certificate signed by that
     CA (gRPC's mutual TLS is tritonserver's own, its flags are checked above)."""
-    import socketserver
-    import threading
-
     from embed_server.frontend import Frontend, FrontendOptions
     from embed_server.launcher import free_ports
 
-    openssl = shutil.which("openssl")
-    if openssl is None:
+    if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make a CA and a client certificate")
+    files = certificates.signed_certificates(tmp_path)
 
-    def run(*args):
-        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True, timeout=60)
-
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    run("req", "-x509", *ec, "-keyout", tmp_path / "ca.key", "-out", tmp_path / "ca.crt", "-days", "1",
-        "-subj", "/CN=test CA")
-    for name, subject in (("server", "/CN=localhost"), ("client", "/CN=client")):
-        run("req", *ec, "-keyout", tmp_path / f"{name}.key", "-out", tmp_path / f"{name}.csr", "-subj", subject)
-        (tmp_path / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-        run("x509", "-req", "-in", tmp_path / f"{name}.csr", "-CA", tmp_path / "ca.crt", "-CAkey", tmp_path / "ca.key",
-            "-CAcreateserial", "-out", tmp_path / f"{name}.crt", "-days", "1", "-extfile", tmp_path / f"{name}.ext")
-
-    class Ok(socketserver.StreamRequestHandler):
-        def handle(self):
-            while self.rfile.readline() not in (b"\r\n", b""):
-                pass
-            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-
-    path = str(tmp_path / "backend.sock")
-    backend = socketserver.ThreadingUnixStreamServer(path, Ok)
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_context.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
+    server_context.load_cert_chain(files["server.crt"], files["server.key"])
     server_context.verify_mode = ssl.CERT_REQUIRED
-    server_context.load_verify_locations(tmp_path / "ca.crt")
-    port = free_ports(1)[0]
-    front = Frontend(FrontendOptions(host="127.0.0.1", port=port, backend_socket=path,
-                                     ssl_context=server_context)).start()
-    try:
-        client = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
-        status, raw = exchange(port, http_bytes("GET", "/v2/health/ready"), timeout=15, context=client)
-        assert status is None, raw  # no client certificate: the handshake fails
-        client.load_cert_chain(tmp_path / "client.crt", tmp_path / "client.key")
-        status, raw = exchange(port, http_bytes("GET", "/v2/health/ready"), timeout=15, context=client)
-        assert status == 200, raw
-        stranger = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
-        run("req", "-x509", *ec, "-keyout", tmp_path / "other.key", "-out", tmp_path / "other.crt", "-days", "1",
-            "-subj", "/CN=stranger")
-        stranger.load_cert_chain(tmp_path / "other.crt", tmp_path / "other.key")
-        status, raw = exchange(port, http_bytes("GET", "/v2/health/ready"), timeout=15, context=stranger)
-        assert status is None, raw  # a certificate the CA did not sign
-    finally:
-        front.stop()
-        backend.shutdown()
-        backend.server_close()
+    server_context.load_verify_locations(files["ca.crt"])
+    with unix_backend(tmp_path) as path:
+        port = free_ports(1)[0]
+        front = Frontend(FrontendOptions(host="127.0.0.1", port=port, backend_socket=path,
+                                         ssl_context=server_context)).start()
+        try:
+            client = ssl.create_default_context(cafile=str(files["ca.crt"]))
+            status, raw = exchange(port, http_bytes("GET", "/v2/health/ready"), timeout=15, context=client)
+            assert status is None, raw  # no client certificate: the handshake fails
+            client.load_cert_chain(files["client.crt"], files["client.key"])
+            status, raw = exchange(port, http_bytes("GET", "/v2/health/ready"), timeout=15, context=client)
+            assert status == 200, raw
+            stranger = ssl.create_default_context(cafile=str(files["ca.crt"]))
+            stranger.load_cert_chain(*certificates.self_signed(tmp_path, "other", "/CN=stranger", alt_names=None))
+            status, raw = exchange(port, http_bytes("GET", "/v2/health/ready"), timeout=15, context=stranger)
+            assert status is None, raw  # a certificate the CA did not sign
+        finally:
+            front.stop()
 
 
 # ------------------------------------------------------------------ the optional gRPC proxy
