@@ -11,6 +11,7 @@ binary is missing, where perf_analyzer cannot run (perf/perf_analyzer.py --check
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import json
 import re
@@ -18,7 +19,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,7 @@ CASES = [
 ]
 
 
+@functools.cache
 def load_perf_module(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "perf" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -61,12 +62,8 @@ def server_counts(server, model: str) -> dict:
     """The server's own counters of `model`: Triton's statistics extension and /metrics."""
     with urllib.request.urlopen(f"{server.http_url}/v2/models/{model}/stats", timeout=10) as response:
         [stats] = json.loads(response.read())["model_stats"]
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    metrics = Counter()
-    for name, labels, value in re.findall(r"^(\w+)\{([^}]*)\}\s+(\S+)$", text, re.M):
-        if name in METRICS and f'model="{model}"' in labels:
-            metrics[name] += int(float(value))
+    found = load_perf_module("sweep_perf_analyzer").counters(server.metrics_url)
+    metrics = {name: int(found[(name, model)]) for name in METRICS if (name, model) in found}
     return {
         "success": int(stats["inference_stats"]["success"]["count"]),
         "fail": int(stats["inference_stats"]["fail"]["count"]),
