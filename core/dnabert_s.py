@@ -273,6 +273,7 @@ class DnabertS(nn.Module):
     ATTENTION_BACKENDS = ("padded", "flex", "triton")    # ALiBi: no flash
     HAS_ALIBI = True
     COMPILE_WITH_KERNELS = True
+    PRE_LAYER_NORM = False        # post-LN: its LayerNorm output is the residual stream (no fp8-smooth)
 
     def __init__(self, config: DnabertSConfig, add_pooling_layer: bool = True):
         super().__init__()

@@ -22,7 +22,7 @@ from torch import nn
 from . import fp8
 from .attention import PackedAttention
 from .compiling import compile_function
-from .esm2_steps import LayerSteps, add_norm_torch, add_norm_triton, first_norm, layer_steps  # noqa: F401
+from .esm2_steps import LayerSteps, add_norm_torch, first_norm, layer_steps
 from .packing import positions_in_sequence, sequence_index
 from .plan import ExecutionPlan
 from .representations import representation_layer

@@ -41,6 +41,7 @@ PLANS = ("fp8", "fp8-ffn", "fp8-smooth")   # RuntimeConfig.dtype values that pic
 EVERY_LINEAR = ("fp8", "fp8-smooth")        # the plans with every linear in e4m3
 SMOOTHED = ("fp8-smooth",)                  # the plans that smooth LayerNorm outliers into the weights
 AUTO = "fp8-auto"   # RuntimeConfig.dtype: the gate picks, fastest first, the first of `candidates` that passes
+DEFAULT_MIN_COSINE = 0.999   # the gate's threshold (fp8_gate.py): RuntimeConfig.fp8_min_cosine's default
 CPU_FLAG = "EMBED_FP8_ON_CPU"   # test-only: "1" lets fp8 plans run on CPU (torch._scaled_mm's CPU kernel)
 ALIGN = 16                  # torch._scaled_mm needs every GEMM dimension but M to be a multiple of 16
 
@@ -149,11 +150,18 @@ def quantize_linears(named: dict) -> dict:
         return {name: quantize_weight(w.detach()) for name, w in named.items()}
 
 
-def candidates(encoder: torch.nn.Module) -> tuple:
-    """The plans fp8-auto tries on `encoder`, fastest first: every linear (smoothed where the encoder
-    is pre-LN: as fast, and it survives LayerNorm outliers that plain fp8 does not), then the
-    feed-forward's only."""
-    return ("fp8-smooth" if getattr(encoder, "PRE_LAYER_NORM", False) else "fp8", "fp8-ffn")
+def runnable_plans(encoder) -> tuple:
+    """The fp8 plans an encoder (class or instance) can run, fastest first (fp8 and fp8-smooth run
+    the same kernels); fp8-smooth needs a pre-LN encoder (`PRE_LAYER_NORM`): a post-LN
+    LayerNorm's output is the residual stream, no linear could take the scales back."""
+    return tuple(p for p in ("fp8", "fp8-smooth", "fp8-ffn") if encoder.PRE_LAYER_NORM or p not in SMOOTHED)
+
+
+def candidates(encoder) -> tuple:
+    """The plans fp8-auto tries on `encoder`, fastest first: every linear (smoothed where it can be:
+    as fast, and it survives LayerNorm outliers that plain fp8 does not), then the feed-forward's only."""
+    plans = runnable_plans(encoder)
+    return tuple(p for p in plans if not (p == "fp8" and "fp8-smooth" in plans))
 
 
 def support_problem(device: torch.device) -> Optional[str]:

@@ -32,11 +32,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .plan import ExecutionPlan
+from .fp8 import DEFAULT_MIN_COSINE, candidates
+from .plan import ExecutionPlan, linears_for
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MIN_COSINE = 0.999
 GATE_SEQUENCES = 32        # at load
 CHECK_SEQUENCES = 160      # embed-export check-fp8
 # UniProtKB/Swiss-Prot amino-acid composition (%), A C D E F G H I K L M N P Q R S T V W Y.
@@ -120,30 +120,40 @@ def reference_embeddings(embedder, token_arrays: Sequence[np.ndarray]) -> np.nda
         encoder.prepare(plan)
 
 
-def measure(embedder, token_arrays: Sequence[np.ndarray], threshold: float = DEFAULT_MIN_COSINE) -> Fp8Check:
-    """The embedder's plan against the fp32 reference on `token_arrays`."""
+def measure(embedder, token_arrays: Sequence[np.ndarray], threshold: float = DEFAULT_MIN_COSINE,
+            reference: Optional[np.ndarray] = None) -> Fp8Check:
+    """The embedder's plan against the fp32 reference on `token_arrays` (`reference`: those
+    embeddings already computed, the same for every plan)."""
     out = embedder.embed_tokens(token_arrays)
-    ref = reference_embeddings(embedder, token_arrays)
-    cos = cosines(out, ref)
+    cos = cosines(out, reference_embeddings(embedder, token_arrays) if reference is None else reference)
     return Fp8Check(plan=embedder.plan.linears, sequences=len(cos), min_cosine=float(cos.min()),
                     mean_cosine=float(cos.mean()), threshold=float(threshold))
 
 
-def pick(embedder, token_arrays: Optional[Sequence[np.ndarray]] = None) -> Fp8Check:
-    """fp8-auto: each of fp8.candidates(encoder) in turn (the embedder and its encoder moved to it),
-    measured as `gate` measures; the first that passes stays and is returned. None passes:
-    Fp8GateError with every plan's figures (the embedder is left on the last one tried)."""
-    import dataclasses as dc
+def switch(embedder, linears: str) -> None:
+    """The embedder and its encoder moved to the fp8 plan `linears` (ValueError where the encoder
+    cannot run it), the rest of its plan kept."""
+    linears = linears_for(linears, embedder.device, embedder.encoder)
+    if embedder.plan.linears != linears:
+        embedder.plan = dataclasses.replace(embedder.plan, linears=linears)
+        embedder.encoder.prepare(embedder.plan)
 
-    from .fp8 import candidates
+
+def _bundled_arrays(embedder) -> list:
     kind = "esm2" if type(embedder.encoder).__name__ == "ESM2" else "dnabert_s"
-    token_arrays = embedder.tokenize(bundled_sequences(kind)) if token_arrays is None else token_arrays
+    return embedder.tokenize(bundled_sequences(kind))
+
+
+def pick(embedder) -> Fp8Check:
+    """fp8-auto: each of fp8.candidates(encoder) in turn (`switch`), measured as `gate` measures
+    (one fp32 reference for all); the first that passes stays and is returned. None passes:
+    Fp8GateError with every plan's figures (the embedder is left on the last one tried)."""
+    token_arrays = _bundled_arrays(embedder)
+    reference = reference_embeddings(embedder, token_arrays)
     checks = []
     for linears in candidates(embedder.encoder):
-        if embedder.plan.linears != linears:
-            embedder.plan = dc.replace(embedder.plan, linears=linears)
-            embedder.encoder.prepare(embedder.plan)
-        check = measure(embedder, token_arrays, embedder.config.fp8_min_cosine)
+        switch(embedder, linears)
+        check = measure(embedder, token_arrays, embedder.config.fp8_min_cosine, reference)
         log.info("%s: fp8-auto: %s", type(embedder.encoder).__name__, check.describe())
         checks.append(check)
         if check.passed:
@@ -153,16 +163,10 @@ def pick(embedder, token_arrays: Optional[Sequence[np.ndarray]] = None) -> Fp8Ch
                        + ": serve it with dtype bfloat16, or lower fp8_min_cosine knowingly")
 
 
-def gate(embedder, token_arrays: Optional[Sequence[np.ndarray]] = None, kind: Optional[str] = None,
-         threshold: Optional[float] = None) -> Fp8Check:
-    """measure() on `token_arrays` (default: the bundled sequences for `kind`, else for the encoder's
-    kind, tokenized); Fp8GateError with the figures when below the threshold (default the
-    embedder's RuntimeConfig.fp8_min_cosine)."""
-    threshold = embedder.config.fp8_min_cosine if threshold is None else threshold
-    if token_arrays is None:
-        kind = kind or ("esm2" if type(embedder.encoder).__name__ == "ESM2" else "dnabert_s")
-        token_arrays = embedder.tokenize(bundled_sequences(kind))
-    check = measure(embedder, token_arrays, threshold)
+def gate(embedder) -> Fp8Check:
+    """measure() on the bundled sequences of the encoder's kind; Fp8GateError with the figures when
+    below the embedder's RuntimeConfig.fp8_min_cosine."""
+    check = measure(embedder, _bundled_arrays(embedder), embedder.config.fp8_min_cosine)
     log.info("%s: %s", type(embedder.encoder).__name__, check.describe())
     if not check.passed:
         raise Fp8GateError(f"{check.describe()}: this checkpoint loses too much in fp8; serve it with dtype "

@@ -79,7 +79,7 @@ def choose_plan(config, encoder: torch.nn.Module) -> ExecutionPlan:
     `COMPILE_WITH_KERNELS` (False: with our kernels it runs eager, measured faster).
     """
     device = resolve_device(config.device)
-    linears = _linears(config.dtype, device, encoder)
+    linears = linears_for(config.dtype, device, encoder)
     dtype = (choose_dtype(device) if config.dtype == "auto" else
              torch.bfloat16 if linears != "native" else DTYPES[config.dtype])
     name = type(encoder).__name__
@@ -96,12 +96,12 @@ def choose_plan(config, encoder: torch.nn.Module) -> ExecutionPlan:
                          linears=linears)
 
 
-def _linears(dtype: str, device: torch.device, encoder: torch.nn.Module) -> str:
+def linears_for(dtype: str, device: torch.device, encoder: torch.nn.Module) -> str:
     """ExecutionPlan.linears for RuntimeConfig.dtype; ValueError where fp8 cannot run."""
     if dtype not in fp8.PLANS and dtype != fp8.AUTO:
         return "native"
     problem = fp8.support_problem(device) or fp8.shape_problem(encoder)
-    if not problem and dtype in fp8.SMOOTHED and not getattr(encoder, "PRE_LAYER_NORM", False):
+    if not problem and dtype != fp8.AUTO and dtype not in fp8.runnable_plans(encoder):
         problem = (f"{type(encoder).__name__} puts its LayerNorms after the residual add (post-LN): their "
                    "output is the residual stream, so no linear could take the smoothing scales back; "
                    "fp8 or fp8-ffn run it")

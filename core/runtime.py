@@ -92,7 +92,7 @@ class RuntimeConfig:
     compile: Optional[bool] = None
     attention: str = "auto"
     kernels: str = "auto"
-    fp8_min_cosine: float = 0.999
+    fp8_min_cosine: float = fp8.DEFAULT_MIN_COSINE
 
     def __post_init__(self):
         dev = self.device

@@ -119,7 +119,7 @@ def runtime_options(params: dict, device: str):
     """RuntimeConfig from the config parameters dtype (auto | float32 | bfloat16 | float16 | fp8 |
     fp8-smooth | fp8-ffn | fp8-auto), token_budget, max_length, too_long, attention, kernels,
     fp8_min_cosine (absent ones keep RuntimeConfig's defaults)."""
-    from .fp8_gate import DEFAULT_MIN_COSINE
+    from .fp8 import DEFAULT_MIN_COSINE
     from .runtime import RuntimeConfig
 
     def name(key: str, default: str) -> str:
@@ -133,7 +133,7 @@ def runtime_options(params: dict, device: str):
         too_long=name("too_long", "error"),
         attention=name("attention", "auto"),
         kernels=name("kernels", "auto"),
-        fp8_min_cosine=_number(params, "fp8_min_cosine", float, DEFAULT_MIN_COSINE),   # the fp8 gate's (fp8_gate.py)
+        fp8_min_cosine=_number(params, "fp8_min_cosine", float, DEFAULT_MIN_COSINE),
     )
 
 
@@ -395,7 +395,7 @@ class LaunchedRequests:
 
 def is_client_error(err: BaseException) -> bool:
     """True when the request, not the server, is at fault (Triton INVALID_ARG)."""
-    return isinstance(err, (InvalidSequenceError, SequenceTooLargeError, RequestError, RequestCancelled))
+    return isinstance(err, (InvalidSequenceError, SequenceTooLargeError, RequestError))
 
 
 @dataclasses.dataclass

@@ -108,31 +108,33 @@ def validate_checkpoint(kind: str, path: Path) -> ValidCheckpoint:
 
 
 def plans_for(kind: str) -> tuple:
-    """The fp8 plans model `kind` can run, fastest first (fp8 and fp8-smooth run the same kernels;
-    fp8-smooth needs a pre-LN encoder: ESM-2, not DNABERT-S)."""
+    """The fp8 plans model `kind` can run, fastest first (fp8.runnable_plans)."""
     from embed_core.dnabert_s import DnabertS
     from embed_core.esm2 import ESM2
-    from embed_core.fp8 import PLANS, SMOOTHED
-    pre_ln = getattr({"esm2": ESM2, "dnabert_s": DnabertS}[kind], "PRE_LAYER_NORM", False)
-    return tuple(p for p in ("fp8", "fp8-smooth", "fp8-ffn") if p in PLANS and (pre_ln or p not in SMOOTHED))
+    from embed_core.fp8 import runnable_plans
+    return runnable_plans({"esm2": ESM2, "dnabert_s": DnabertS}[kind])
 
 
 def check_fp8(kind: str, path: Union[str, Path], plans: Sequence[str] = ("fp8", "fp8-ffn"),
               sequences: Optional[Sequence[str]] = None, threshold: Optional[float] = None,
               device: str = "auto", token_budget: Optional[int] = None) -> list:
     """embed-export check-fp8: each plan's Fp8Check on the checkpoint at `path` (no exception for a
-    plan below the threshold: the caller prints and decides)."""
+    plan below the threshold: the caller prints and decides). The checkpoint is loaded once and
+    its fp32 reference computed once; the plans take turns on it (fp8_gate.switch)."""
     from embed_core import RuntimeConfig, load_embedder
-    from embed_core.fp8_gate import CHECK_SEQUENCES, DEFAULT_MIN_COSINE, bundled_sequences, measure
+    from embed_core.fp8 import DEFAULT_MIN_COSINE
+    from embed_core.fp8_gate import CHECK_SEQUENCES, bundled_sequences, measure, reference_embeddings, switch
     threshold = DEFAULT_MIN_COSINE if threshold is None else threshold
-
-    checks = []
-    for plan in plans:
-        embedder = load_embedder(kind, path, RuntimeConfig(device=device, dtype=plan, token_budget=token_budget,
-                                                           fp8_min_cosine=threshold))
-        try:
-            seqs = list(sequences) if sequences is not None else bundled_sequences(kind, CHECK_SEQUENCES)
-            checks.append(measure(embedder, embedder.tokenize(seqs), threshold))
-        finally:
-            embedder.close()
+    embedder = load_embedder(kind, path, RuntimeConfig(device=device, dtype=plans[0], token_budget=token_budget,
+                                                       fp8_min_cosine=threshold))
+    try:
+        arrays = embedder.tokenize(list(sequences) if sequences is not None
+                                   else bundled_sequences(kind, CHECK_SEQUENCES))
+        reference = reference_embeddings(embedder, arrays)
+        checks = []
+        for plan in plans:
+            switch(embedder, plan)
+            checks.append(measure(embedder, arrays, threshold, reference))
+    finally:
+        embedder.close()
     return checks

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_check_fp8(sub) -> None:
+    from embed_core.fp8 import DEFAULT_MIN_COSINE
     check = sub.add_parser("check-fp8", help="the fp8 plans' accuracy gate on a checkpoint: pooled embeddings "
                            "with each fp8 plan against fp32, refused below --min-cosine (exit 1)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -77,7 +78,7 @@ def _add_check_fp8(sub) -> None:
                        help="fp8 = every linear in e4m3; fp8-smooth = the same with the LayerNorms' outlier "
                        "channels moved into the weights (ESM-2: pre-LN); fp8-ffn = the feed-forward's only; "
                        "all = each that the model can run, fastest first")
-    check.add_argument("--min-cosine", type=float, default=0.999,
+    check.add_argument("--min-cosine", type=float, default=DEFAULT_MIN_COSINE,
                        help="the smallest per-sequence cosine accepted (the model config's fp8_min_cosine)")
     check.add_argument("--device", default="auto", help="auto | cuda | cuda:N (fp8 needs compute capability >= 8.9)")
     check.add_argument("--cache-dir", type=Path, default=None, help="huggingface_hub cache for hub ids")
@@ -91,7 +92,8 @@ def _add_repo_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Execute the parsed command; 0 on success, 1 (message on stderr) on failure."""
+    """Execute the parsed command (main() has refused the usage errors: no source, no --out); 0 on
+    success, 1 (message on stderr) on failure."""
     try:
         if args.command == "demo":
             return _demo(args)
@@ -107,10 +109,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     sources = {kind: src for kind, src in (("esm2", args.esm2), ("dnabert_s", args.dnabert_s)) if src}
-    if not sources:
-        raise ExportError("nothing to export: give --esm2 and/or --dnabert-s (or a subcommand: demo, onnx)")
-    if args.out is None:
-        raise ExportError("--out is required")
     check_out_dir(args.out, args.force)
     valid = {}
     for kind, source in sources.items():
@@ -210,7 +208,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None and not (args.esm2 or args.dnabert_s):   # a usage error: exit 2, as argparse's own
-        parser.error("nothing to export: give --esm2 and/or --dnabert-s with --out (or a subcommand: demo, onnx)")
+        parser.error("nothing to export: give --esm2 and/or --dnabert-s with --out (or a subcommand: demo, onnx, "
+                     "check-fp8)")
     if args.command is None and args.out is None:
         parser.error("--out is required")
     return run(args)
