@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from e2e_checkpoints import build_model, write_repository
+from e2e_checkpoints import build_model, model_dims, write_repository
 from e2e_common import MODEL_NAMES, MODELS, Failure, Scenario, load_perf_module, log, number
 from e2e_passes import alone_passes, mixed_pass
-from e2e_server import Server, start_server, stop_server
+from e2e_report import refusal_text
+from e2e_server import new_server, start_server, stop_server
 
 GATE_LINE = re.compile(r"fp8 gate \(([\w-]+)\): pooled embeddings vs fp32 on (\d+) sequences: min cosine "
                        r"([0-9.]+), mean ([0-9.]+) \(threshold ([^)]+)\): (passed|REFUSED)")
@@ -160,8 +161,7 @@ def fp32_cosines(s: Scenario, frames: list, rows_by_plan: dict) -> None:
 def serve_once(s: Scenario, repo: Path, tag: str) -> dict:
     """embed-server on `repo` until ready or refused, then stopped: whether it came up, the gate's
     line for ESM-2 from its log, its log's path."""
-    server = Server(repo, s.workdir, s.out_dir, cpu=s.args.small or s.device.type != "cuda",
-                    extra_path=s.extra_path, gpus=s.args.gpus, timeout_s=min(120.0, s.args.startup_timeout), tag=tag)
+    server = new_server(s, repo, tag, min(120.0, s.args.startup_timeout))
     try:
         server.wait_ready()
         ready = True
@@ -192,7 +192,7 @@ def gate_refusal(s: Scenario) -> None:
                                 for c in check_fp8("esm2", path, plans_for("esm2"), device=str(s.device))]
                          for name, path in (("demo", demo["esm2"]), ("demo with outliers", broken))}}
     repo_args = argparse.Namespace(**{**vars(s.args), "instances_per_gpu": None})
-    dims = load_perf_module("e2e_checkpoints").model_dims(True)
+    dims = model_dims(True)
     result["server"] = {}
     for plan in ("fp8", "fp8-smooth"):
         repo = write_repository(repo_args, dims, {"esm2": broken}, folder / f"repository_{plan}",
@@ -204,11 +204,7 @@ def gate_refusal(s: Scenario) -> None:
         "verdict") == "passed"
     s.report["gate_refusal"] = result
     s.phase("gate_refusal", t0)
-    log("fp8 gate: " + "; ".join(f"{name}: " + ", ".join(
-        f"{c['plan']} {c['min_cosine']:.5f} {'passed' if c['passed'] else 'REFUSED'}" for c in checks)
-        for name, checks in result["checks"].items())
-        + f"; embed-server on the broken one: fp8 {'refused' if result['refused'] else 'NOT refused'}, "
-        f"fp8-smooth {'served' if result['smooth_served'] else 'NOT served'}")
+    log("fp8 gate: " + refusal_text(result))
     if not (result["refused"] and result["smooth_served"]):
         s.report["notes"].append(f"the fp8 gate in the server on the outlier checkpoint: {served}")
 

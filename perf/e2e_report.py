@@ -161,12 +161,7 @@ def table_notes(report: dict) -> List[str]:
     refusal = report.get("gate_refusal")
     if refusal:
         lines.append("fp8 gate on a checkpoint built to break it (demo ESM-2, outlier channels x1e5), default "
-                     "threshold: " + "; ".join(
-                         f"{name}: " + ", ".join(f"{c['plan']} {c['min_cosine']:.5f} "
-                                                 f"{'passed' if c['passed'] else 'REFUSED'}" for c in checks)
-                         for name, checks in refusal["checks"].items())
-                     + f"; embed-server on it: dtype fp8 {'REFUSED to load' if refusal['refused'] else 'NOT refused'}, "
-                     f"fp8-smooth {'served' if refusal['smooth_served'] else 'NOT served'}")
+                     "threshold: " + refusal_text(refusal))
     if report.get("per_gpu_tokens") and f.get("send_s"):
         lines.append("tokens/s per GPU over the mixed run (embed_tokens_total): " + "; ".join(
             f"gpu {g}: " + ", ".join(f"{m} {v / f['send_s']:,.0f}" for m, v in d.items())
@@ -176,6 +171,16 @@ def table_notes(report: dict) -> List[str]:
             f"{uuid[-8:]} {v:.0%}" for uuid, v in sorted(report["util_per_gpu"].items())))
     lines.extend(f"note: {note}" for note in report.get("notes", []))
     return lines
+
+
+def refusal_text(result: dict) -> str:
+    """e2e_fp8.gate_refusal's result in words: each plan's check on each checkpoint, and what the
+    server did with the broken one (the run's log and the report's notes)."""
+    return ("; ".join(f"{name}: " + ", ".join(f"{c['plan']} {c['min_cosine']:.5f} "
+                                               f"{'passed' if c['passed'] else 'REFUSED'}" for c in checks)
+                      for name, checks in result["checks"].items())
+            + f"; embed-server on it: dtype fp8 {'REFUSED to load' if result['refused'] else 'NOT refused'}, "
+            f"fp8-smooth {'served' if result['smooth_served'] else 'NOT served'}")
 
 
 def print_table(report: dict) -> None:

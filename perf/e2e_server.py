@@ -64,12 +64,18 @@ class Server:
         return self.process.returncode
 
 
+def new_server(s: Scenario, repo: Path, tag: str, timeout_s: float) -> Server:
+    """embed-server on `repo` as this run starts them (on the CPU with --small or without CUDA),
+    not yet waited on."""
+    return Server(repo, s.workdir, s.out_dir, cpu=s.args.small or s.device.type != "cuda",
+                  extra_path=s.extra_path, gpus=s.args.gpus, timeout_s=timeout_s, tag=tag)
+
+
 def start_server(s: Scenario, repo: Path, tag: str = "") -> Server:
     """The server phase: embed-server on `repo`, ready (on the CPU with --small or without CUDA).
     `tag` names its logs and phase ("" for the run's first server)."""
     t0 = time.monotonic()
-    s.server = Server(repo, s.workdir, s.out_dir, cpu=s.args.small or s.device.type != "cuda",
-                      extra_path=s.extra_path, gpus=s.args.gpus, timeout_s=s.args.startup_timeout, tag=tag)
+    s.server = new_server(s, repo, tag, s.args.startup_timeout)
     s.server.wait_ready()
     s.phase(f"server_start{tag}", t0)
     log(f"server ready in {s.report['phases'][f'server_start{tag}']:.0f} s (log {s.server.log_path})")
