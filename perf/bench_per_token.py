@@ -13,7 +13,6 @@ forward; the check is exact on CPU, within bf16 rounding of the pooling order on
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -22,15 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-
-
-def bench_models():
-    spec = importlib.util.spec_from_file_location("bench_models", HERE / "bench_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from e2e_common import load_perf_module
 
 def timed(embedder, work, include, device) -> tuple:
     """(tokens/s, means) of one pass over `work` with `include`."""
@@ -84,7 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     args.sequences = args.sequences or (64 if args.small else 6000)
-    bm = bench_models()
+    bm = load_perf_module("bench_models")
     core = bm.import_core()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     results = []
