@@ -14,10 +14,12 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
 
+import functools  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 from gevent import GreenletExit, monkey  # noqa: E402
@@ -26,9 +28,9 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import User, constant_throughput, events, task  # noqa: E402
 from locust.runners import WorkerRunner  # noqa: E402
 
+from embed_client.credentials import API_KEY_FILE_ENV, read_api_key  # noqa: E402
+from embed_client.transport import API_KEY_METADATA  # noqa: E402  (no grpc/tritonclient import)
 from make_perf_inputs import random_sequence  # noqa: E402  (perf/ is on sys.path under locust)
-
-API_KEY_METADATA = "triton-grpc-protocol-x-api-key"  # embed-server's key (embed_client.transport)
 
 
 @events.init_command_line_parser.add_listener
@@ -51,7 +53,7 @@ def _add_options(parser):
     parser.add_argument("--tls-cert-file", default="",
                         help="PEM client certificate (mutual TLS), with --tls-key-file")
     parser.add_argument("--tls-key-file", default="", help="PEM key of --tls-cert-file")
-    parser.add_argument("--api-key-file", default=os.environ.get("EMBED_API_KEY_FILE", ""),
+    parser.add_argument("--api-key-file", default=os.environ.get(API_KEY_FILE_ENV, ""),
                         help="file holding the server's API key (else $EMBED_API_KEY)")
 
 
@@ -62,9 +64,14 @@ def _security(options):
     tls = {"ssl": bool(getattr(options, "tls", False) or ca_file or cert),
            "root_certificates": ca_file, "certificate_chain": cert,
            "private_key": getattr(options, "tls_key_file", "") or None}
-    key_file = getattr(options, "api_key_file", "")
-    key = (open(key_file).read() if key_file else os.environ.get("EMBED_API_KEY", "")).strip()
+    key = _api_key(getattr(options, "api_key_file", ""))
     return tls, ({API_KEY_METADATA: key} if key else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _api_key(key_file: str):
+    """The key as embed-client reads it (the file, else $EMBED_API_KEY), once per process."""
+    return read_api_key(Path(key_file) if key_file else None)
 
 
 @events.test_start.add_listener
