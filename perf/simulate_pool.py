@@ -115,7 +115,6 @@ class Server:
     running: Optional[tuple] = None
     busy_s: float = 0.0
     work_s: float = 0.0            # GPU seconds answered, at speed 1
-    requests: int = 0
 
 
 @dataclass
@@ -125,7 +124,6 @@ class Link:
     failures: int = 0
     available_at: float = 0.0
     dead: bool = False
-    retries: int = 0
 
 
 @dataclass
@@ -139,6 +137,7 @@ class Slot:
 class Block:
     number: int
     remaining: int
+    frames: int                    # its sample frames (each in one esm2 request)
 
 
 class Client:
@@ -152,7 +151,6 @@ class Client:
         self.open: Dict[int, Block] = {}
         self.next_block = 0
         self.ready_block: Optional[List[Request]] = None
-        self.prepping = False
         self.net_free_at = 0.0
         self.write_free_at = 0.0
         self.done_frames = 0
@@ -270,11 +268,9 @@ class Simulation:
         if first >= client.frames:
             return
         n = min(self.c.window, client.frames - first)
-        client.prepping = True
         self.at(self.now + n / self.c.prep_frames_per_s, self.prepped, client, n)
 
     def prepped(self, client: Client, n: int) -> None:
-        client.prepping = False
         client.ready_block = self.cut_block(client, client.next_block, n)
         client.next_block += 1
         self.try_open(client)
@@ -311,7 +307,8 @@ class Simulation:
         if client.open and (len(client.open) >= self.c.max_open_blocks or len(client.queue) >= slots):
             return
         requests, client.ready_block = client.ready_block, None
-        client.open[requests[0].block] = Block(requests[0].block, len(requests))
+        client.open[requests[0].block] = Block(requests[0].block, len(requests),
+                                               sum(r.frames for r in requests if r.model == "esm2"))
         for request in requests:
             self.submit(client, request, NEW)
         self.start_prep(client)
@@ -370,7 +367,6 @@ class Simulation:
         server.running = None
         server.busy_s += self.now - started
         server.work_s += request.cost_s
-        server.requests += 1
         client = slot.client
         start = max(self.now + self.c.rtt_s / 2, client.net_free_at)
         client.net_free_at = start + request.answer_bytes * 8 / (self.c.network_gbps * 1e9)
@@ -406,7 +402,6 @@ class Simulation:
         client, link = slot.client, slot.link
         self.retried += 1
         self.submit(client, request, AGAIN)                  # any server may take it, first
-        link.retries += 1
         if self.now >= link.available_at:                    # a new backoff round
             link.failures += 1
             if link.failures > self.c.retries:
@@ -430,17 +425,15 @@ class Simulation:
         block = client.open[request.block]
         block.remaining -= 1
         if block.remaining == 0:
-            frames = sum(r.frames for r in self.requests
-                         if r.client == client.cid and r.block == block.number and r.model == "esm2")
-            size_mb = frames * (ESM2_HIDDEN + DNABERT_HIDDEN) * 4 / 1e6
+            size_mb = block.frames * (ESM2_HIDDEN + DNABERT_HIDDEN) * 4 / 1e6
             client.write_free_at = max(self.now, client.write_free_at) + size_mb / self.c.write_mb_per_s
-            self.at(client.write_free_at, self.committed, client, block, frames)
+            self.at(client.write_free_at, self.committed, client, block)
         self.try_open(client)
         self.slot_loop(slot)
 
-    def committed(self, client: Client, block: Block, frames: int) -> None:
+    def committed(self, client: Client, block: Block) -> None:
         del client.open[block.number]
-        client.done_frames += frames
+        client.done_frames += block.frames
         if client.done_frames >= client.frames:
             client.finished_at = self.now
         self.try_open(client)
