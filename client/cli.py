@@ -15,6 +15,7 @@ from .credentials import (API_KEY_ENV, API_KEY_FILE_ENV, check_ca_file, check_cl
                           env_path, read_api_key)
 from .errors import (ClassifierError, ClientError, IncompleteError, InputError, InterruptedRun, OptionError,
                      OutputError, OutputWriteError, ServerError)
+from .layout import RUN_FILE
 from .options import CHUNK_SIZES, RunOptions
 from .run import execute
 from .schedule import ScheduleConfig
@@ -335,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(e), EXIT_USAGE)
     except ServerError as e:
         hint = (f"\nthe output directory {options.out} can be resumed with --resume"
-                if (options.out / "run.json").is_file() else "")
+                if (options.out / RUN_FILE).is_file() else "")
         return _error(f"{e}{hint}", EXIT_SERVER)
     except IncompleteError as e:
         return _error(f"incomplete: {e}", EXIT_INCOMPLETE)

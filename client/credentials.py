@@ -53,12 +53,7 @@ def check_ca_file(path: Optional[Path]) -> None:
     """ValueError when the CA file given cannot be read or holds no PEM certificate."""
     if path is None:
         return
-    try:
-        text = path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"cannot read the TLS CA file {path}: {e.strerror}") from None
-    if b"-----BEGIN CERTIFICATE-----" not in text:
-        raise ValueError(f"the TLS CA file {path} holds no PEM certificate")
+    _require_pem(path, b"-----BEGIN CERTIFICATE-----", "CA", "certificate")
 
 
 def check_client_certificate(cert: Optional[Path], key: Optional[Path]) -> None:
@@ -68,14 +63,19 @@ def check_client_certificate(cert: Optional[Path], key: Optional[Path]) -> None:
         raise ValueError("--tls-cert-file and --tls-key-file go together (mutual TLS)")
     for path, marker, what in ((cert, b"-----BEGIN CERTIFICATE-----", "client certificate"),
                                (key, b"PRIVATE KEY-----", "client key")):
-        if path is None:
-            continue
-        try:
-            text = path.read_bytes()
-        except OSError as e:
-            raise ValueError(f"cannot read the TLS {what} file {path}: {e.strerror}") from None
-        if marker not in text:
-            raise ValueError(f"the TLS {what} file {path} holds no PEM {what}")
+        if path is not None:
+            _require_pem(path, marker, what, what)
+
+
+def _require_pem(path: Path, marker: bytes, what: str, holds: str) -> None:
+    """ValueError when the TLS `what` file `path` cannot be read or lacks `marker` (no PEM
+    `holds`)."""
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the TLS {what} file {path}: {e.strerror}") from None
+    if marker not in text:
+        raise ValueError(f"the TLS {what} file {path} holds no PEM {holds}")
 
 
 def channel_args(tls_name: Optional[str]) -> list:

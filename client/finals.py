@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -88,7 +90,7 @@ def finalize(out: OutputDir, options, hidden: Dict[str, int],
     except CorruptPart as e:
         raise _changed_part(e, out) from None
     if options.merged or on_features is not None:   # from the final files, as a finished run
-        rows.update(out.derive(hidden, options.merged, on_features))
+        rows.update(derive(out, hidden, options.merged, on_features))
     shutil.rmtree(out.path / PARTS_DIR, ignore_errors=True)
     return rows
 
@@ -103,18 +105,19 @@ def _write(out: OutputDir, options, hidden: Dict[str, int]) -> Dict[str, int]:
     targets = {m: out.final_path(m) for m in options.models}
     if per_token:
         targets.update({per_token_name(m): out.path / per_token_name(m) for m in options.models})
-    temps = {name: path.with_name(path.name + ".partial") for name, path in targets.items()}
     rows = {name: 0 for name in targets}
     writers, h5 = {}, {}
-    try:
+    with _partials(targets) as (temps, handles):
         for model in options.models:
             schema = part_schema(hidden[model], options.include, options.with_sequence)
             if per_token:
                 schema = schema.remove(schema.get_field_index("per_token"))
                 h5[model] = _open_h5(temps[per_token_name(model)],
                                      {**meta, "model": model, "hidden": hidden[model]})
+                handles.append(h5[model])
             writers[model] = pq.ParquetWriter(temps[model], schema.with_metadata(
                 {**meta, "model": model, "hidden": str(hidden[model])}))
+            handles.append(writers[model])
         for number, record in sorted(out.blocks.items()):
             for model in options.models:
                 table = read_part(out.part_path(model, number), record.sha256.get(model))
@@ -124,20 +127,30 @@ def _write(out: OutputDir, options, hidden: Dict[str, int]) -> Dict[str, int]:
                 writer = writers[model]
                 writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
                 rows[model] += table.num_rows
-        for handle in list(writers.values()) + list(h5.values()):
+    return rows
+
+
+@contextmanager
+def _partials(targets: Dict[str, Path]):
+    """({name: `<target>.partial`}, a list for the handles written to them): when the block
+    ends the handles are closed and each partial renamed onto its target; when it fails the
+    handles are closed and the partials removed, so nothing partial looks finished."""
+    temps = {name: path.with_name(path.name + ".partial") for name, path in targets.items()}
+    handles: list = []
+    try:
+        yield temps, handles
+        for handle in handles:
             handle.close()
-        writers.clear()
-        h5.clear()
+        handles.clear()
         for name, target in targets.items():
             os.replace(temps[name], target)
     except BaseException:
-        for handle in list(writers.values()) + list(h5.values()):
+        for handle in handles:
             handle.close()
         for tmp in temps.values():
             if tmp.exists():
                 tmp.unlink()
         raise
-    return rows
 
 
 def _open_h5(path, attrs: dict):
@@ -216,25 +229,25 @@ def _write_means(out: OutputDir, tables, models: Sequence[str], hidden: Dict[str
     import pyarrow.parquet as pq
 
     meta = {"sample": out.config.sample, "chunk": str(out.config.chunk)}
-    writers, temps, rows = {}, {}, {}
+    writers = {}
     targets = {model: out.final_path(model) for model in models}
     need_features = merged or on_features is not None
     if need_features:
         width = sum(hidden[m] for m in MERGE_ORDER)
     if merged:
         targets["merged"] = out.path / MERGED_FILE
-    try:
-        for name, target in targets.items():
-            temps[name] = target.with_name(target.name + ".partial")
-            rows[name] = 0
+    rows = {name: 0 for name in targets}
+    with _partials(targets) as (temps, handles):
         for model in models:
             schema = embedding_schema(hidden[model], {**meta, "model": model,
                                                       "hidden": str(hidden[model])})
             writers[model] = pq.ParquetWriter(temps[model], schema)
+            handles.append(writers[model])
         if merged:
             schema = embedding_schema(width, {**meta, "models": ",".join(MERGE_ORDER),
                                               "hidden": str(width)})
             writers["merged"] = pq.ParquetWriter(temps["merged"], schema)
+            handles.append(writers["merged"])
         for label, block in tables:
             for model in models:
                 table = block[model].replace_schema_metadata(writers[model].schema.metadata)
@@ -242,18 +255,6 @@ def _write_means(out: OutputDir, tables, models: Sequence[str], hidden: Dict[str
                 rows[model] += table.num_rows
             if need_features:
                 _write_features(label, block, writers.get("merged"), rows, on_features)
-        for writer in writers.values():
-            writer.close()
-        writers.clear()
-        for name, target in targets.items():
-            os.replace(temps[name], target)
-    except BaseException:
-        for writer in writers.values():
-            writer.close()
-        for tmp in temps.values():
-            if tmp.exists():
-                tmp.unlink()
-        raise
     return rows
 
 

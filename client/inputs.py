@@ -18,6 +18,7 @@ import logging
 
 from . import reader
 from .errors import InputError
+from .integrity import CHUNK_BYTES
 
 log = logging.getLogger("embed_client")
 
@@ -58,8 +59,6 @@ def refuse_dna(validated: reader.ValidatedInput) -> None:
 
 
 # ------------------------------------------------------------------ standard input
-
-CHUNK_BYTES = 1 << 20
 
 
 def spool_stdin(options):

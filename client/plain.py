@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from embed_core.alphabets import ESM_RESIDUES
+from embed_core.alphabets import DEFAULT_MAX_LENGTH, ESM_RESIDUES
 
 from . import reader
 from .errors import InputError, InputProblem
@@ -30,7 +30,6 @@ from .virnucpro import PrepStats
 
 log = logging.getLogger("embed_client")
 
-DEFAULT_MAX_LENGTH = {"esm2": 1022, "dnabert_s": 10_000}     # as core/models.py (no torch here)
 UNIT = {"proteins": "residues", "dna": "bp"}
 TOO_LONG_FILE = "too_long.tsv"
 PER_TOKEN_WINDOW = 256          # default --window with per-token rows (they fill the memory)
@@ -264,12 +263,20 @@ def _given(args, name: str, default):
     return default if value is None else value
 
 
+def default_window(include: Sequence[str]) -> int:
+    """The default --window: smaller when per-token rows are asked (a block's rows are held
+    until it is committed)."""
+    from .schedule import ScheduleConfig
+
+    return PER_TOKEN_WINDOW if "per_token" in include else ScheduleConfig().window
+
+
 def schedule_defaults(args, include: Sequence[str]) -> Tuple[int, int]:
     """(window, token budget): as given, else smaller ones when per-token rows are asked (a
     block's rows are held until it is committed; an answer holds its sequences' rows)."""
     from .schedule import ScheduleConfig
 
     per_token, defaults = "per_token" in include, ScheduleConfig()
-    window = args.window or (PER_TOKEN_WINDOW if per_token else defaults.window)
+    window = args.window or default_window(include)
     budget = args.token_budget or (PER_TOKEN_BUDGET if per_token else defaults.token_budget)
     return window, budget

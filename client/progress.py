@@ -16,10 +16,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from embed_core.alphabets import FP8_GATE_METRIC
+
 log = logging.getLogger("embed_client.progress")
 
 TOKENS_METRIC = "embed_tokens_total"
-FP8_GATE_METRIC = "embed_fp8_gate_min_cosine"   # embed_core.serving.FP8_GATE_METRIC (the client imports no core)
 
 
 @dataclass

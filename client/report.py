@@ -74,15 +74,17 @@ class Report:
     def write(self, status: str, message: Optional[str],
               final_rows: Optional[Dict[str, int]] = None,
               predictions: Optional[Dict[str, int]] = None) -> dict:
-        """Write skipped.tsv (when records were skipped) and summary.json; returns the summary."""
-        self.write_skipped()
+        """Write summary.json; returns the summary (skipped.tsv is written by the caller:
+        `write_after_error`, or a complete run before its checksums)."""
         summary = self.summary(status, message, final_rows, predictions)
         self.out.write_summary(summary)
         return summary
 
     def write_after_error(self, status: str, message: str) -> None:
-        """The report of a failed run; a failure to write it must not hide the run's error."""
+        """The report of a failed run (skipped.tsv, summary.json); a failure to write it must
+        not hide the run's error."""
         try:
+            self.write_skipped()
             self.write(status, message)
         except OSError as e:
             log.error("could not write %s: %s", self.options.out / SUMMARY_FILE, e)

@@ -20,9 +20,10 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from embed_core.alphabets import INCLUDE_CHOICES
+
 from .errors import ServerError
 
-INCLUDE_CHOICES = ("mean", "per_token", "bos")
 ALIASES = {"per_tok": "per_token"}          # fair-esm's extract.py spelling
 EXTRA_OUTPUTS = {"bos": ("BOS",), "per_token": ("TOKEN_EMBEDDINGS", "TOKEN_COUNT")}
 

@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 from embed_core.alphabets import MODEL_KINDS
 
+from .layout import RUN_FILE
 from .representations import parse_include
-from .schedule import ScheduleConfig
 
 log = logging.getLogger("embed_client")
 
@@ -60,7 +60,7 @@ def first_run(args) -> Optional[dict]:
     if out is None:
         return None
     try:
-        run = json.loads((Path(out) / "run.json").read_text())
+        run = json.loads((Path(out) / RUN_FILE).read_text())
     except (OSError, ValueError):
         return None
     return run if isinstance(run, dict) else None
@@ -104,11 +104,9 @@ def settle(args) -> List[str]:
 def _default(dest: str, run: dict):
     if dest != "window":
         return CONTENT[dest].default
-    defaults = ScheduleConfig()
-    from .plain import PER_TOKEN_WINDOW
+    from .plain import default_window
 
-    per_token = "per_token" in parse_include(str(_asked("include", "mean")(run)))
-    return PER_TOKEN_WINDOW if per_token else defaults.window
+    return default_window(parse_include(str(_asked("include", "mean")(run))))
 
 
 def _shown(value) -> str:

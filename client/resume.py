@@ -15,10 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 from .classifier import HIGHEST_FILE, PREDICTIONS_FILE, load_classifier, write_with_predictions
 from .errors import OutputError, OutputWriteError
+from .finals import derive
 from .integrity import CHECKSUMS_FILE, changed_files, write_checksums
 from .options import RunOptions, RunResult
 from .progress import Counters
@@ -110,10 +111,16 @@ def describe(out: OutputDir) -> None:
     log.info("%s; any block not committed yet is computed now", text)
 
 
-def finished_run(out: OutputDir, models: Sequence[str], hidden: Dict[str, int]) -> Optional[dict]:
-    """The summary of the run in `out` when it is complete and its final files still hold
-    every frame (counts from the footers, checked against the summary and the manifest);
-    None otherwise."""
+class Finished(NamedTuple):
+    """A finished run: its summary, and {name: what is wrong} for its derived files (DERIVED)
+    that no longer match checksums.sha256 (hashed once, by `finished_run`)."""
+    summary: dict
+    changed: Dict[str, str]
+
+
+def finished_run(out: OutputDir, models: Sequence[str], hidden: Dict[str, int]) -> Optional[Finished]:
+    """The run in `out` when it is complete and its final files still hold every frame
+    (counts from the footers, checked against the summary and the manifest); None otherwise."""
     previous = _previous_summary(out)
     if previous.get("status") != "complete":
         return None
@@ -130,14 +137,16 @@ def finished_run(out: OutputDir, models: Sequence[str], hidden: Dict[str, int]) 
         elif not rows == committed == frames:
             problems.append(f"{out.final_path(model).name} holds {rows:,} rows, the run "
                             f"committed {committed:,} of {frames:,} frames")
+    changed: Dict[str, str] = {}
     if not problems:  # the embedding files' bytes against checksums.sha256
-        problems = [f"{name} {problem}" for name, problem in changed_files(out.path).items()
+        changed = changed_files(out.path)
+        problems = [f"{name} {problem}" for name, problem in changed.items()
                     if name not in DERIVED]
     if problems:
         log.warning("resume: %s says the run is complete, but %s; recomputing",
                     SUMMARY_FILE, "; ".join(problems))
         return None
-    return previous
+    return Finished(previous, {n: p for n, p in changed.items() if n in DERIVED})
 
 
 def _previous_summary(out: OutputDir) -> dict:
@@ -148,13 +157,13 @@ def _previous_summary(out: OutputDir) -> dict:
     return summary if isinstance(summary, dict) else {}
 
 
-def complete_finished(previous: dict, out: OutputDir, options: RunOptions,
+def complete_finished(finished: Finished, out: OutputDir, options: RunOptions,
                       hidden: Dict[str, int]) -> RunResult:
     """--resume of a complete run: no server, no sample read; only the derived files this
     run asks for and lacks (merged.parquet, the predictions) are written."""
+    previous, changed = finished
     prep = previous["stages"]["prep"]
     frames, chunks = int(prep["frames"]), int(prep.get("chunks", 0))
-    changed = changed_files(out.path, DERIVED)
     for name, problem in changed.items():
         log.warning("resume: %s %s; %s", name, problem,
                     "written again" if (options.merged if name == MERGED_FILE
@@ -179,7 +188,7 @@ def complete_finished(previous: dict, out: OutputDir, options: RunOptions,
         try:
             rows, predictions = write_with_predictions(
                 classifier, out.path,
-                lambda on_features: out.derive(hidden, need_merged, on_features))
+                lambda on_features: derive(out, hidden, need_merged, on_features))
         except OSError as e:
             raise OutputWriteError.resumable("writing " + ", ".join(wrote), out.path, e) from e
         summary = json.loads(json.dumps(previous))

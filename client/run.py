@@ -71,7 +71,7 @@ class _Run:
                 await self._fingerprint()
                 self._open_output()
                 finished = resume.finished_run(self.out, options.models, self.pool.hidden)
-                if finished is not None and finals.lacks_per_token(self.out, options, finished):
+                if finished is not None and finals.lacks_per_token(self.out, options, finished.summary):
                     finished = None          # its HDF5 file is gone: computed again
                 if finished is not None:
                     return resume.complete_finished(finished, self.out, options, self.pool.hidden)

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import finals
 from .errors import OutputError, OutputNotWritable, OutputWriteError
-from .integrity import check_parts, file_sha256
+from .integrity import bytes_sha256, check_parts
 # The names other modules and tests import from here (layout.py, manifest.py hold them).
 from .layout import (FORMAT_VERSION, LOCK_FILE, MANIFEST_FILE, MERGE_ORDER,  # noqa: F401
                      MERGED_FILE, PARTS_DIR, RUN_FILE, STDIN_FILE, SUMMARY_FILE)
@@ -151,6 +151,7 @@ class OutputDir:
         `models`: every model the block has once these parts are written (default: those of
         `tables`); more when only the missing parts of a committed block were recomputed.
         """
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         previous = self.manifest.get(block)
@@ -161,8 +162,11 @@ class OutputDir:
             final = self.part_path(model, block)
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.with_name(final.name + ".partial")
-            pq.write_table(table, tmp, compression="none")
-            sums[model] = file_sha256(tmp)
+            buffer = pa.BufferOutputStream()  # hashed in memory, not read back from disk
+            pq.write_table(table, buffer, compression="none")
+            encoded = buffer.getvalue().to_pybytes()
+            sums[model] = bytes_sha256(encoded)
+            tmp.write_bytes(encoded)
             os.replace(tmp, final)
         names = tuple(models or tables)
         record = BlockRecord(block, first_index, len(frame_ids), frame_ids[0], frame_ids[-1],
@@ -186,13 +190,6 @@ class OutputDir:
         """The final files of a run of means from its committed blocks (finals.finalize_means);
         rows per file. The parts are removed once every final file is in place."""
         return finals.finalize_means(self, models, hidden, merged, on_features)
-
-    def derive(self, hidden: Dict[str, int], merged: bool,
-               on_features: Optional[Callable[[List[str], np.ndarray], None]] = None,
-               batch_rows: int = 8192) -> Dict[str, int]:
-        """merged.parquet and/or `on_features` from the final per-model files of a finished
-        run (finals.derive); returns rows written."""
-        return finals.derive(self, hidden, merged, on_features, batch_rows)
 
     def final_rows(self, name: str, hidden: Optional[int] = None) -> Optional[int]:
         """Rows of the final file `name` (a model or "merged") from its footer; None when it

@@ -1,9 +1,8 @@
-"""Arrow/Parquet tables of embeddings: the schema, building a table, reading one back."""
+"""Arrow/Parquet tables of embeddings: the schema, building a table, reading them in step."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -64,12 +63,3 @@ def vectors(table) -> np.ndarray:
     hidden = column.type.list_size
     values = column.flatten().to_numpy(zero_copy_only=False)
     return values.reshape(-1, hidden)
-
-
-def read_embeddings(path: Path) -> Tuple[List[str], np.ndarray, np.ndarray]:
-    """(ids, embeddings [n, hidden] float32, lengths) of a final per-model file."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    return (table.column("id").to_pylist(), vectors(table),
-            table.column("length").to_numpy())

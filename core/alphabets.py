@@ -15,3 +15,15 @@ ESM_RESIDUES = "LAGVSERTIDPKQNFYMHWCXBUZO"
 
 ADDED_TOKENS_PER_SEQUENCE = 2
 """Special tokens both tokenizers add to every sequence: ESM-2 <cls> + <eos>, DNABERT-S [CLS] + [SEP]."""
+
+DEFAULT_MAX_LENGTH = {"esm2": 1022, "dnabert_s": 10_000}
+"""Longest accepted sequence in letters when RuntimeConfig.max_length is None: ESM-2 as fair-esm
+(1022 residues + BOS/EOS = 1024 tokens); DNABERT-S 10,000 bp. The client's limit when no server
+reports one."""
+
+INCLUDE_CHOICES = ("mean", "per_token", "bos")
+"""What a request may ask per sequence (parameter include), in the order outputs list them."""
+
+FP8_GATE_METRIC = "embed_fp8_gate_min_cosine"
+"""A GAUGE set once at load by an fp8 plan's instance (labels: the metric labels + plan): the
+gate's smallest per-sequence cosine against fp32; clients report it in summary.json."""
