@@ -185,6 +185,12 @@ class DnabertLayer(nn.Module):
         super().__init__()
         self.attention = DnabertAttention(config)
         self.mlp = DnabertGluMlp(config)
+        self.fp8_weights: dict = {}   # name -> fp8.Fp8Weight under an fp8 plan (DnabertS.prepare)
+
+    def linears(self) -> dict:
+        """The layer's GEMM weights by name (the GLU's gate and value in one)."""
+        return {"Wqkv": self.attention.self.Wqkv.weight, "dense": self.attention.output.dense.weight,
+                "glu": self.mlp.gated_layers.weight, "wo": self.mlp.wo.weight}
 
 
 class DnabertEncoder(nn.Module):
@@ -261,7 +267,6 @@ def fp8_tail(plan: ExecutionPlan, last: bool) -> Callable:
     return functools.partial(layer_tail_fp8, steps)
 
 
-FP8_WEIGHTS = {"fp8": ("Wqkv", "dense", "glu", "wo"), "fp8-ffn": ("glu", "wo")}   # per plan.linears
 
 
 class DnabertS(nn.Module):
@@ -274,6 +279,7 @@ class DnabertS(nn.Module):
     HAS_ALIBI = True
     COMPILE_WITH_KERNELS = True
     PRE_LAYER_NORM = False        # post-LN: its LayerNorm output is the residual stream (no fp8-smooth)
+    FFN_LINEARS = ("glu", "wo")   # what fp8-ffn puts in e4m3 (DnabertLayer.linears names)
 
     def __init__(self, config: DnabertSConfig, add_pooling_layer: bool = True):
         super().__init__()
@@ -300,13 +306,9 @@ class DnabertS(nn.Module):
             self._layer_tail = self._layer_tail_last = compile_function(layer_tail) if plan.compiled else layer_tail
         else:
             self._layer_tail, self._layer_tail_last = fp8_tail(plan, last=False), fp8_tail(plan, last=True)
-        names = FP8_WEIGHTS.get(plan.linears, ())
         for block in self.encoder.layer:
             block.fp8_weights = {}   # the previous plan's go first (memory)
-            if names:
-                weights = {"Wqkv": block.attention.self.Wqkv.weight, "dense": block.attention.output.dense.weight,
-                           "glu": block.mlp.gated_layers.weight, "wo": block.mlp.wo.weight}
-                block.fp8_weights = fp8.quantize_linears({n: weights[n] for n in names})
+            block.fp8_weights = fp8.plan_weights(block, plan.linears, self.FFN_LINEARS)
 
     def alibi_slopes_tensor(self, device: torch.device) -> torch.Tensor:
         """[heads] float32 slopes on `device` (cached per device)."""

@@ -331,6 +331,7 @@ class ESM2(nn.Module):
     HAS_ALIBI = False
     COMPILE_WITH_KERNELS = False   # with our kernels, eager measured faster than compiled (perf/RESULTS.md)
     PRE_LAYER_NORM = True          # a LayerNorm's output feeds only the next linears (fp8-smooth folds into them)
+    FFN_LINEARS = ("fc1", "fc2")   # what fp8-ffn puts in e4m3 (Esm2Layer.linears names)
 
     def __init__(self, config: Esm2Config):
         super().__init__()
@@ -362,13 +363,10 @@ class ESM2(nn.Module):
         if plan.compiled:
             self._head, self._tail = compile_function(self._head), compile_function(self._tail)
             self._tail_last = compile_function(self._tail_last)
-        every = ("qkv", "out", "fc1", "fc2")
-        names = {"fp8": every, "fp8-smooth": every, "fp8-ffn": ("fc1", "fc2")}.get(plan.linears, ())
         for block in self.encoder.layer:
             block.fp8_weights = {}   # the previous plan's go first (memory)
             block.set_smoothing(plan.linears in fp8.SMOOTHED)
-            if names:
-                block.fp8_weights = fp8.quantize_linears({n: w for n, w in block.linears().items() if n in names})
+            block.fp8_weights = fp8.plan_weights(block, plan.linears, self.FFN_LINEARS)
 
     def _embed(self, input_ids: torch.Tensor, mask_ratio: torch.Tensor) -> torch.Tensor:
         """Token embeddings with ESM's token-dropout rescale; mask_ratio is per token ([*] float32).

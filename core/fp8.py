@@ -143,6 +143,15 @@ def linear(x: Union[torch.Tensor, Fp8Rows], w: Union[torch.Tensor, Fp8Weight],
     return F.linear(x, w, bias)
 
 
+def plan_weights(block, linears: str, ffn: tuple) -> dict:
+    """{name: Fp8Weight} of a layer's GEMMs under plan.linears `linears` (`block.linears()` names):
+    every one, the feed-forward's (`ffn`), or none for "native"."""
+    if linears == "native":
+        return {}
+    weights = block.linears()
+    return quantize_linears({n: w for n, w in weights.items() if linears in EVERY_LINEAR or n in ffn})
+
+
 def quantize_linears(named: dict) -> dict:
     """{name: weight tensor} -> {name: Fp8Weight}, made without autograd and outside inference mode
     (the encoder keeps them across forwards)."""
