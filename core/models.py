@@ -5,12 +5,8 @@ import dataclasses
 from pathlib import Path
 from typing import Union
 
-from .alphabets import MODEL_KINDS
+from .alphabets import DEFAULT_MAX_LENGTH, MODEL_KINDS  # noqa: F401  (DEFAULT_MAX_LENGTH: the core's name for it)
 from .runtime import Embedder, RuntimeConfig
-
-# Longest accepted sequence in letters when RuntimeConfig.max_length is None:
-# ESM-2 as fair-esm (1022 residues + BOS/EOS = 1024 tokens); DNABERT-S 10,000 bp.
-DEFAULT_MAX_LENGTH = {"esm2": 1022, "dnabert_s": 10_000}
 
 
 def _check_kind(kind: str) -> None:

@@ -11,9 +11,8 @@ from typing import Optional
 
 import torch
 
+from .alphabets import INCLUDE_CHOICES  # noqa: F401  (shared with the client)
 from .packing import positions_in_sequence, sequence_index
-
-INCLUDE_CHOICES = ("mean", "per_token", "bos")
 
 
 def representation_layer(layer: Optional[int], num_layers: int) -> int:

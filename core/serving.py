@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .alphabets import FP8_GATE_METRIC  # noqa: F401  (a GAUGE, labels METRIC_LABELS + plan; shared with the client)
 from .errors import EmbedCoreError, InvalidSequenceError, SequenceTooLargeError
 from .representations import INCLUDE_CHOICES, representation_layer
 
@@ -35,9 +36,6 @@ METRICS = {
         "compute_seconds", "Wall seconds in the encoder call (packing, forwards, pooling, copy to host)"),
 }
 METRIC_LABELS = ("model", "gpu", "instance")
-# A GAUGE set once at load by an fp8 plan's instance (labels METRIC_LABELS + plan): the gate's
-# smallest per-sequence cosine against fp32 (fp8_gate.py); clients report it in summary.json.
-FP8_GATE_METRIC = "embed_fp8_gate_min_cosine"
 
 
 @dataclasses.dataclass
