@@ -24,21 +24,26 @@ NV_COMPUTE = ("nv_inference_compute_input_duration_us", "nv_inference_compute_in
               "nv_inference_compute_output_duration_us")
 
 
-def parse_metrics(text: str) -> dict:
-    """Prometheus text -> {"embed": {metric: {(model, gpu): v}}, "nv": {metric: {model: v}},
-    "util": {gpu_uuid: fraction}, "gpu_mem": {gpu_uuid: bytes}} (summed over other labels)."""
-    out = {"embed": {m: {} for m in COUNTERS}, "nv": {m: {} for m in NV_COUNTERS}, "util": {}, "gpu_mem": {}}
+def metric_samples(text: str):
+    """(name, {label: value}, float value) of each sample line of Prometheus text, as written."""
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
         match = _LINE.match(line)
         if not match:
             continue
-        name, labels, value = match.group(1), dict(_LABEL.findall(match.group(3) or "")), match.group(4)
         try:
-            value = float(value)
+            value = float(match.group(4))
         except ValueError:
             continue
+        yield match.group(1), dict(_LABEL.findall(match.group(3) or "")), value
+
+
+def parse_metrics(text: str) -> dict:
+    """Prometheus text -> {"embed": {metric: {(model, gpu): v}}, "nv": {metric: {model: v}},
+    "util": {gpu_uuid: fraction}, "gpu_mem": {gpu_uuid: bytes}} (summed over other labels)."""
+    out = {"embed": {m: {} for m in COUNTERS}, "nv": {m: {} for m in NV_COUNTERS}, "util": {}, "gpu_mem": {}}
+    for name, labels, value in metric_samples(text):
         if name in out["embed"]:
             key = (labels.get("model", "?"), labels.get("gpu", "?"))
             out["embed"][name][key] = out["embed"][name].get(key, 0.0) + value

@@ -279,20 +279,16 @@ def memory_verdict(samples: list, run_start: float, run_end: float, warmup_fract
 
 def scrape(metrics_url: str) -> dict:
     """{metric: Counter(model -> value)} for the counters the checks use, summed over labels."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from e2e_metrics import metric_samples   # perf/ is on sys.path (the script's folder)
 
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
     wanted = ("nv_inference_request_success", "nv_inference_request_failure",
               "embed_sequences_total", "embed_failures_total", "embed_tokens_total")
     counts = {name: Counter() for name in wanted}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            # the parser names a counter's samples NAME_total, whether or not the text did
-            name = sample.name[:-6] if sample.name.endswith("_total") else sample.name
-            name = name if name.startswith("nv_") else name + "_total"
-            if name in counts:
-                counts[name][sample.labels.get("model", "")] += sample.value
+    for name, labels, value in metric_samples(text):
+        if name in counts:
+            counts[name][labels.get("model", "")] += value
     return counts
 
 

@@ -127,13 +127,13 @@ def start_server(args, workdir: Path, out: Path):
 
 def counters(metrics_url: str) -> dict:
     """{(counter, model): value} summed over the other labels."""
+    from e2e_metrics import metric_samples
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
     out = {}
-    for name, labels, value in re.findall(r"^(\w+)\{([^}]*)\}\s+(\S+)$", text, re.M):
-        model = re.search(r'model="([^"]*)"', labels)
-        if name in COUNTERS and model:
-            out[(name, model.group(1))] = out.get((name, model.group(1)), 0.0) + float(value)
+    for name, labels, value in metric_samples(text):
+        if name in COUNTERS and "model" in labels:
+            out[(name, labels["model"])] = out.get((name, labels["model"]), 0.0) + value
     return out
 
 
