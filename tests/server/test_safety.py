@@ -814,13 +814,18 @@ def test_grpc_over_tls_with_the_api_key(secured):
 
 def test_plain_grpc_is_refused_when_tls_is_on(secured):
     server, cert, _ = secured
-    client = grpcclient.InferenceServerClient(server.grpc_url)
+    assert_plain_grpc_refused_tls_served(server.grpc_url, ssl=True, root_certificates=str(cert))
+
+
+def assert_plain_grpc_refused_tls_served(url: str, **tls) -> None:
+    """Plaintext gRPC to a TLS port is refused; the same call over TLS with the API key is served."""
+    client = grpcclient.InferenceServerClient(url)
     try:
         with pytest.raises(InferenceServerException):
             client.is_server_live(client_timeout=10)
     finally:
         client.close()
-    assert good_grpc(server.grpc_url, "dnabert_s", headers=API, ssl=True, root_certificates=str(cert)).shape[0] == 1
+    assert good_grpc(url, "dnabert_s", headers=API, **tls).shape[0] == 1
 
 
 def test_https_with_the_api_key_and_plain_http_refused(secured):
@@ -1118,13 +1123,7 @@ def test_grpc_proxy_refuses_messages_over_its_limit_and_relays_the_rest(proxied)
     finally:
         channel.close()
     # plain gRPC to the TLS proxy: refused
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    try:
-        with pytest.raises(InferenceServerException):
-            client.is_server_live(client_timeout=10)
-    finally:
-        client.close()
-    assert good_grpc(server.grpc_url, "dnabert_s", headers=API, **tls).shape[0] == 1
+    assert_plain_grpc_refused_tls_served(server.grpc_url, **tls)
 
 
 def test_tritonserver_command_with_the_grpc_proxy(tmp_path):
